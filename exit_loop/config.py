@@ -1,0 +1,241 @@
+"""Typed configs: dataclasses filled from YAML files and dotted `key=value` overrides.
+
+Unknown keys and wrong types fail at once, naming the key (and the file and line where it came
+from a YAML file) and what was valid, before any model is loaded.
+
+    cfg = load_config(GenerateConfig, "configs/generate_gsm8k_qwen2.5-32b.yaml",
+                      ["sample.temperature=0.6", "data.num_examples=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key and what was expected."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _where(key: str, lines: dict[str, str]) -> str:
+    src = lines.get(key)
+    return f" ({src})" if src else ""
+
+
+def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a mapping of "
+                              f"{tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, lines)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, lines)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected {_type_name(tp)}, "
+                          f"got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected one of "
+                          f"{', '.join(map(repr, args))}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_convert(v, inner, f"{key}[{i}]", lines) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"config key '{key}': unsupported field type {tp!r}")
+    raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected {_type_name(tp)}, "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str, lines: dict[str, str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            scope = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{key}'{_where(key, lines)}; valid keys {scope}: "
+                              f"{', '.join(sorted(fields))}")
+        kwargs[name] = _convert(value, hints[name], key, lines)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config '{prefix or cls.__name__}': {e}") from None
+    return obj
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted key, or raise ConfigError naming the valid keys."""
+    tp: Any = cls
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            if typing.get_origin(tp) is dict or tp is dict:  # pass-through mapping: any sub-key
+                return Any
+            raise ConfigError(f"config key '{dotted}': '{'.'.join(parts[:i])}' is not a section")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        if part not in names:
+            scope = f"under '{'.'.join(parts[:i])}'" if i else "at the top level"
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys {scope}: {', '.join(sorted(names))}")
+        tp = hints[part]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(non_none) == 1 and dataclasses.is_dataclass(non_none[0]):
+                tp = non_none[0]
+    return tp
+
+
+def parse_override(cls: type, item: str) -> tuple[str, Any]:
+    """Parse one `a.b.c=value`; the value is read as YAML unless the field is a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. sample.temperature=0.6")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    tp = _field_type(cls, key)
+    if tp is str:
+        return key, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    if typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp) \
+            and not isinstance(value, (dict, list, type(None))):
+        value = raw  # `str | None` fields keep the text as typed
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _yaml_key_lines(path: Path, text: str) -> dict[str, str]:
+    """Map each dotted key of a YAML file to 'file:line' for error messages."""
+    out: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = f"{path}:{k.start_mark.line + 1}"
+                walk(v, key)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data, _yaml_key_lines(path, text)
+
+
+def load_config(cls: type[T], config_file: str | Path | None = None,
+                overrides: typing.Sequence[str] = (), values: dict[str, Any] | None = None) -> T:
+    """Build `cls` from a YAML file, then `values` (dotted key -> value, e.g. from CLI flags),
+    then `overrides` (`key=value` strings), later ones winning."""
+    data: dict[str, Any] = {}
+    lines: dict[str, str] = {}
+    if config_file is not None:
+        data, lines = read_yaml(config_file)
+    for key, value in (values or {}).items():
+        _field_type(cls, key)
+        _set_dotted(data, key, value)
+        lines[key] = "command line"
+    for item in overrides:
+        key, value = parse_override(cls, item)
+        _set_dotted(data, key, value)
+        lines[key] = "command line"
+    return _build(cls, data, "", lines)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,142 @@
+"""JSONL reading and writing: clear errors that name the file and line, atomic whole-file
+writes, and append-only streams that survive a crash mid-line.
+
+Every stage reads and writes rows through this module, so a malformed line or a half-written
+file is caught in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and what was expected."""
+
+
+def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-blank line; raise DataError naming file and line on bad input.
+
+    `required` keys must be present in every row.
+    """
+    path = Path(path)
+    required = tuple(required)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(
+                    f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}; "
+                    f"a row needs {', '.join(map(repr, required))}"
+                )
+            yield row
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, required))
+
+
+def dumps(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False)
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[IO[str]]:
+    """Open a temporary file beside `path` for writing; on success fsync and rename it over
+    `path`, on failure remove it. Readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write all rows atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(dumps(row))
+            f.write("\n")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+class AppendLog:
+    """An append-only JSONL stream for results that arrive one by one.
+
+    Opening it repairs a torn last line (a crash mid-write leaves a line with no newline): that
+    line is cut off, so the rows already read back are exactly the complete ones. Each `write`
+    puts whole lines in one `write` call; `flush` makes them durable.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            self._repair_and_load()
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def _repair_and_load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # torn last line from a crash: drop it
+            with self.path.open("r+b") as f:
+                f.truncate(end)
+        self.rows = read_jsonl(self.path)
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        text = "".join(dumps(r) + "\n" for r in rows)
+        if text:
+            self._f.write(text)
+            self._f.flush()
+
+    def sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self.sync()
+            self._f.close()
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
