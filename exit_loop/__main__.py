@@ -1,0 +1,3 @@
+from exit_loop.cli import main
+import sys
+sys.exit(main())
