@@ -1,7 +1,6 @@
 """The verifier stage: label each sampled trace against its ground truth.
 
-    python -c "from exit_loop.verify import VerifyConfig, run; \
-run(VerifyConfig(input='runs/x/round_00/samples.jsonl', output='runs/x/round_00/verified.jsonl'))"
+    exit-loop verify --input data/gsm8k/samples.jsonl --output data/gsm8k/verified.jsonl
 
 Every input row needs `response` (the canonical response, `{reasoning} </think>
 <answer>{answer}</answer>`) and `ground_truth`; `finish_reason` is read when present. Each output
@@ -28,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from exit_loop.config import load_config
 from exit_loop.jsonl import iter_jsonl, write_jsonl
 from exit_loop.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
 
@@ -249,3 +249,23 @@ def run(cfg: VerifyConfig) -> Path:
         raise ValueError("verify.output: expected a path for the verified JSONL file")
     rows = iter_jsonl(cfg.input, required=("response", "ground_truth"))
     return write_jsonl(cfg.output, verify_rows(rows))
+
+
+def command(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="exit-loop verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="JSONL rows with `response` and `ground_truth`")
+    p.add_argument("--output", help="where the labelled rows go")
+    p.add_argument("--task", choices=["gsm8k"], help="answer checker (default gsm8k)")
+    p.add_argument("--config", help="YAML file with VerifyConfig keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    values = {k: v for k, v in {"input": a.input, "output": a.output, "task": a.task}.items() if v is not None}
+    cfg = load_config(VerifyConfig, a.config, a.overrides, values)
+    if not cfg.input or not cfg.output:
+        p.error("--input and --output are required")
+    out = run(cfg)
+    print(f"verify: labelled rows -> {out}")
+    return 0

@@ -1,0 +1,155 @@
+"""The filter: verified rows in, the two splits and a summary out.
+
+    exit-loop filter --input data/gsm8k/verified.jsonl --output_dir data/gsm8k
+
+- `sft_r1_all.jsonl`: every trace, with its labels and provenance.
+- `sft_r1_correct.jsonl`: `{"prompt", "response"}` for correct traces only, after the options
+  (at most K per question, exact-duplicate responses dropped, a response-token cap).
+- `summary.json`: trace accuracy, share of questions with a correct trace, mean response tokens
+  of correct and incorrect traces, count per failure class.
+
+`filter_rows` is a pure function over rows; `run` does the file work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exit_loop.config import load_config
+from exit_loop.jsonl import DataError, iter_jsonl, write_json, write_jsonl
+
+ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
+PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "finish_reason",
+                   "failure", "format_ok", "backend", "prompt_style", "question", "raw_output")
+
+
+@dataclass
+class FilterConfig:
+    input: str | None = None                      # verified rows (for `exit-loop filter`)
+    output_dir: str = "data/gsm8k"
+    all_name: str = "sft_r1_all.jsonl"
+    correct_name: str = "sft_r1_correct.jsonl"
+    max_correct_per_question: int | None = None   # K: keep at most K correct traces per question
+    dedup: bool = True                            # drop exact-duplicate responses per question
+    max_response_tokens: int | None = None        # drop correct traces longer than this
+
+    def __post_init__(self) -> None:
+        if self.max_correct_per_question is not None and self.max_correct_per_question < 1:
+            raise ValueError("max_correct_per_question must be at least 1")
+
+
+def all_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The all-split row: the DESIGN.md keys first, then provenance."""
+    out = {k: row.get(k) for k in ALL_KEYS}
+    out.update({k: row[k] for k in PROVENANCE_KEYS if k in row})
+    return out
+
+
+def _mean(xs: list[int]) -> float | None:
+    return round(sum(xs) / len(xs), 2) if xs else None
+
+
+def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Split verified rows into (all rows, correct prompt/response pairs, summary)."""
+    all_rows: list[dict[str, Any]] = []
+    correct: list[dict[str, Any]] = []
+    kept_per_q: Counter[str] = Counter()
+    seen: set[tuple[str, str]] = set()
+    failures: Counter[str] = Counter()
+    questions: set[str] = set()
+    solved: set[str] = set()
+    tokens_ok: list[int] = []
+    tokens_bad: list[int] = []
+    dropped = Counter()
+    for row in rows:
+        a = all_row(row)
+        all_rows.append(a)
+        qid = str(row.get("problem_id", row.get("prompt")))
+        questions.add(qid)
+        failures[str(row.get("failure", "none" if row.get("is_correct") else "wrong"))] += 1
+        ntok = row.get("num_tokens")
+        if row.get("is_correct"):
+            solved.add(qid)
+            if isinstance(ntok, int):
+                tokens_ok.append(ntok)
+            if cfg.max_response_tokens is not None and (not isinstance(ntok, int) or ntok > cfg.max_response_tokens):
+                dropped["too_long"] += 1
+                continue
+            if cfg.dedup and (qid, row["response"]) in seen:
+                dropped["duplicate"] += 1
+                continue
+            if cfg.max_correct_per_question is not None and kept_per_q[qid] >= cfg.max_correct_per_question:
+                dropped["over_k"] += 1
+                continue
+            seen.add((qid, row["response"]))
+            kept_per_q[qid] += 1
+            correct.append({"prompt": row["prompt"], "response": row["response"]})
+        elif isinstance(ntok, int):
+            tokens_bad.append(ntok)
+    n = len(all_rows)
+    n_correct = sum(1 for r in all_rows if r.get("is_correct"))
+    summary = {
+        "traces": n,
+        "correct_traces": n_correct,
+        "trace_accuracy": round(n_correct / n, 4) if n else None,
+        "questions": len(questions),
+        "questions_solved": len(solved),
+        "question_coverage": round(len(solved) / len(questions), 4) if questions else None,
+        "mean_tokens_correct": _mean(tokens_ok),
+        "mean_tokens_incorrect": _mean(tokens_bad),
+        "failures": dict(sorted(failures.items())),
+        "correct_split_rows": len(correct),
+        "dropped_from_correct": dict(dropped),
+    }
+    return all_rows, correct, summary
+
+
+def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Path:
+    """Filter and write both splits and `summary.json` into `cfg.output_dir`; returns the dir."""
+    out = Path(cfg.output_dir)
+    all_rows, correct, summary = filter_rows(rows, cfg)
+    if not all_rows:
+        raise DataError(f"{cfg.input or 'filter'}: no rows to filter")
+    write_jsonl(out / cfg.all_name, all_rows)
+    write_jsonl(out / cfg.correct_name, correct)
+    summary["all_split"] = str(out / cfg.all_name)
+    summary["correct_split"] = str(out / cfg.correct_name)
+    write_json(out / "summary.json", summary)
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    acc = summary["trace_accuracy"]
+    cov = summary["question_coverage"]
+    return (f"filter: {summary['traces']} traces, accuracy {acc:.1%}, "
+            f"{summary['questions_solved']}/{summary['questions']} questions solved ({cov:.1%}), "
+            f"{summary['correct_split_rows']} rows in the correct split; failures {json.dumps(summary['failures'])}")
+
+
+def run(cfg: FilterConfig) -> Path:
+    if not cfg.input:
+        raise DataError("filter: no input file given (--input)")
+    out = write_splits(iter_jsonl(cfg.input, required=("prompt", "response", "is_correct")), cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    print(format_summary(summary), flush=True)
+    return out
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="exit-loop filter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="verified rows (JSONL with prompt, response, is_correct)")
+    p.add_argument("--output_dir", help="where the splits go (default data/gsm8k)")
+    p.add_argument("--config", help="YAML file with FilterConfig keys")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. max_correct_per_question=4")
+    a = p.parse_args(argv)
+    values = {k: v for k, v in {"input": a.input, "output_dir": a.output_dir}.items() if v is not None}
+    run(load_config(FilterConfig, a.config, a.overrides, values))
+    return 0

@@ -1,0 +1,348 @@
+"""The sampler: R1-style traces for each problem, streamed to JSONL as they finish.
+
+    exit-loop generate --model_name Qwen/Qwen2.5-32B-Instruct --num_examples 100 --num_samples 4
+
+Two backends behind one interface: `vllm` (the offline `LLM` engine: every pending prompt is
+enqueued at once and the engine is stepped until done, writing each request's samples the moment
+it finishes) and `hf` (transformers `generate`, batched, left padding, length-sorted). `auto`
+uses vLLM and falls back to HF, with a warning that says why, when vLLM cannot be imported or its
+engine fails to start.
+
+Resume: the samples file is append-only; on start, rows already there are read back (a line torn
+by a crash is dropped) and only the missing (problem, sample) pairs are generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from exit_loop.jsonl import AppendLog
+from exit_loop.problems import Problem
+from exit_loop.prompts import PromptStyle, normalise_response, student_prompt, teacher_prompt
+
+log = logging.getLogger("exit_loop.sample")
+
+Backend = Literal["auto", "vllm", "hf"]
+
+
+@dataclass
+class SampleConfig:
+    model_name: str = "Qwen/Qwen2.5-Math-1.5B"
+    backend: Backend = "auto"
+    prompt_style: PromptStyle = "r1_zero"
+    system_prompt: str | None = None       # overrides the default instruction for chat/reasoning
+    num_samples: int = 1                   # samples per problem (vLLM's `n`)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: list[str] | None = None          # default: ["</answer>"] unless prompt_style=reasoning
+    seed: int = 0
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    gpu_device: str | None = None          # e.g. cuda:0; pins the engine to that GPU
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)  # further vllm.SamplingParams keys
+    engine: dict[str, Any] = field(default_factory=dict)    # further vllm.LLM keyword arguments
+    hf_batch_size: int = 64
+    num_shards: int = 1
+    shard_id: int = 0
+    round: int = 0                         # provenance, set by the loop
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id must be in [0, num_shards={self.num_shards}), got {self.shard_id}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is not None:
+            return self.stop
+        return [] if self.prompt_style == "reasoning" else ["</answer>"]
+
+
+@dataclass
+class Request:
+    """One prompt and the sample indices still to be drawn for it."""
+    problem: Problem
+    prompt: str                    # what the model is given (teacher prompt)
+    sample_indices: list[int]
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str             # 'stop' or 'length'
+
+
+OnDone = Callable[[Request, list[Completion]], None]
+
+
+def check_model_path(model_name: str) -> None:
+    """Fail before any engine starts if `model_name` is a local path that does not exist."""
+    p = Path(model_name).expanduser()
+    looks_local = model_name.startswith(("/", "./", "../", "~")) or model_name.count("/") > 1
+    if looks_local and not p.exists():
+        raise FileNotFoundError(f"model path {model_name} does not exist")
+    if p.exists() and p.is_dir() and not (p / "config.json").exists():
+        raise FileNotFoundError(f"model path {model_name} has no config.json: not a model directory")
+
+
+def select_shard(problems: Sequence[Problem], num_shards: int, shard_id: int) -> list[Problem]:
+    """Problems i with i % num_shards == shard_id: deterministic, balanced, order kept."""
+    return [p for i, p in enumerate(problems) if i % num_shards == shard_id]
+
+
+def pending_requests(problems: Sequence[Problem], done: set[tuple[str, int]], num_samples: int,
+                     prompt_of: Callable[[Problem], str]) -> list[Request]:
+    out = []
+    for p in problems:
+        missing = [k for k in range(num_samples) if (p.id, k) not in done]
+        if missing:
+            out.append(Request(p, prompt_of(p), missing))
+    return out
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class VLLMBackend:
+    def __init__(self, cfg: SampleConfig):
+        import vllm  # noqa: F401  (ImportError here means: fall back)
+        from vllm import LLM
+
+        if cfg.gpu_device and cfg.gpu_device.startswith("cuda:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device.split(":", 1)[1]
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model_name,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            enforce_eager=cfg.enforce_eager,
+        )
+        if cfg.max_model_len is not None:
+            kwargs["max_model_len"] = cfg.max_model_len
+        kwargs.update(cfg.engine)
+        self.cfg = cfg
+        self.llm = LLM(**kwargs)
+        self.name = "vllm"
+
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def sampling_params(self, n: int):
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        params: dict[str, Any] = dict(
+            n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+            stop=cfg.stop_strings or None, include_stop_str_in_output=True,
+        )
+        params.update(cfg.sampling)
+        return SamplingParams(**params)
+
+    def generate(self, requests: list[Request], on_done: OnDone, progress: Any = None) -> None:
+        if not requests:
+            return
+        params = [self.sampling_params(len(r.sample_indices)) for r in requests]
+        prompts = [r.prompt for r in requests]
+        if not hasattr(self.llm, "enqueue"):  # older vLLM: one call, results at the end
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for req, out in zip(requests, outputs):
+                on_done(req, _completions(out))
+            return
+        # The same work as LLM.generate (enqueue everything, step the engine), but each request
+        # is handed over the moment it finishes, so a crash loses only unfinished requests.
+        # enqueue returns internal ids ("<n>-<random>"); outputs carry the external "<n>"
+        ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        by_id = {rid.split("-", 1)[0]: req for rid, req in zip(ids, requests)}
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    on_done(by_id.pop(out.request_id.split("-", 1)[0]), _completions(out))
+
+
+def _completions(out: Any) -> list[Completion]:
+    outs = sorted(out.outputs, key=lambda o: o.index)
+    return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in outs]
+
+
+class HFBackend:
+    """transformers `generate`: batched, left padding, prompts sorted by length, bf16 on GPU."""
+
+    def __init__(self, cfg: SampleConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.name = "hf"
+        if cfg.gpu_device:
+            device = cfg.gpu_device
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if cfg.dtype not in ("auto", None):
+            dtype = getattr(torch, cfg.dtype)
+        else:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+        ).to(self.device).eval()
+        torch.manual_seed(cfg.seed)
+
+    def tokenizer(self):
+        return self.tok
+
+    def generate(self, requests: list[Request], on_done: OnDone, progress: Any = None) -> None:
+        import torch
+
+        cfg = self.cfg
+        # one row per (request, sample); longest prompts first so each batch pads little
+        lengths = {id(r): len(self.tok(r.prompt, add_special_tokens=False).input_ids) for r in requests}
+        rows = [(r, k) for r in sorted(requests, key=lambda r: -lengths[id(r)]) for k in r.sample_indices]
+        results: dict[int, list[Completion]] = {}
+        stop = cfg.stop_strings
+        eos_ids = {self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_tokens, pad_token_id=self.tok.pad_token_id)
+        if cfg.temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            gen_kwargs.update(stop_strings=stop, tokenizer=self.tok)
+        for start in range(0, len(rows), cfg.hf_batch_size):
+            batch = rows[start:start + cfg.hf_batch_size]
+            enc = self.tok([r.prompt for r, _ in batch], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **gen_kwargs)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for (req, _), ids in zip(batch, new):
+                ids, finish = _trim(ids, eos_ids, self.tok.pad_token_id, cfg.max_tokens)
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                for s in stop:  # generation stops at the token that completes `s`: cut after it
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text, finish = text[:cut + len(s)], "stop"
+                results.setdefault(id(req), []).append(Completion(text, len(ids), finish))
+                if len(results[id(req)]) == len(req.sample_indices):
+                    on_done(req, results.pop(id(req)))
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _trim(ids: list[int], eos_ids: set[int], pad_id: int | None, max_tokens: int) -> tuple[list[int], str]:
+    """Cut a generated row at its first EOS (kept out of the text) and drop right padding."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i], "stop"
+    while ids and pad_id is not None and ids[-1] == pad_id and pad_id not in eos_ids:
+        ids = ids[:-1]
+    return ids, "length" if len(ids) >= max_tokens else "stop"
+
+
+def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
+    """Start the configured backend; `auto` tries vLLM first and says why it falls back."""
+    if cfg.backend == "hf":
+        return HFBackend(cfg)
+    if cfg.backend == "vllm":
+        return VLLMBackend(cfg)
+    try:
+        return VLLMBackend(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to start vLLM means: use HF
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        log.warning("vLLM unavailable (%s); falling back to the HF transformers backend", reason)
+        print(f"exit-loop: warning: vLLM unavailable ({reason}); falling back to the HF backend",
+              flush=True)
+        return HFBackend(cfg)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: str) -> dict[str, Any]:
+    norm = normalise_response(c.text, cfg.prompt_style)
+    row: dict[str, Any] = {
+        "problem_id": req.problem.id,
+        "sample_index": k,
+        "prompt": student_prompt(req.problem.question),
+        "response": norm.response,
+        "ground_truth": req.problem.ground_truth,
+        "question": req.problem.question,
+        "model": cfg.model_name,
+        "round": cfg.round,
+        "backend": backend,
+        "prompt_style": cfg.prompt_style,
+        "num_tokens": c.num_tokens,
+        "finish_reason": c.finish_reason,
+    }
+    if cfg.prompt_style != "r1_zero":
+        row["raw_output"] = c.text
+    return row
+
+
+def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
+           backend: VLLMBackend | HFBackend | None = None) -> Path:
+    """Sample `cfg.num_samples` traces for each problem of this shard into `out_path` (JSONL),
+    resuming from what is there. Returns `out_path`."""
+    from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    problems = select_shard(problems, cfg.num_shards, cfg.shard_id)
+    with AppendLog(out_path) as sink:
+        done = {(r["problem_id"], r["sample_index"]) for r in sink.rows}
+        total = len(problems) * cfg.num_samples
+        todo_problems = [p for p in problems if any((p.id, k) not in done for k in range(cfg.num_samples))]
+        if not todo_problems:
+            print(f"sample: {out_path} already complete ({len(done)} samples)", flush=True)
+            return out_path
+        backend = backend or start_backend(cfg)
+        style, system = cfg.prompt_style, cfg.system_prompt
+        tok = backend.tokenizer() if style != "r1_zero" else None
+        requests = pending_requests(todo_problems, done, cfg.num_samples,
+                                    lambda p: teacher_prompt(p.question, style, tok, system))
+        bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
+                   dynamic_ncols=True, mininterval=1.0)
+        last_sync = time.monotonic()
+
+        def on_done(req: Request, comps: list[Completion]) -> None:
+            nonlocal last_sync
+            sink.write(sample_row(cfg, req, k, c, backend.name) for k, c in zip(req.sample_indices, comps))
+            bar.update(len(comps))
+            if time.monotonic() - last_sync > 5.0:
+                sink.sync()
+                last_sync = time.monotonic()
+
+        t0 = time.monotonic()
+        backend.generate(requests, on_done)
+        bar.close()
+        n_new = sum(len(r.sample_indices) for r in requests)
+        dt = time.monotonic() - t0
+        print(f"sample: {n_new} new samples in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} samples/s) "
+              f"-> {out_path}", flush=True)
+    return out_path
