@@ -10,6 +10,7 @@ from a YAML file) and what was valid, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,34 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key and what was expected."""
+
+
+# PyYAML resolves floats by YAML 1.1, which wants a dot: `1e-5` would be the *string* "1e-5",
+# and `learning_rate: 1e-5` would reach TRL as text. These read it as YAML 1.2 does (a float),
+# and the dumper quotes strings that would now read back as floats ("1e3").
+_FLOAT = re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -152,7 +181,7 @@ def parse_override(cls: type, item: str) -> tuple[str, Any]:
     if tp is str:
         return key, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
     if typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp) \
@@ -184,7 +213,7 @@ def _yaml_key_lines(path: Path, text: str) -> dict[str, str]:
                 walk(v, key)
 
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return out
     if root is not None:
@@ -198,7 +227,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise ConfigError(f"config file {path} not found")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
     if data is None:
@@ -238,4 +267,4 @@ def to_dict(obj: Any) -> Any:
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+    return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
