@@ -180,13 +180,18 @@ def parse_override(cls: type, item: str) -> tuple[str, Any]:
     tp = _field_type(cls, key)
     if tp is str:
         return key, raw
+    union_args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
+        if str in union_args:  # e.g. "[unbalanced" for a `str | None` field: the text as typed
+            return key, raw
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-    if typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp) \
-            and not isinstance(value, (dict, list, type(None))):
-        value = raw  # `str | None` fields keep the text as typed
+    if str in union_args and value is not None:
+        if all(a in (str, type(None)) for a in union_args):
+            value = raw  # `str | None` fields keep the text as typed ("Answer: x" is no mapping)
+        elif not isinstance(value, (dict, list)):
+            value = raw  # e.g. `str | list[str]`: a list stays a list, anything else is text
     return key, value
 
 
