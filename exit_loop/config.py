@@ -67,8 +67,18 @@ def _type_name(tp: Any) -> str:
 
 
 def _where(key: str, lines: dict[str, str]) -> str:
-    src = lines.get(key)
+    src = lines.get(key) or lines.get(key.split("[", 1)[0])  # a list item: where its list is
     return f" ({src})" if src else ""
+
+
+def _same_shape(value: Any, tp: Any) -> bool:
+    """A mapping for a dataclass or dict type, a list for a list type."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or tp is dict or origin is dict
+    if isinstance(value, (list, tuple)):
+        return origin in (list, tuple)
+    return False
 
 
 def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
@@ -87,6 +97,11 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        alts = [a for a in args if a is not type(None)]
+        if len(alts) == 1 and _same_shape(value, alts[0]):
+            # e.g. a mapping for `Section | None`, a list for `list[str] | None`: the inner error
+            # (an unknown nested key, a bad list item) says more than "expected X | null"
+            return _convert(value, alts[0], key, lines)
         errors = []
         for a in args:
             if a is type(None):
