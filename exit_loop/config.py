@@ -90,6 +90,8 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section left empty in YAML (its keys commented out): the defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a mapping of "
                               f"{tp.__name__} fields, got {value!r}")
