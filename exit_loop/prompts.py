@@ -109,7 +109,10 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
         has_answer = ANSWER_OPEN in body or (style == "reasoning" and last_boxed(body) is not None)
         return Normalised(raw, False, "format" if has_answer else "no_answer")
     reasoning, _, after = body.rpartition(THINK_CLOSE)
-    if "<think>" in reasoning or THINK_CLOSE in reasoning:
+    if "<think>" in reasoning or THINK_CLOSE in reasoning \
+            or ANSWER_OPEN in reasoning or ANSWER_CLOSE in reasoning:
+        # answer tags before </think> would ride along into a "canonical" response that the
+        # verifier (one answer pair, after </think>) then rejects as format
         return Normalised(raw, False, "format")
     answers = _ANSWER_TAG.findall(after)
     if answers:
@@ -118,6 +121,8 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
         answer = boxed
     else:
         return Normalised(raw, False, "format" if ANSWER_OPEN in after else "no_answer")
-    if ANSWER_OPEN in answer or not answer.strip() or not reasoning.strip():
+    if ANSWER_OPEN in answer or not reasoning.strip():
         return Normalised(raw, False, "format")
+    if not answer.strip():  # an empty answer is no answer (as the verifier classes it)
+        return Normalised(raw, False, "no_answer")
     return Normalised(canonical_response(reasoning, answer), True)
