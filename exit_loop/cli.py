@@ -24,6 +24,7 @@ COMMANDS = {
     "filter": ("exit_loop.filter", "write the all and correct splits from verified rows"),
     "train": ("exit_loop.train", "SFT a student on one or more splits (TRL SFTTrainer)"),
     "baseline-data": ("exit_loop.baseline", "turn GSM8K's own solutions into prompt/response rows"),
+    "slurm": ("exit_loop.slurm", "helpers for the sbatch scripts (GPU count for a model)"),
 }
 
 

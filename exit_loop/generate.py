@@ -25,7 +25,7 @@ from exit_loop.config import dump_yaml, load_config, to_dict
 from exit_loop.filter import FilterConfig, format_summary, write_splits
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json, write_jsonl
 from exit_loop.problems import DataConfig, load_problems, problem_index
-from exit_loop.sample import SampleConfig, check_model_path, sample
+from exit_loop.sample import SampleConfig, check_model_path, resolve_prompt_style, sample
 from exit_loop.verify import verify_rows
 
 
@@ -93,6 +93,9 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
 def generate(cfg: GenerateConfig) -> Path:
     """Sample this shard's pending traces; unsharded, also verify and filter. Returns output_dir."""
     check_model_path(cfg.sample.model_name)
+    if cfg.sample.prompt_style == "auto":
+        cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
+        print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -163,7 +166,7 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--split", help="data set split, default train (data.split)")
     p.add_argument("--num_samples", type=int, help="samples per problem (sample.num_samples)")
     p.add_argument("--backend", choices=["auto", "vllm", "hf"], help="sampler backend (sample.backend)")
-    p.add_argument("--prompt_style", choices=["r1_zero", "chat", "reasoning"],
+    p.add_argument("--prompt_style", choices=["auto", "r1_zero", "chat", "reasoning"],
                    help="how the teacher is asked (sample.prompt_style)")
     p.add_argument("--gpu_device", help="e.g. cuda:0 (sample.gpu_device)")
     p.add_argument("--output_dir", help="where files go, default data/gsm8k (output_dir)")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ Backend = Literal["auto", "vllm", "hf"]
 class SampleConfig:
     model_name: str = "Qwen/Qwen2.5-Math-1.5B"
     backend: Backend = "auto"
-    prompt_style: PromptStyle = "r1_zero"
+    prompt_style: PromptStyle | Literal["auto"] = "auto"  # auto: chosen from the model name
     system_prompt: str | None = None       # overrides the default instruction for chat/reasoning
     num_samples: int = 1                   # samples per problem (vLLM's `n`)
     temperature: float = 0.7
@@ -90,6 +91,18 @@ class Completion:
 
 
 OnDone = Callable[[Request, list[Completion]], None]
+
+
+def resolve_prompt_style(model_name: str) -> PromptStyle:
+    """`auto`: R1-family and other reasoning models get `reasoning`, instruct/chat models `chat`,
+    everything else (base models, local checkpoints of students) `r1_zero`."""
+    name = model_name.rstrip("/").rsplit("/", 1)[-1]
+    low = name.lower()
+    if re.search(r"(^|[-_])r1([-_]|$)", low) or "qwq" in low or "reasoner" in low:
+        return "reasoning"
+    if re.search(r"instruct|chat|(^|[-_])it($|[-_])", low):
+        return "chat"
+    return "r1_zero"
 
 
 def check_model_path(model_name: str) -> None:
@@ -312,6 +325,8 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
     resuming from what is there. Returns `out_path`."""
     from tqdm.auto import tqdm
 
+    if cfg.prompt_style == "auto":
+        cfg = replace(cfg, prompt_style=resolve_prompt_style(cfg.model_name))
     out_path = Path(out_path)
     problems = select_shard(problems, cfg.num_shards, cfg.shard_id)
     with AppendLog(out_path) as sink:
