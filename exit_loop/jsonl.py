@@ -29,6 +29,13 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[
 
     `required` keys must be present in every row.
     """
+    for _, row in iter_jsonl_numbered(path, required):
+        yield row
+
+
+def iter_jsonl_numbered(path: str | Path, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """As `iter_jsonl`, yielding `(line number, row)`, so callers checking a row's values can
+    name its line (blank lines are skipped, so the row index is not the line number)."""
     path = Path(path)
     required = tuple(required)
     if not path.exists():
@@ -49,7 +56,7 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[
                     f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}; "
                     f"a row needs {', '.join(map(repr, required))}"
                 )
-            yield row
+            yield lineno, row
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
