@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exit_loop.jsonl import DataError, iter_jsonl
+from exit_loop.jsonl import DataError, iter_jsonl_numbered
 
 DEFAULT_DATASET = "openai/gsm8k"
 
@@ -65,8 +65,9 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
     """Load, give ids, take the requested subset. Raises DataError naming file and line."""
     if is_local(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
-        rows = list(iter_jsonl(path, required=("question", "answer")))
-        where = lambda i: f"{path}:{i + 1}"  # noqa: E731 - rows come one per line
+        numbered = list(iter_jsonl_numbered(path, required=("question", "answer")))
+        rows = [row for _, row in numbered]
+        where = lambda i: f"{path}:{numbered[i][0]}"  # noqa: E731 - blank lines are skipped
         split = cfg.split if cfg.split else path.stem
     else:
         rows = _rows_from_hub(cfg)
@@ -74,6 +75,10 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
         split = cfg.split
     problems = []
     for i, row in enumerate(rows):
+        missing = [k for k in ("question", "answer") if k not in row]
+        if missing:
+            raise DataError(f"{where(i)}: missing key(s) {', '.join(map(repr, missing))}; "
+                            "a GSM8K row needs 'question' and 'answer'")
         try:
             gt = ground_truth_from_answer(str(row["answer"]))
         except ValueError as e:
