@@ -25,7 +25,7 @@ from exit_loop.config import dump_yaml, load_config, to_dict
 from exit_loop.filter import FilterConfig, format_summary, write_splits
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json, write_jsonl
 from exit_loop.problems import DataConfig, load_problems, problem_index
-from exit_loop.sample import SampleConfig, check_model_path, resolve_prompt_style, sample
+from exit_loop.sample import SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style, sample
 from exit_loop.verify import verify_rows
 
 
@@ -93,6 +93,8 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
 def generate(cfg: GenerateConfig) -> Path:
     """Sample this shard's pending traces; unsharded, also verify and filter. Returns output_dir."""
     check_model_path(cfg.sample.model_name)
+    if cfg.sample.backend != "hf":
+        check_sampling_keys(cfg.sample)
     if cfg.sample.prompt_style == "auto":
         cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
         print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from exit_loop.config import ConfigError
 from exit_loop.jsonl import AppendLog
 from exit_loop.problems import Problem
 from exit_loop.prompts import PromptStyle, normalise_response, student_prompt, teacher_prompt
@@ -113,6 +114,23 @@ def check_model_path(model_name: str) -> None:
         raise FileNotFoundError(f"model path {model_name} does not exist")
     if p.exists() and p.is_dir() and not (p / "config.json").exists():
         raise FileNotFoundError(f"model path {model_name} has no config.json: not a model directory")
+
+
+def check_sampling_keys(cfg: SampleConfig) -> None:
+    """Unknown `sample.sampling` keys fail before any engine starts (checked against vLLM's
+    SamplingParams when vLLM is importable; the HF backend takes generate() keyword names)."""
+    if not cfg.sampling:
+        return
+    try:
+        from vllm import SamplingParams
+    except Exception:  # noqa: BLE001 - no vLLM here: the HF backend will check its own keys
+        return
+    fields = set(getattr(SamplingParams, "__struct_fields__", ()))
+    unknown = sorted(k for k in cfg.sampling if fields and k not in fields)
+    if unknown:
+        valid = ", ".join(sorted(f for f in fields if not f.startswith("_")))
+        raise ConfigError(f"unknown config key(s) {', '.join('sample.sampling.' + k for k in unknown)}; "
+                          f"valid vllm.SamplingParams keys: {valid}")
 
 
 def select_shard(problems: Sequence[Problem], num_shards: int, shard_id: int) -> list[Problem]:
@@ -244,6 +262,11 @@ class HFBackend:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
             gen_kwargs.update(stop_strings=stop, tokenizer=self.tok)
+        for key, value in cfg.sampling.items():  # the vLLM keys that generate() also knows
+            if key in ("top_k", "min_p", "repetition_penalty", "min_tokens"):
+                gen_kwargs["min_new_tokens" if key == "min_tokens" else key] = value
+            else:
+                log.warning("HF backend ignores sample.sampling.%s", key)
         for start in range(0, len(rows), cfg.hf_batch_size):
             batch = rows[start:start + cfg.hf_batch_size]
             enc = self.tok([r.prompt for r, _ in batch], return_tensors="pt", padding=True,
