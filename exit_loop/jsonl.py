@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class DataError(ValueError):
@@ -67,19 +64,30 @@ def dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file beside `path`, with the permissions an ordinary file
+    gets (0666 less the process's umask *now*; `tempfile.mkstemp` would make it 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - a name clash: draw another
+            continue
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[IO[str]]:
     """Open a temporary file beside `path` for writing; on success fsync and rename it over
     `path`, on failure remove it. Readers see the old file or the whole new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         try:
