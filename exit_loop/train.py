@@ -1,0 +1,538 @@
+"""The SFT stage: fine-tune a student on one or more prompt/response splits with TRL's SFTTrainer.
+
+    exit-loop train --data data/gsm8k/sft_r1_correct.jsonl --model Qwen/Qwen2.5-Math-1.5B \\
+        --output_dir runs/sft_r1_correct sft.num_train_epochs=2 peft.enabled=true
+
+Several GPUs (one process per GPU; configs for DDP, FSDP and DeepSpeed ZeRO-3 ship in
+configs/accelerate/, and slurm/train_sft.sh wraps this for sbatch):
+
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 \\
+        -m exit_loop.cli train --config configs/sft_gsm8k_r1_correct.yaml
+
+What it does:
+
+- Data: every row of every `--data` file needs `prompt` and `response` (the stored student
+  prompt and the canonical response); the files are concatenated (accumulation across rounds),
+  then `num_examples` rows are drawn at random with `seed` (data-size sweeps). Rows become TRL
+  prompt-completion rows, `{"prompt": ..., "completion": ...}`, so TRL computes the loss on the
+  completion only. TRL appends the tokenizer's EOS token to each completion and keeps it in the
+  labels; padding is added by the collator with label -100 *after* the labels are built, so a
+  pad token equal to EOS never masks the EOS away. `train` checks the first prepared example
+  before training: its labels must end in EOS.
+- `use_chat_template=true` (instruct students): the prompt becomes the chat the sampler's `chat`
+  style sends (system prompt, the question as the user turn) and the completion the assistant
+  turn `<think> {response}`; the template's own end-of-turn token ends it (set
+  `sft.eos_token=<|im_end|>` where that differs from the tokenizer's EOS). `train` fails if the
+  rendered assistant turn lost `<think>`/`</think>` (some R1 templates strip the reasoning) or
+  holds no EOS.
+- `sft`: any `trl.SFTConfig` field, passed through untouched on top of `SFT_DEFAULTS` (bf16 only
+  where the GPU has it; a LoRA run gets learning rate 1e-4 instead of 1e-5 unless set). The keys
+  are checked by building the SFTConfig before anything is loaded.
+- LoRA (`peft.enabled=true`): the adapter is trained through peft; at the end it is merged into
+  the base weights and `ckpt/` is a plain full checkpoint, so the next round's sampler (vLLM)
+  loads it like any model, with no LoRA support needed in the engine and no adapter/base pairing
+  to track between rounds. The adapter itself is kept in `adapter/`. Target module names are
+  checked on a weightless copy of the model before training; a wrong one fails listing the names
+  that exist.
+- Output directory: `config.yaml` (the resolved config), `trainer/` (TRL's checkpoints: a rerun
+  after a crash resumes from the last one), `ckpt/` (safetensors, tokenizer, generation config
+  whose EOS is the one trained), and `manifest.json`, written last. A directory whose manifest
+  exists is done: `train` returns at once. Under FSDP or ZeRO-3 the full state dict is gathered
+  and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
+from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json
+from exit_loop.prompts import CHAT_SYSTEM_PROMPT, R1_ZERO_PROMPT
+
+REQUIRED_KEYS = ("prompt", "response")
+LORA_LEARNING_RATE = 1e-4
+
+# Defaults for R1-style traces, under whatever `sft` sets. Long traces: a generous max_length
+# (TRL's 1024 would cut the end, EOS included, off many of them); loss on the completion only;
+# a small learning rate with cosine decay for full fine-tuning; checkpoints to resume from.
+SFT_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "learning_rate": 1e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 2,
+    "max_length": 4096,
+    "completion_only_loss": True,
+    "gradient_checkpointing": True,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 2,
+    "report_to": "none",
+}
+# Keys that live at the top level of TrainConfig, not under `sft`.
+_OWN_KEYS = {"output_dir": "output_dir", "seed": "seed", "trust_remote_code": "trust_remote_code"}
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # module-name suffixes, a regex, or "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"peft.r must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("peft.target_modules is empty")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # split files: rows with `prompt` and `response`
+    model: str = ""                       # hub id or path: a base model or a previous round's ckpt/
+    output_dir: str | None = None         # default runs/sft/<model name>-<first split's name>
+    num_examples: int | None = None       # a seeded random subset of this many rows (None: all)
+    seed: int = 0                         # subsampling and training
+    use_chat_template: bool = False       # instruct students: train through the chat template
+    trust_remote_code: bool = False
+    peft: LoraSettings = field(default_factory=LoraSettings)
+    sft: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig fields, passed through
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("data: give at least one split file (--data F [F ...])")
+        if not self.model:
+            raise ValueError("model: give a hub id or a checkpoint path (--model M)")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(f"num_examples must be at least 1, got {self.num_examples}")
+        for key, top in _OWN_KEYS.items():
+            if key in self.sft:
+                raise ValueError(f"sft.{key}: set '{top}' at the top level instead")
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / "sft" / f"{Path(self.model).name}-{Path(self.data[0]).stem}")
+
+
+# --------------------------------------------------------------------------- SFTConfig
+
+
+def _bf16_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def sft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of the run's `trl.SFTConfig`: defaults, then `cfg.sft` on top."""
+    kwargs = dict(SFT_DEFAULTS)
+    kwargs["bf16"] = _bf16_available()
+    if cfg.peft.enabled:
+        kwargs["learning_rate"] = LORA_LEARNING_RATE
+    kwargs.update(cfg.sft)
+    kwargs["output_dir"] = str(Path(cfg.output_dir) / "trainer")
+    kwargs["seed"] = cfg.seed
+    kwargs["trust_remote_code"] = cfg.trust_remote_code
+    return kwargs
+
+
+def sft_config(cfg: TrainConfig):
+    """Build the `trl.SFTConfig`; an unknown or bad `sft` key raises ConfigError naming it."""
+    from trl import SFTConfig
+
+    kwargs = sft_kwargs(cfg)
+    valid = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    unknown = sorted(k for k in kwargs if k not in valid)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, valid, n=3)
+            hints.append(f"'sft.{k}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"unknown config key(s) {', '.join(hints)}: not a trl.SFTConfig field")
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'sft': trl.SFTConfig rejected {cfg.sft!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """All rows of all split files, in order, as {"prompt", "response"}; and per file its path,
+    sha256 and row count. Raises DataError naming file and line on a bad or empty split."""
+    rows: list[dict[str, str]] = []
+    files = []
+    for path in paths:
+        path = Path(path)
+        lines = [i for i, text in enumerate(path.open(encoding="utf-8"), 1) if text.strip()] \
+            if path.exists() else []
+        n = 0
+        for lineno, row in zip(lines, iter_jsonl(path, required=REQUIRED_KEYS)):
+            for key in REQUIRED_KEYS:
+                if not isinstance(row[key], str) or not row[key].strip():
+                    raise DataError(f"{path}:{lineno}: key '{key}' must be a non-empty string, "
+                                    f"got {row[key]!r}")
+            rows.append({"prompt": row["prompt"], "response": row["response"]})
+            n += 1
+        if n == 0:
+            raise DataError(f"{path}: empty split (no rows); a split needs rows with "
+                            f"{', '.join(map(repr, REQUIRED_KEYS))}")
+        files.append({"path": str(path), "sha256": sha256_file(path), "rows": n})
+    return rows, files
+
+
+def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict[str, str]]:
+    """A seeded random `n` of `rows`, kept in their original order (all of them when n is None)."""
+    if n is None:
+        return rows
+    if n > len(rows):
+        raise DataError(f"num_examples={n} but the splits hold only {len(rows)} rows")
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+_R1_HEAD, _R1_TAIL = R1_ZERO_PROMPT.split("{question}")
+
+
+def question_of(prompt: str) -> str:
+    """The question inside a stored `r1_zero` student prompt (any other prompt is returned as is)."""
+    if prompt.startswith(_R1_HEAD) and prompt.endswith(_R1_TAIL):
+        return prompt[len(_R1_HEAD):len(prompt) - len(_R1_TAIL)]
+    return prompt
+
+
+def to_trl_rows(rows: list[dict[str, str]], use_chat_template: bool) -> list[dict[str, Any]]:
+    """Our rows as TRL prompt-completion rows: plain text, or conversational for the chat path."""
+    if not use_chat_template:
+        return [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
+    return [{
+        "prompt": [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
+                   {"role": "user", "content": question_of(r["prompt"])}],
+        "completion": [{"role": "assistant", "content": f"<think> {r['response']}"}],
+    } for r in rows]
+
+
+# --------------------------------------------------------------------------- model checks
+
+
+def module_names(model: str, trust_remote_code: bool = False) -> list[str]:
+    """Names of every module of `model`, read from a weightless (meta-device) copy."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return [name for name, _ in skeleton.named_modules() if name]
+
+
+def linear_leaf_names(model: str, trust_remote_code: bool = False) -> list[str]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules()
+                   if isinstance(mod, torch.nn.Linear)})
+
+
+def check_target_modules(cfg: TrainConfig) -> None:
+    """Fail (ConfigError) on a `peft.target_modules` entry that names no module of the model."""
+    targets = cfg.peft.target_modules
+    if targets == "all-linear":
+        return
+    names = module_names(cfg.model, cfg.trust_remote_code)
+    if isinstance(targets, str):  # peft reads a string as a regex over full module names
+        bad = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if bad:
+        linear = linear_leaf_names(cfg.model, cfg.trust_remote_code)
+        raise ConfigError(
+            f"config key 'peft.target_modules': {', '.join(map(repr, bad))} matches no module of "
+            f"{cfg.model}; its linear layers are: {', '.join(linear)} (or use 'all-linear')")
+
+
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+
+
+def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
+    """Look at the prepared (tokenized, labelled) data before training: the loss must fall on the
+    completion and end at EOS. Returns token counts for the manifest."""
+    use_chat_template = cfg.use_chat_template
+    tok = trainer.processing_class
+    eos = tok.eos_token_id
+    ds = trainer.train_dataset
+    packed = "seq_lengths" in ds.column_names
+    max_length = trainer.args.max_length
+    tokens = loss_tokens = truncated = 0
+    for i, ex in enumerate(ds):
+        ids, labels = ex["input_ids"], ex["labels"]
+        tokens += len(ids)
+        loss_tokens += sum(1 for t in labels if t != -100)
+        if packed:
+            continue
+        if not use_chat_template and labels[-1] != eos:
+            if max_length is not None and len(ids) >= max_length:
+                truncated += 1
+                continue
+            raise RuntimeError(f"prepared example {i} does not end in EOS {tok.eos_token!r} in its labels "
+                               f"(last label {labels[-1]}): the student would never learn to stop")
+    if packed:
+        return {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": 0}
+    first = ds[0]
+    completion = [t for t in first["labels"] if t != -100]
+    if use_chat_template:
+        text = tok.decode(completion)
+        if "<think>" not in text or "</think>" not in text:
+            raise ConfigError(
+                f"use_chat_template: the chat template of {cfg.model} rewrites the assistant "
+                f"turn and drops the reasoning (the trained completion reads {text[:200]!r}); use a template "
+                "that keeps <think>...</think> (sft.chat_template_path) or use_chat_template=false")
+        if eos not in completion:
+            raise ConfigError(
+                f"use_chat_template: the assistant turn holds no EOS token {tok.eos_token!r}, so the student "
+                f"would not learn to stop; set sft.eos_token to the template's end-of-turn token "
+                f"(the trained completion ends {text[-40:]!r})")
+    return {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated}
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _generation_config(model: str, tokenizer, trust_remote_code: bool):
+    """The base model's generation config, with the trained EOS first among its stop tokens."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model)
+    except OSError:
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code))
+    eos = gen.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    gen.eos_token_id = [tokenizer.eos_token_id] + [e for e in eos if e != tokenizer.eos_token_id]
+    if len(gen.eos_token_id) == 1:
+        gen.eos_token_id = gen.eos_token_id[0]
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def merge_adapter(base: str, adapter_dir: Path, out: Path, trust_remote_code: bool) -> None:
+    """Load the base model on CPU, merge the LoRA adapter into it, save full safetensors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+
+
+def _last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    for entry in reversed(log_history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None):
+    """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    args = args if args is not None else sft_config(cfg)
+    if cfg.peft.enabled:
+        check_target_modules(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.use_chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"use_chat_template=true but the tokenizer of {cfg.model} has no chat template")
+    return SFTTrainer(
+        model=cfg.model,
+        args=args,
+        train_dataset=Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.peft) if cfg.peft.enabled else None,
+    )
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; return the output directory (see the module doc)."""
+    out = Path(cfg.output_dir)
+    if (out / "manifest.json").exists():
+        print(f"train: {out}/manifest.json exists; already done", file=sys.stderr)
+        return out
+    t0 = time.time()
+
+    # Everything that can be wrong with the config or the data fails here, before any weights load.
+    args = sft_config(cfg)
+    rows, files = read_splits(cfg.data)
+    rows = subsample(rows, cfg.num_examples, cfg.seed)
+
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = PartialState()
+    resolved = dump_yaml(cfg)
+    old = out / "config.yaml"
+    if old.exists() and old.read_text(encoding="utf-8") != resolved:
+        raise ConfigError(f"{out} holds a run with a different config ({old}); "
+                          "use another output_dir or remove it")
+    if state.is_main_process:
+        atomic_write_text(old, resolved)
+
+    trainer = build_trainer(cfg, rows, args)
+    tokenizer = trainer.processing_class
+    counts = check_prepared(trainer, cfg)
+    if counts["truncated_examples"]:
+        print(f"train: {counts['truncated_examples']} of {len(rows)} examples are longer than "
+              f"max_length={args.max_length} and were cut (their EOS too); raise sft.max_length",
+              file=sys.stderr)
+
+    trainer_dir = Path(args.output_dir)
+    resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # Save: every process takes part in gathering the weights (FSDP, ZeRO-3); the main one writes.
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    tmp = out / "ckpt.tmp"
+    if state.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    state.wait_for_everyone()
+    if cfg.peft.enabled:
+        adapter_dir = out / "adapter"
+        trainer.save_model(str(adapter_dir))
+        if state.is_main_process:
+            merge_adapter(cfg.model, adapter_dir, tmp, cfg.trust_remote_code)
+    else:
+        trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+        trainer.save_model(str(tmp))
+    if state.is_main_process:
+        if not list(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"no safetensors written to {tmp}: under DeepSpeed ZeRO-3 set "
+                               "zero3_save_16bit_model: true (configs/accelerate/zero3.yaml does)")
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(tmp)
+        _generation_config(cfg.model, tokenizer, cfg.trust_remote_code).save_pretrained(tmp)
+        ckpt = out / "ckpt"
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        os.replace(tmp, ckpt)
+        manifest = {
+            "stage": "train",
+            "model": cfg.model,
+            "checkpoint": str(ckpt),
+            "data": files,
+            "examples": len(rows),
+            "tokens": counts["tokens"],             # prompt + completion tokens, one epoch
+            "loss_tokens": counts["loss_tokens"],   # completion tokens (EOS included), one epoch
+            "truncated_examples": counts["truncated_examples"],
+            "epochs": trainer.state.epoch,
+            "steps": trainer.state.global_step,
+            "trained_tokens": _last_logged(trainer.state.log_history, "num_tokens"),
+            "final_loss": _last_logged(trainer.state.log_history, "loss"),
+            "train_loss": result.training_loss,
+            "resumed_from": resume,
+            "peft": cfg.peft.enabled,
+            "num_processes": state.num_processes,
+            "wall_time_s": round(time.time() - t0, 2),
+            "versions": _versions(),
+            "config": to_dict(cfg),
+        }
+        write_json(out / "manifest.json", manifest)
+    state.wait_for_everyone()
+    return out
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`key=value` words (not flags) are overrides; the rest is for argparse."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in overrides], overrides
+
+
+def command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="exit-loop train",
+        description="SFT a student on one or more prompt/response splits with TRL's SFTTrainer; "
+                    "write OUTPUT_DIR/ckpt (a full safetensors checkpoint vLLM loads), "
+                    "OUTPUT_DIR/config.yaml and OUTPUT_DIR/manifest.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""overrides (key=value, dotted, after the flags or anywhere):
+  num_examples=1000            a seeded random subset (data-size sweeps)
+  use_chat_template=true       instruct students: train through the chat template
+  peft.enabled=true peft.r=16 peft.alpha=32 peft.target_modules=[q_proj,v_proj]
+  sft.KEY=VALUE                any trl.SFTConfig field, e.g. sft.learning_rate=2e-5
+                               sft.num_train_epochs=1 sft.per_device_train_batch_size=4
+                               sft.packing=true sft.max_length=8192 sft.report_to=wandb
+
+examples:
+  exit-loop train --data data/gsm8k/sft_r1_correct.jsonl --model Qwen/Qwen2.5-Math-1.5B
+  exit-loop train --data round_00/sft_correct.jsonl round_01/sft_correct.jsonl \\
+      --model runs/x/round_01/train/ckpt --output_dir runs/x/round_02/train peft.enabled=true
+  accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 8 \\
+      -m exit_loop.cli train --config configs/sft_gsm8k_r1_correct.yaml
+
+A directory that holds manifest.json is done and is skipped; one with TRL checkpoints in
+OUTPUT_DIR/trainer resumes from the last one.""")
+    parser.add_argument("--data", nargs="+", metavar="F", help="split file(s) with prompt/response rows")
+    parser.add_argument("--model", metavar="M", help="hub id or path: a base model or a previous ckpt/")
+    parser.add_argument("--output_dir", metavar="D",
+                        help="where to write (default runs/sft/<model name>-<first split's name>)")
+    parser.add_argument("--config", metavar="F", help="YAML file with TrainConfig keys")
+    parser.add_argument("--num_examples", type=int, metavar="N", help="train on a seeded random N rows")
+    parser.add_argument("--seed", type=int, help="seed for subsampling and training (default 0)")
+    rest, overrides = _split_overrides(argv)
+    a = parser.parse_args(rest)
+    values = {k: v for k, v in (("data", a.data), ("model", a.model), ("output_dir", a.output_dir),
+                                ("num_examples", a.num_examples), ("seed", a.seed)) if v is not None}
+    cfg = load_config(TrainConfig, a.config, overrides, values=values)
+    print(train(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(command(sys.argv[1:]))
