@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import IO, Any
 
 
-
 class DataError(ValueError):
     """Bad input data: the message names the file, the line and what was expected."""
 
