@@ -224,14 +224,23 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _yaml_key_lines(path: Path, text: str) -> dict[str, str]:
-    """Map each dotted key of a YAML file to 'file:line' for error messages."""
+    """Map each dotted key of a YAML file to 'file:line' for error messages. A key given twice
+    in one mapping is an error: YAML would silently keep only the last (a second `sample:`
+    section would drop the whole first one)."""
     out: dict[str, str] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for k, v in node.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = f"{path}:{k.start_mark.line + 1}"
+                line = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        raise ConfigError(f"config file {path}:{line}: key '{key}' given twice "
+                                          f"(also at line {seen[k.value]}); keep one")
+                    seen[k.value] = line
+                out[key] = f"{path}:{line}"
                 walk(v, key)
 
     try:
