@@ -8,10 +8,12 @@ response `{reasoning} </think> <answer>{answer}</answer>` before it is stored.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 PromptStyle = Literal["r1_zero", "chat", "reasoning"]
+PROMPT_STYLES: tuple[str, ...] = typing.get_args(PromptStyle)
 
 R1_ZERO_PROMPT = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant "
@@ -43,10 +45,16 @@ def canonical_response(reasoning: str, answer: str) -> str:
     return f"{reasoning.strip()} {THINK_CLOSE} {ANSWER_OPEN}{answer.strip()}{ANSWER_CLOSE}"
 
 
+def _check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:  # e.g. an unresolved "auto": never guess silently
+        raise ValueError(f"prompt style {style!r}: expected one of {', '.join(map(repr, PROMPT_STYLES))}")
+
+
 def teacher_prompt(question: str, style: PromptStyle, tokenizer: Any = None,
                    system_prompt: str | None = None) -> str:
     """The text the teacher model is given. `chat` and `reasoning` use the tokenizer's chat
     template (with `add_generation_prompt`); `r1_zero` is the raw student prompt."""
+    _check_style(style)
     if style == "r1_zero":
         return student_prompt(question)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -101,6 +109,7 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
       prompt) and then answers, often in `\\boxed{}`; the answer is the last `<answer>` tag or the
       last `\\boxed{}` after `</think>`.
     """
+    _check_style(style)
     raw = text
     body = text.lstrip()
     if body.startswith("<think>"):
