@@ -288,8 +288,10 @@ def load_config(cls: type[T], config_file: str | Path | None = None,
 
 
 def to_dict(obj: Any) -> Any:
+    """A config as plain data: what `load_config` takes back (fields with `init=False` are
+    derived, not given, so they are left out)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
