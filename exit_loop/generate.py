@@ -23,7 +23,7 @@ from typing import Any
 
 from exit_loop.config import dump_yaml, load_config, to_dict
 from exit_loop.filter import FilterConfig, format_summary, write_splits
-from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json, write_jsonl
+from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, iter_jsonl_numbered, write_json, write_jsonl
 from exit_loop.problems import DataConfig, load_problems, problem_index
 from exit_loop.sample import SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style, sample
 from exit_loop.verify import verify_rows
@@ -57,7 +57,7 @@ def check_existing_samples(path: Path, cfg: SampleConfig) -> None:
     """Refuse to mix samples of another model or prompt style into one file."""
     if not path.exists():
         return
-    for lineno, row in enumerate(iter_jsonl(path), start=1):
+    for lineno, row in iter_jsonl_numbered(path):
         for key, want in (("model", cfg.model_name), ("prompt_style", cfg.prompt_style)):
             if key in row and row[key] != want:
                 raise DataError(

@@ -73,7 +73,8 @@ class SampleConfig:
     def stop_strings(self) -> list[str]:
         if self.stop is not None:
             return self.stop
-        return [] if self.prompt_style == "reasoning" else ["</answer>"]
+        style = resolve_prompt_style(self.model_name) if self.prompt_style == "auto" else self.prompt_style
+        return [] if style == "reasoning" else ["</answer>"]
 
 
 @dataclass
