@@ -479,6 +479,8 @@ def train(cfg: TrainConfig) -> Path:
             "resumed_from": resume,
             "peft": cfg.peft.enabled,
             "num_processes": state.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "wall_time_s": round(time.time() - t0, 2),
             "versions": _versions(),
             "config": to_dict(cfg),
