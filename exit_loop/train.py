@@ -54,6 +54,8 @@ import re
 import shutil
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,39 @@ def sft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _sft_value(key: str, value: Any, tp: Any) -> Any:
+    """Check an `sft` value against its SFTConfig annotation. A string that spells a number or a
+    boolean becomes one where the field wants it (YAML reads `1e-5` as a string)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    kinds = {typing.get_origin(a) or a for a in args}  # dict[str, Any] -> dict
+    if not kinds <= {bool, int, float, str, dict, list, type(None)}:
+        return value  # an enum or another type that SFTConfig converts itself
+    if value is None and type(None) in kinds or isinstance(value, bool) and bool in kinds:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if int in kinds and isinstance(value, int):
+            return value
+        if float in kinds:
+            return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if str in kinds:
+            return value
+        if bool in kinds and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if int in kinds and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if float in kinds and _NUMBER.fullmatch(text):
+            return float(text)
+    if isinstance(value, dict) and dict in kinds or isinstance(value, list) and list in kinds:
+        return value
+    names = " | ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+    raise ConfigError(f"config key 'sft.{key}': expected {names}, got {value!r}")
+
+
 def sft_config(cfg: TrainConfig):
     """Build the `trl.SFTConfig`; an unknown or bad `sft` key raises ConfigError naming it."""
     from trl import SFTConfig
@@ -166,6 +201,8 @@ def sft_config(cfg: TrainConfig):
             close = difflib.get_close_matches(k, valid, n=3)
             hints.append(f"'sft.{k}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise ConfigError(f"unknown config key(s) {', '.join(hints)}: not a trl.SFTConfig field")
+    annotations = typing.get_type_hints(SFTConfig)
+    kwargs = {k: _sft_value(k, v, annotations[k]) for k, v in kwargs.items()}
     try:
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as e:
@@ -434,7 +471,7 @@ def train(cfg: TrainConfig) -> Path:
 
     trainer_dir = Path(args.output_dir)
     resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)
 
     # Save: every process takes part in gathering the weights (FSDP, ZeRO-3); the main one writes.
     if trainer.is_fsdp_enabled:
@@ -475,7 +512,6 @@ def train(cfg: TrainConfig) -> Path:
             "steps": trainer.state.global_step,
             "trained_tokens": _last_logged(trainer.state.log_history, "num_tokens"),
             "final_loss": _last_logged(trainer.state.log_history, "loss"),
-            "train_loss": result.training_loss,
             "resumed_from": resume,
             "peft": cfg.peft.enabled,
             "num_processes": state.num_processes,
@@ -484,6 +520,7 @@ def train(cfg: TrainConfig) -> Path:
             "wall_time_s": round(time.time() - t0, 2),
             "versions": _versions(),
             "config": to_dict(cfg),
+            "sft_args": {k: v for k, v in sft_kwargs(cfg).items()},  # defaults + cfg.sft, as passed
         }
         write_json(out / "manifest.json", manifest)
     state.wait_for_everyone()
