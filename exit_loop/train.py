@@ -159,8 +159,8 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _sft_value(key: str, value: Any, tp: Any) -> Any:
-    """Check an `sft` value against its SFTConfig annotation. A string that spells a number or a
-    boolean becomes one where the field wants it (YAML reads `1e-5` as a string)."""
+    """Check an `sft` value against its SFTConfig annotation (SFTConfig itself checks none). A
+    string that spells a number or a boolean becomes one where the field wants it."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     kinds = {typing.get_origin(a) or a for a in args}  # dict[str, Any] -> dict
     if not kinds <= {bool, int, float, str, dict, list, type(None)}:
@@ -520,7 +520,7 @@ def train(cfg: TrainConfig) -> Path:
             "wall_time_s": round(time.time() - t0, 2),
             "versions": _versions(),
             "config": to_dict(cfg),
-            "sft_args": {k: v for k, v in sft_kwargs(cfg).items()},  # defaults + cfg.sft, as passed
+            "sft_args": sft_kwargs(cfg),  # SFT_DEFAULTS + cfg.sft, as passed to trl.SFTConfig
         }
         write_json(out / "manifest.json", manifest)
     state.wait_for_everyone()

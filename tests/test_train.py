@@ -7,7 +7,10 @@ on a small, shared CPU two threads fight other processes and run ten times slowe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ FIT = [("What is 2 plus 3?", "2 + 3 = 5.", "5"),
        ("Tom had 10 apples and ate 3. How many are left?", "10 - 3 = 7.", "7")]
 FIT_ROWS = [{"prompt": f"User: {q}\nAssistant: <think>", "response": canonical_response(r, a)}
             for q, r, a in FIT]
+ROOT = Path(__file__).resolve().parents[1]
 FAST = {"gradient_checkpointing": False, "disable_tqdm": True, "logging_steps": 1,
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
 
@@ -155,6 +159,43 @@ def test_sft_defaults_and_lora_learning_rate(tmp_path):
     assert sft_config(TrainConfig(**base, peft=LoraSettings(enabled=True))).learning_rate == 1e-4
     lora_set = sft_config(TrainConfig(**base, peft=LoraSettings(enabled=True), sft={"learning_rate": 5e-5}))
     assert lora_set.learning_rate == 5e-5
+
+
+def test_sft_values_are_converted_to_sftconfig_types(tmp_path):
+    from exit_loop.train import sft_config
+
+    cfg = load_config(TrainConfig, None, ["sft.learning_rate=1e-5", "sft.num_train_epochs=2",
+                                          "sft.gradient_checkpointing=false", "sft.max_length=null"],
+                      values={"data": ["a"], "model": "m", "output_dir": str(tmp_path)})
+    args = sft_config(cfg)
+    assert args.learning_rate == 1e-5 and args.num_train_epochs == 2.0
+    assert args.gradient_checkpointing is False and args.max_length is None
+    text = TrainConfig(data=["a"], model="m", output_dir=str(tmp_path), sft={"learning_rate": "2e-5"})
+    assert sft_config(text).learning_rate == 2e-5
+    bad = TrainConfig(data=["a"], model="m", output_dir=str(tmp_path), sft={"learning_rate": "fast"})
+    with pytest.raises(ConfigError, match="'sft.learning_rate': expected float, got 'fast'"):
+        sft_config(bad)
+    bad = TrainConfig(data=["a"], model="m", output_dir=str(tmp_path), sft={"max_steps": 2.5})
+    with pytest.raises(ConfigError, match="'sft.max_steps': expected int, got 2.5"):
+        sft_config(bad)
+
+
+def test_shipped_configs_are_valid():
+    import yaml
+
+    from exit_loop.train import sft_config
+
+    configs = sorted((ROOT / "configs").glob("sft_*.yaml"))
+    assert configs
+    for path in configs:
+        assert path.read_text().startswith("# ") and "exit-loop train --config" in path.read_text()
+        sft_config(load_config(TrainConfig, path))
+    accel = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert set(accel) == {"ddp", "fsdp", "zero3"}
+    assert accel["ddp"]["distributed_type"] == "MULTI_GPU"
+    assert accel["fsdp"]["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert accel["zero3"]["deepspeed_config"]["zero_stage"] == 3
+    assert accel["zero3"]["deepspeed_config"]["zero3_save_16bit_model"] is True
 
 
 def test_train_help_lists_overrides(capsys):
@@ -367,3 +408,50 @@ def test_vllm_loads_full_and_merged_lora_checkpoints(fitted: Path, lora_run: Pat
 
     outs = generate(lora_run / "ckpt", [FIT_ROWS[0]["prompt"], student_prompt("What is 1 + 1?")])
     assert all(len(o.token_ids) > 0 for o in outs)
+
+
+def _launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+TRAIN_ARGS = ["sft.use_cpu=true", "sft.max_steps=2", "sft.per_device_train_batch_size=2",
+              "sft.gradient_checkpointing=false", "sft.disable_tqdm=true"]
+
+
+@pytest.mark.engine
+def test_two_processes_train_and_only_the_main_one_writes(tmp_path, tiny_model_dir, gsm8k_split):
+    """DDP over two CPU processes (gloo); `sft.use_cpu=true` is what makes them one group on CPU."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "exit_loop.cli", "train", "--data", str(gsm8k_split), "--model", str(tiny_model_dir),
+           "--output_dir", str(out), *TRAIN_ARGS]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_processes"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU" and m["steps"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt", "config.yaml", "manifest.json", "trainer"]
+    assert (out / "ckpt" / "model.safetensors").exists()
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    return subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM here (.ci/run starts one)")
+def test_sbatch_train_sft_runs_one_process_per_gpu(tmp_path, tiny_model_dir, gsm8k_split):
+    out = tmp_path / "run"
+    log = tmp_path / "job.out"
+    cmd = ["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
+           f"--chdir={ROOT}", str(ROOT / "slurm" / "train_sft.sh"), "--data", str(gsm8k_split),
+           "--model", str(tiny_model_dir), "--output_dir", str(out), *TRAIN_ARGS]
+    env = {**_launch_env(), "ACCEL": "configs/accelerate/ddp.yaml"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, (proc.stderr + text)[-3000:]
+    assert "2 process(es), configs/accelerate/ddp.yaml" in text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_processes"] == 2 and m["steps"] == 2
