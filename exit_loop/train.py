@@ -25,9 +25,9 @@ What it does:
   `sft.eos_token=<|im_end|>` where that differs from the tokenizer's EOS). `train` fails if the
   rendered assistant turn lost `<think>`/`</think>` (some R1 templates strip the reasoning) or
   holds no EOS.
-- `sft`: any `trl.SFTConfig` field, passed through untouched on top of `SFT_DEFAULTS` (bf16 only
-  where the GPU has it; a LoRA run gets learning rate 1e-4 instead of 1e-5 unless set). The keys
-  are checked by building the SFTConfig before anything is loaded.
+- `sft`: any `trl.SFTConfig` field, passed through on top of `SFT_DEFAULTS` (bf16 only where the
+  GPU has it; a LoRA run gets learning rate 1e-4 instead of 1e-5 unless set). The SFTConfig is
+  built before anything is loaded: an unknown key or a value of the wrong type fails naming it.
 - LoRA (`peft.enabled=true`): the adapter is trained through peft; at the end it is merged into
   the base weights and `ckpt/` is a plain full checkpoint, so the next round's sampler (vLLM)
   loads it like any model, with no LoRA support needed in the engine and no adapter/base pairing
@@ -86,8 +86,8 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "report_to": "none",
 }
-# Keys that live at the top level of TrainConfig, not under `sft`.
-_OWN_KEYS = {"output_dir": "output_dir", "seed": "seed", "trust_remote_code": "trust_remote_code"}
+# SFTConfig fields that TrainConfig sets from its own top-level keys.
+_OWN_KEYS = ("output_dir", "seed", "trust_remote_code")
 
 
 @dataclass
@@ -100,11 +100,11 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"peft.r must be at least 1, got {self.r}")
+            raise ConfigError(f"config key 'peft.r': must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"config key 'peft.dropout': must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ValueError("peft.target_modules is empty")
+            raise ConfigError("config key 'peft.target_modules': empty")
 
 
 @dataclass
@@ -121,14 +121,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.data:
-            raise ValueError("data: give at least one split file (--data F [F ...])")
+            raise ConfigError("config key 'data': give at least one split file (--data F [F ...])")
         if not self.model:
-            raise ValueError("model: give a hub id or a checkpoint path (--model M)")
+            raise ConfigError("config key 'model': give a hub id or a checkpoint path (--model M)")
         if self.num_examples is not None and self.num_examples < 1:
-            raise ValueError(f"num_examples must be at least 1, got {self.num_examples}")
-        for key, top in _OWN_KEYS.items():
+            raise ConfigError(f"config key 'num_examples': must be at least 1, got {self.num_examples}")
+        for key in _OWN_KEYS:
             if key in self.sft:
-                raise ValueError(f"sft.{key}: set '{top}' at the top level instead")
+                raise ConfigError(f"config key 'sft.{key}': set '{key}' at the top level instead")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / "sft" / f"{Path(self.model).name}-{Path(self.data[0]).stem}")
 
@@ -278,40 +278,31 @@ def to_trl_rows(rows: list[dict[str, str]], use_chat_template: bool) -> list[dic
 # --------------------------------------------------------------------------- model checks
 
 
-def module_names(model: str, trust_remote_code: bool = False) -> list[str]:
-    """Names of every module of `model`, read from a weightless (meta-device) copy."""
+def _skeleton(model: str, trust_remote_code: bool = False):
+    """`model` built on the meta device: its modules, no weights loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return [name for name, _ in skeleton.named_modules() if name]
-
-
-def linear_leaf_names(model: str, trust_remote_code: bool = False) -> list[str]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules()
-                   if isinstance(mod, torch.nn.Linear)})
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def check_target_modules(cfg: TrainConfig) -> None:
-    """Fail (ConfigError) on a `peft.target_modules` entry that names no module of the model."""
+    """Fail (ConfigError) on a `peft.target_modules` entry that names no module of the model,
+    listing the model's linear layers."""
+    import torch
+
     targets = cfg.peft.target_modules
     if targets == "all-linear":
         return
-    names = module_names(cfg.model, cfg.trust_remote_code)
+    modules = dict(_skeleton(cfg.model, cfg.trust_remote_code).named_modules())
     if isinstance(targets, str):  # peft reads a string as a regex over full module names
-        bad = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+        bad = [] if any(re.fullmatch(targets, n) for n in modules) else [targets]
     else:
-        bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
     if bad:
-        linear = linear_leaf_names(cfg.model, cfg.trust_remote_code)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
             f"config key 'peft.target_modules': {', '.join(map(repr, bad))} matches no module of "
             f"{cfg.model}; its linear layers are: {', '.join(linear)} (or use 'all-linear')")
@@ -325,14 +316,14 @@ def lora_config(settings: LoraSettings):
 
 
 def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
-    """Look at the prepared (tokenized, labelled) data before training: the loss must fall on the
-    completion and end at EOS. Returns token counts for the manifest."""
-    use_chat_template = cfg.use_chat_template
+    """Look at the data as TRL prepared it (tokenized, labelled) before training: every example
+    that was not cut at max_length must end its labels with EOS; through a chat template the
+    trained turn must keep `<think>...</think>` and hold the EOS. Returns counts for the manifest."""
     tok = trainer.processing_class
     eos = tok.eos_token_id
     ds = trainer.train_dataset
-    packed = "seq_lengths" in ds.column_names
     max_length = trainer.args.max_length
+    packed = "seq_lengths" in ds.column_names
     tokens = loss_tokens = truncated = 0
     for i, ex in enumerate(ds):
         ids, labels = ex["input_ids"], ex["labels"]
@@ -340,29 +331,27 @@ def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
         loss_tokens += sum(1 for t in labels if t != -100)
         if packed:
             continue
-        if not use_chat_template and labels[-1] != eos:
-            if max_length is not None and len(ids) >= max_length:
-                truncated += 1
-                continue
-            raise RuntimeError(f"prepared example {i} does not end in EOS {tok.eos_token!r} in its labels "
+        if max_length is not None and len(ids) >= max_length:
+            truncated += 1
+        elif not cfg.use_chat_template and labels[-1] != eos:
+            raise RuntimeError(f"prepared example {i} does not end its labels with EOS {tok.eos_token!r} "
                                f"(last label {labels[-1]}): the student would never learn to stop")
-    if packed:
-        return {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": 0}
-    first = ds[0]
-    completion = [t for t in first["labels"] if t != -100]
-    if use_chat_template:
+    counts = {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated,
+              "trained_examples": None if packed else len(ds)}
+    if cfg.use_chat_template and not packed:
+        completion = [t for t in ds[0]["labels"] if t != -100]
         text = tok.decode(completion)
         if "<think>" not in text or "</think>" not in text:
             raise ConfigError(
-                f"use_chat_template: the chat template of {cfg.model} rewrites the assistant "
-                f"turn and drops the reasoning (the trained completion reads {text[:200]!r}); use a template "
-                "that keeps <think>...</think> (sft.chat_template_path) or use_chat_template=false")
+                f"use_chat_template: the chat template of {cfg.model} rewrites the assistant turn and "
+                f"drops the reasoning (the trained completion reads {text[:200]!r}); use a template that "
+                "keeps <think>...</think> (sft.chat_template_path) or use_chat_template=false")
         if eos not in completion:
             raise ConfigError(
-                f"use_chat_template: the assistant turn holds no EOS token {tok.eos_token!r}, so the student "
-                f"would not learn to stop; set sft.eos_token to the template's end-of-turn token "
+                f"use_chat_template: the assistant turn holds no EOS token {tok.eos_token!r}, so the "
+                "student would not learn to stop; set sft.eos_token to the template's end-of-turn token "
                 f"(the trained completion ends {text[-40:]!r})")
-    return {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated}
+    return counts
 
 
 # --------------------------------------------------------------------------- saving
@@ -504,7 +493,8 @@ def train(cfg: TrainConfig) -> Path:
             "model": cfg.model,
             "checkpoint": str(ckpt),
             "data": files,
-            "examples": len(rows),
+            "examples": len(rows),                  # rows drawn from the splits
+            "trained_examples": counts["trained_examples"],  # fewer if TRL dropped some (all prompt)
             "tokens": counts["tokens"],             # prompt + completion tokens, one epoch
             "loss_tokens": counts["loss_tokens"],   # completion tokens (EOS included), one epoch
             "truncated_examples": counts["truncated_examples"],

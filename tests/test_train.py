@@ -133,7 +133,7 @@ def test_config_from_cli_values_and_overrides(tmp_path):
     assert cfg.peft.enabled and cfg.peft.target_modules == ["q_proj", "v_proj"]
     assert cfg.sft == {"learning_rate": 2e-5} and cfg.num_examples == 100
     assert cfg.output_dir == "runs/sft/Qwen-a"
-    with pytest.raises(ConfigError, match="sft.output_dir: set 'output_dir' at the top level"):
+    with pytest.raises(ConfigError, match="'sft.output_dir': set 'output_dir' at the top level"):
         load_config(TrainConfig, None, ["sft.output_dir=x"], values={"data": ["a"], "model": "m"})
     with pytest.raises(ConfigError, match="unknown config key 'peft.rank'"):
         load_config(TrainConfig, None, ["peft.rank=8"], values={"data": ["a"], "model": "m"})
@@ -339,7 +339,8 @@ def test_output_dir_layout_and_manifest(fitted: Path, lora_run: Path, gsm8k_spli
         assert (run / "config.yaml").exists() and (run / "trainer").is_dir()
 
     m = json.loads((fitted / "manifest.json").read_text())
-    assert m["examples"] == 4 and m["steps"] == 150 and m["peft"] is False
+    assert m["examples"] == m["trained_examples"] == 4 and m["steps"] == 150 and m["peft"] is False
+    assert m["sft_args"]["learning_rate"] == 3e-3 and m["sft_args"]["completion_only_loss"] is True
     assert m["final_loss"] < 0.05 and m["loss_tokens"] < m["tokens"] and m["trained_tokens"] > 0
     assert m["truncated_examples"] == 0 and m["wall_time_s"] > 0
 
