@@ -1,0 +1,416 @@
+"""Compare finished runs: accuracy per round per arm, yield, tokens and wall time per stage,
+written as report.md, report.json, accuracy.png and response_length.png.
+
+    exit-loop compare runs/compare_filtered_unfiltered
+    exit-loop compare runs/exit_a runs/exit_b --output_dir reports/a_vs_b
+
+Each RUN_DIR is either one run (it holds round_00/, round_01/, ... directly) or an experiment
+directory whose subdirectories are runs, one per arm, each with its run.json. Arms are named by
+run.json's `arm` (else the directory's name); two runs with the same arm name are told apart by
+their experiment's name (`exp_a/main`, `exp_b/main`).
+
+Round k's eval measures the policy that samples in round k: round 0 is the starting student,
+the last round (which holds only eval/) is the final checkpoint. A value a run does not hold is
+null in report.json and a dash in report.md, never estimated.
+
+The report goes to the experiment directory all the runs share, else the first RUN_DIR, unless
+--output_dir says otherwise. Run directories are only read; the report files are the only
+thing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import secrets
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exit_loop.jsonl import DataError, atomic_write_text, write_json
+
+STAGES = ("sample", "verify", "filter", "train", "eval")
+EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
+ROUND_RE = re.compile(r"round_(\d+)")
+
+
+@dataclass
+class Run:
+    """One arm's run directory, as found on disk."""
+    path: Path
+    arm: str                        # the name shown in the report (unique among the runs)
+    experiment: str
+    experiment_dir: Path | None     # the experiment directory holding this arm, if any
+    info: dict[str, Any] | None     # run.json, if present
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None if the file does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _get(obj: dict[str, Any] | None, *keys: str) -> Any:
+    """obj[k1][k2]..., or None where any level is missing."""
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return obj
+
+
+def _number(value: Any, path: Path, key: str, *, fraction: bool = False, integer: bool = False
+            ) -> float | int | None:
+    """`value` checked to be null or a finite number (a fraction in [0, 1], an integer)."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if fraction:
+        ok = ok and 0 <= value <= 1
+    if not ok:
+        expected = ("an integer" if integer else "a fraction in [0, 1]" if fraction
+                    else "a finite number")
+        raise DataError(f"{path}: key {key!r} is {value!r}; expected {expected} or null")
+    return int(value) if integer else value
+
+
+def _abspath(path: Path) -> Path:
+    """Absolute and normalised (`.` and `..` gone) without following symlinks."""
+    return Path(os.path.abspath(path))
+
+
+def _round_dirs(path: Path) -> dict[int, Path]:
+    out = {}
+    for d in path.iterdir():
+        m = ROUND_RE.fullmatch(d.name)
+        if m and d.is_dir():
+            out[int(m.group(1))] = d
+    return out
+
+
+def _experiment_name(run_dir: Path, info: dict[str, Any] | None, experiment_dir: Path | None) -> str:
+    name = _get(info, "experiment")
+    if isinstance(name, str) and name:
+        return name
+    for d in (run_dir, experiment_dir):
+        if d is not None and (d / "config.yaml").is_file():
+            import yaml
+
+            try:
+                cfg = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                raise DataError(f"{d / 'config.yaml'}: not valid YAML ({e})") from None
+            if isinstance(cfg, dict) and isinstance(cfg.get("experiment"), str) and cfg["experiment"]:
+                return cfg["experiment"]
+    return _abspath(experiment_dir or run_dir).name
+
+
+def _is_experiment_dir(path: Path) -> bool:
+    """An experiment directory: a config.yaml, no rounds of its own, and arms below it."""
+    return ((path / "config.yaml").is_file() and not _round_dirs(path)
+            and any((d / "run.json").is_file() for d in path.iterdir() if d.is_dir()))
+
+
+def _unique_names(runs: list[Run]) -> None:
+    """Arms named alike get their experiment's name in front; any left alike are numbered."""
+    clash = Counter(r.arm for r in runs)
+    for r in runs:
+        if clash[r.arm] > 1:
+            r.arm = f"{r.experiment}/{r.arm}"
+    clash = Counter(r.arm for r in runs)
+    seen: Counter[str] = Counter()
+    for r in runs:
+        if clash[r.arm] > 1:
+            seen[r.arm] += 1
+            r.arm = f"{r.arm}#{seen[r.arm]}"
+
+
+def find_runs(run_dirs: list[Path]) -> list[Run]:
+    """The arm runs under the given paths, in order, each once, with unique names."""
+    if not run_dirs:
+        raise DataError("no RUN_DIR given; expected at least one run or experiment directory")
+    found: list[tuple[Path, Path | None]] = []
+    for given in map(Path, run_dirs):
+        if not given.is_dir():
+            raise DataError(f"{given}: no such directory; expected a run directory (with round_* "
+                            "directories) or an experiment directory (with one run per arm)")
+        if _round_dirs(given):
+            parent = _abspath(given).parent
+            found.append((given, parent if _is_experiment_dir(parent) else None))
+            continue
+        arms = sorted(d for d in given.iterdir() if d.is_dir() and (d / "run.json").is_file())
+        if not arms:
+            raise DataError(f"{given}: holds no round_* directories and no arm directories (with "
+                            "run.json); expected a run directory or an experiment directory")
+        found += [(arm, given) for arm in arms]
+
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for path, experiment_dir in found:
+        if _abspath(path) in seen:  # named twice (an arm and its experiment): report it once
+            continue
+        seen.add(_abspath(path))
+        info = _read_json(path / "run.json")
+        arm = _get(info, "arm")
+        runs.append(Run(path=path, arm=arm if isinstance(arm, str) and arm else _abspath(path).name,
+                        experiment=_experiment_name(path, info, experiment_dir),
+                        experiment_dir=experiment_dir, info=info))
+    _unique_names(runs)
+    return runs
+
+
+def _wall_s(manifest: dict[str, Any] | None, path: Path) -> float | None:
+    """A stage's wall time: `timings.wall_s`, or the SFT stage's top-level `wall_time_s`."""
+    if _get(manifest, "timings", "wall_s") is not None:
+        return _number(manifest["timings"]["wall_s"], path, "timings.wall_s")  # type: ignore[index]
+    return _number(_get(manifest, "wall_time_s"), path, "wall_time_s")
+
+
+def read_run(run: Run) -> dict[str, Any]:
+    """One arm's numbers per round: lists indexed by round, null where the run holds nothing."""
+    rounds_dirs = _round_dirs(run.path)
+    if not rounds_dirs:
+        raise DataError(f"{run.path}: holds no round_* directories; expected round_00/, round_01/, ...")
+    run_json = run.path / "run.json"
+    planned = _number(_get(run.info, "rounds"), run_json, "rounds", integer=True)
+    last = max(max(rounds_dirs), planned if planned is not None else 0)
+    rounds = list(range(last + 1))
+
+    arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "mean_response_tokens", "k", "yield",
+                                               "tokens_generated", "training_tokens")}
+    arm["wall_time_s"] = {stage: [] for stage in STAGES}
+    for k in rounds:
+        d = rounds_dirs.get(k, run.path / f"round_{k:02d}")
+
+        path = d / "eval" / "eval.json"
+        ev = _read_json(path)
+        if ev is not None:
+            if "accuracy" not in ev:
+                raise DataError(f"{path}: missing key 'accuracy' (greedy pass@1 as a fraction)")
+            if ev.get("round") is not None and ev["round"] != k:
+                raise DataError(f"{path}: key 'round' is {ev['round']!r}; expected {k} (its directory)")
+        for key in EVAL_FRACTIONS:
+            arm[key].append(_number(_get(ev, key), path, key, fraction=True))
+        arm["mean_response_tokens"].append(_number(_get(ev, "mean_response_tokens"), path, "mean_response_tokens"))
+        arm["k"].append(_number(_get(ev, "k"), path, "k", integer=True))
+
+        path = d / "filter" / "summary.json"
+        summary = _read_json(path)
+        traces = _number(_get(summary, "traces"), path, "traces", integer=True)
+        correct = _number(_get(summary, "correct_traces"), path, "correct_traces", integer=True)
+        if traces and correct is not None:
+            arm["yield"].append(correct / traces)
+        else:
+            arm["yield"].append(_number(_get(summary, "trace_accuracy"), path, "trace_accuracy", fraction=True))
+
+        path = d / "sample" / "manifest.json"
+        manifest = _read_json(path)
+        arm["tokens_generated"].append(_number(_get(manifest, "counts", "tokens_generated"), path,
+                                               "counts.tokens_generated", integer=True))
+        arm["wall_time_s"]["sample"].append(_wall_s(manifest, path))
+
+        path = d / "train" / "manifest.json"
+        manifest = _read_json(path)
+        key = "tokens" if _get(manifest, "tokens") is not None else "training_tokens"
+        arm["training_tokens"].append(_number(_get(manifest, key), path, key, integer=True))
+        arm["wall_time_s"]["train"].append(_wall_s(manifest, path))
+
+        for stage in ("verify", "filter", "eval"):
+            path = d / stage / "manifest.json"
+            arm["wall_time_s"][stage].append(_wall_s(_read_json(path), path))
+
+    timings = _get(run.info, "timings")
+    if timings is not None:
+        if not isinstance(timings, dict):
+            raise DataError(f"{run_json}: key 'timings' is {timings!r}; expected an object of seconds")
+        timings = {key: _number(v, run_json, f"timings.{key}") for key, v in timings.items()}
+    arm.update(rounds=rounds, run_dir=str(run.path), experiment=run.experiment, timings=timings)
+    return arm
+
+
+def build_report(runs: list[Run]) -> dict[str, Any]:
+    return {"arms": {run.arm: read_run(run) for run in runs}, "generated_by": "exit-loop compare"}
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _int(x: float | int | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def _secs(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.1f}"
+
+
+def _k_label(report: dict[str, Any]) -> str:
+    ks = {k for arm in report["arms"].values() for k in arm["k"] if k is not None}
+    return str(ks.pop()) if len(ks) == 1 else "k"
+
+
+def summary_line(name: str, arm: dict[str, Any]) -> str:
+    """`name: accuracy A% (round i) → B% (round j), +D points; time: ...; overhead ...`."""
+    acc = [(r, a) for r, a in zip(arm["rounds"], arm["accuracy"]) if a is not None]
+    if not acc:
+        text = "no accuracy recorded"
+    elif len(acc) == 1:
+        text = f"accuracy {_pct(acc[0][1])}% at round {acc[0][0]} only"
+    else:
+        (r0, a0), (r1, a1) = acc[0], acc[-1]
+        text = (f"accuracy {_pct(a0)}% (round {r0}) → {_pct(a1)}% (round {r1}), "
+                f"{100 * (a1 - a0):+.1f} points")
+    t = arm.get("timings") or {}
+    total = t.get("total_s")
+    if total:
+        parts = [f"{s} {100 * t[f'{s}_s'] / total:.0f}%" for s in STAGES if t.get(f"{s}_s") is not None]
+        if t.get("overhead_s") is not None:
+            parts.append(f"loop overhead {_secs(t['overhead_s'])} s ({100 * t['overhead_s'] / total:.1f}%)")
+        text += f"; time {_secs(total)} s: " + ", ".join(parts)
+    return f"**{name}**: {text}"
+
+
+def render_markdown(report: dict[str, Any], plots: list[str], note: str | None = None) -> str:
+    k = _k_label(report)
+    head = ["arm", "round", "accuracy %", f"pass@{k} %", f"maj@{k} %", "format errors %",
+            "response tokens", "yield %", "tokens generated", "training tokens",
+            *(f"{s} s" for s in STAGES)]
+    lines = ["# exit-loop compare", "",
+             "Accuracy is held-out greedy pass@1; round k's eval measures the policy that samples in "
+             "round k (round 0: the starting student; the last round: the final checkpoint). "
+             "Yield is correct traces / traces generated. — means the run holds no value.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for name, arm in report["arms"].items():
+        for i, r in enumerate(arm["rounds"]):
+            row = [name, str(r), _pct(arm["accuracy"][i]), _pct(arm["pass@k"][i]), _pct(arm["maj@k"][i]),
+                   _pct(arm["format_error_rate"][i]), _secs(arm["mean_response_tokens"][i]),
+                   _pct(arm["yield"][i]), _int(arm["tokens_generated"][i]), _int(arm["training_tokens"][i]),
+                   *(_secs(arm["wall_time_s"][s][i]) for s in STAGES)]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Summary", ""]
+    lines += [f"- {summary_line(name, arm)}" for name, arm in report["arms"].items()]
+    lines += ["", "## Runs", ""]
+    lines += [f"- **{name}**: `{arm['run_dir']}` (experiment `{arm['experiment']}`)"
+              for name, arm in report["arms"].items()]
+    titles = {"accuracy.png": "Accuracy per round", "response_length.png": "Mean response tokens per round"}
+    if plots or note:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{titles[p]}]({p})\n" for p in plots]
+        if note:
+            lines.append(note)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path` and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plot(report: dict[str, Any], key: str, scale: float, ylabel: str, title: str, path: Path) -> Path:
+    # Figure + the Agg canvas directly: no pyplot, so no global backend is chosen or changed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, arm in report["arms"].items():
+        ys = [math.nan if v is None else v * scale for v in arm[key]]
+        ax.plot(arm["rounds"], ys, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return _write_bytes(path, buf.getvalue())
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
+    _plot(report, "accuracy", 100, "accuracy (%)", "Held-out accuracy (greedy pass@1)", out_dir / "accuracy.png")
+    _plot(report, "mean_response_tokens", 1, "mean response tokens", "Response length",
+          out_dir / "response_length.png")
+    return ["accuracy.png", "response_length.png"]
+
+
+def default_out_dir(runs: list[Run], run_dirs: list[Path]) -> Path:
+    """The experiment directory every run belongs to, else the first RUN_DIR."""
+    exp = {_abspath(r.experiment_dir) if r.experiment_dir else None for r in runs}
+    if len(exp) == 1 and None not in exp:
+        return runs[0].experiment_dir  # type: ignore[return-value]
+    return Path(run_dirs[0])
+
+
+def compare(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+    """Read the runs, write report.json, the two PNGs and report.md to `out_dir`; return `out_dir`."""
+    return _compare(run_dirs, out_dir)[0]
+
+
+def _compare(run_dirs: list[Path], out_dir: Path | None) -> tuple[Path, dict[str, Any], list[str]]:
+    runs = find_runs([Path(p) for p in run_dirs])
+    report = build_report(runs)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(runs, run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "report.json", report)
+    note = None
+    try:
+        plots = write_plots(report, out_dir)
+    except ImportError:
+        plots, note = [], "Plots not drawn: matplotlib is not installed (`pip install matplotlib`)."
+        print(f"exit-loop compare: warning: {note}", file=sys.stderr)
+    atomic_write_text(out_dir / "report.md", render_markdown(report, plots, note))
+    return out_dir, report, ["report.json", *plots, "report.md"]
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="exit-loop compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory (round_* inside) or an experiment directory (one run per arm)")
+    p.add_argument("--output_dir", help="where the report goes (default: the runs' common experiment "
+                                        "directory, else the first RUN_DIR)")
+    a = p.parse_args(argv)
+    out, report, written = _compare([Path(d) for d in a.run_dirs], Path(a.output_dir) if a.output_dir else None)
+    for name, arm in report["arms"].items():
+        print(summary_line(name, arm).replace("**", ""))
+    print(f"compare: wrote {', '.join(written)} in {out}")
+    return 0

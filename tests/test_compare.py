@@ -1,0 +1,286 @@
+"""Tests for `exit-loop compare` (exit_loop/compare.py): finished runs built by hand as the loop
+writes them, compared into report.json, report.md and two PNGs; no model involved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exit_loop.compare import command, compare
+from exit_loop.jsonl import DataError
+
+STAGE_S = {"sample": 40.0, "verify": 2.0, "filter": 0.5, "train": 50.0, "eval": 10.0}
+REPORT_FILES = {"report.json", "report.md", "accuracy.png", "response_length.png"}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+
+def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *, k: int | None = 4,
+             sft_keys: bool = False, config: bool = True) -> Path:
+    """A finished run as the loop writes it: rounds 0..R-1 with every stage, round R eval only."""
+    rounds = len(accuracy) - 1
+    if config:
+        _write(run_dir / "config.yaml", f"experiment: {experiment}\nrounds: {rounds}\n")
+    _write(run_dir / "run.json", {
+        "experiment": experiment, "arm": arm, "rounds": rounds,
+        "timings": {"sample_s": 40.0 * rounds, "verify_s": 2.0 * rounds, "filter_s": 0.5 * rounds,
+                    "train_s": 50.0 * rounds, "eval_s": 10.0 * (rounds + 1), "overhead_s": 2.5,
+                    "total_s": 102.5 * rounds + 10.0 + 2.5}})
+    for r, acc in enumerate(accuracy):
+        d = run_dir / f"round_{r:02d}"
+        _write(d / "eval" / "eval.json", {
+            "round": r, "model": f"{arm}-ckpt-{r}", "n": 200, "accuracy": acc,
+            "pass@k": min(1.0, acc + 0.2) if k else None, "maj@k": acc + 0.05 if k else None, "k": k,
+            "format_error_rate": 0.1 / (r + 1), "mean_response_tokens": 300.0 - 20 * r})
+        _write(d / "eval" / "manifest.json", {"stage": "eval", "timings": {"wall_s": STAGE_S["eval"]}})
+        if r == rounds:
+            break
+        correct = 200 + 50 * r
+        _write(d / "sample" / "manifest.json", {"stage": "sample",
+               "counts": {"samples": 800, "tokens_generated": 100_000 + r}, "timings": {"wall_s": STAGE_S["sample"]}})
+        _write(d / "verify" / "manifest.json", {"stage": "verify", "timings": {"wall_s": STAGE_S["verify"]}})
+        _write(d / "filter" / "summary.json", {
+            "traces": 800, "correct_traces": correct, "trace_accuracy": round(correct / 800, 4),
+            "questions": 200, "questions_solved": 120, "question_coverage": 0.6, "mean_tokens_correct": 250.0,
+            "mean_tokens_incorrect": 320.0, "failures": {"none": correct, "wrong": 800 - correct},
+            "correct_split_rows": correct - 10})
+        _write(d / "filter" / "manifest.json", {"stage": "filter", "timings": {"wall_s": STAGE_S["filter"]}})
+        if sft_keys:
+            train = {"stage": "train", "training_tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
+                     "final_loss": 0.5, "wall_time_s": STAGE_S["train"]}
+        else:
+            train = {"stage": "train", "tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
+                     "final_loss": 0.5, "timings": {"wall_s": STAGE_S["train"]}}
+        _write(d / "train" / "manifest.json", train)
+    return run_dir
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def table_rows(md: str) -> list[list[str]]:
+    """The report table's body rows, split into cells."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert lines[0].startswith("| arm | round | accuracy %") and set(lines[1]) <= set("|-: ")
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def decode_png(path: Path):
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)
+    assert img.shape[0] >= 200 and img.shape[1] >= 300, img.shape
+    assert img.std() > 0.01  # something was drawn
+    return img
+
+
+ACC_F = [0.10, 0.25, 0.40]
+ACC_U = [0.10, 0.15, 0.12]
+
+
+@pytest.fixture()
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    return (make_run(tmp_path / "runs" / "exit_filtered", "exit_filtered", "filtered", ACC_F),
+            make_run(tmp_path / "runs" / "exit_unfiltered", "exit_unfiltered", "unfiltered", ACC_U, sft_keys=True))
+
+
+def test_two_runs_report_json_holds_the_fixture_numbers(two_runs, tmp_path):
+    out = compare(list(two_runs), tmp_path / "report")
+    assert out == tmp_path / "report"
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
+    report = json.loads((out / "report.json").read_text())
+    assert report["generated_by"] == "exit-loop compare"
+    assert list(report["arms"]) == ["filtered", "unfiltered"]
+    for name, acc, run in (("filtered", ACC_F, two_runs[0]), ("unfiltered", ACC_U, two_runs[1])):
+        arm = report["arms"][name]
+        assert arm["accuracy"] == acc
+        assert arm["rounds"] == [0, 1, 2]
+        assert arm["run_dir"] == str(run)
+        assert arm["pass@k"] == [min(1.0, a + 0.2) for a in acc]
+        assert arm["maj@k"] == [a + 0.05 for a in acc]
+        assert arm["k"] == [4, 4, 4]
+        assert arm["format_error_rate"] == [0.1, 0.05, 0.1 / 3]
+        assert arm["mean_response_tokens"] == [300.0, 280.0, 260.0]
+        assert arm["yield"] == [200 / 800, 250 / 800, None]
+        assert arm["tokens_generated"] == [100_000, 100_001, None]
+        # the SFT stage's spelling ("training_tokens", top-level "wall_time_s") reads the same
+        assert arm["training_tokens"] == [50_000, 50_001, None]
+        assert arm["wall_time_s"] == {s: [STAGE_S[s], STAGE_S[s], STAGE_S[s] if s == "eval" else None]
+                                      for s in STAGE_S}
+        assert arm["timings"]["overhead_s"] == 2.5
+
+
+def test_report_md_has_one_row_per_round_per_arm(two_runs, tmp_path):
+    out = compare(list(two_runs), tmp_path / "report")
+    md = (out / "report.md").read_text()
+    rows = table_rows(md)
+    assert len(rows) == 3 + 3
+    assert [(r[0], r[1]) for r in rows] == [(a, str(k)) for a in ("filtered", "unfiltered") for k in range(3)]
+    assert [r[2] for r in rows[:3]] == ["10.0", "25.0", "40.0"]
+    head = md.splitlines()[[i for i, ln in enumerate(md.splitlines()) if ln.startswith("|")][0]]
+    for col in ("pass@4 %", "maj@4 %", "yield %", "tokens generated", "training tokens",
+                "sample s", "verify s", "filter s", "train s", "eval s"):
+        assert col in head
+    assert rows[0][7] == "25.0" and rows[2][7] == "—"    # yield; none in the final round
+    assert rows[0][8] == "100,000" and rows[0][9] == "50,000"
+    assert "accuracy 10.0% (round 0) → 40.0% (round 2), +30.0 points" in md
+    assert "accuracy 10.0% (round 0) → 12.0% (round 2), +2.0 points" in md
+    assert "loop overhead 2.5 s (1.1%)" in md
+    assert "![Accuracy per round](accuracy.png)" in md
+    assert "![Mean response tokens per round](response_length.png)" in md
+
+
+def test_pngs_decode(two_runs, tmp_path):
+    out = compare(list(two_runs), tmp_path / "report")
+    a = decode_png(out / "accuracy.png")
+    b = decode_png(out / "response_length.png")
+    assert a.shape == b.shape
+
+
+def test_compare_is_a_pure_reader(two_runs, tmp_path):
+    before = snapshot(tmp_path / "runs")
+    compare(list(two_runs), tmp_path / "report")
+    assert snapshot(tmp_path / "runs") == before
+    # default output: the first run dir; only the report files are added there
+    out = compare(list(two_runs))
+    assert out == two_runs[0]
+    after = snapshot(tmp_path / "runs")
+    assert set(after) - set(before) == {f"exit_filtered/{f}" for f in REPORT_FILES}
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not list((tmp_path / "runs").rglob("*.tmp"))
+
+
+def test_experiment_dir_with_arms(tmp_path):
+    exp = tmp_path / "runs" / "compare_fu"
+    _write(exp / "config.yaml", "experiment: compare_fu\n")
+    make_run(exp / "unfiltered", "compare_fu", "unfiltered", [0.2, 0.21], config=False)
+    make_run(exp / "filtered", "compare_fu", "filtered", [0.2, 0.3], config=False)
+    (exp / "shared_data").mkdir()  # not an arm: no run.json
+    out = compare([exp])
+    assert out == exp
+    report = json.loads((exp / "report.json").read_text())
+    assert report["arms"]["filtered"]["accuracy"] == [0.2, 0.3]
+    assert report["arms"]["unfiltered"]["accuracy"] == [0.2, 0.21]
+    assert set(report["arms"]) == {"filtered", "unfiltered"}
+    assert len(table_rows((exp / "report.md").read_text())) == 4
+    # arms named one by one land in their experiment dir too; an arm named twice counts once
+    (exp / "report.json").unlink()
+    assert compare([exp / "filtered", exp / "unfiltered", exp]) == exp
+    assert set(json.loads((exp / "report.json").read_text())["arms"]) == {"filtered", "unfiltered"}
+
+
+def test_experiment_dir_and_a_single_run_together(tmp_path):
+    exp = tmp_path / "exp"
+    _write(exp / "config.yaml", "experiment: exp\n")
+    make_run(exp / "filtered", "exp", "filtered", [0.2, 0.3], config=False)
+    single = make_run(tmp_path / "solo", "solo", "baseline", [0.2, 0.22, 0.25])
+    out = compare([exp, single])
+    assert out == exp  # no common experiment dir: the first RUN_DIR
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["arms"]) == ["filtered", "baseline"]
+    assert [len(a["accuracy"]) for a in report["arms"].values()] == [2, 3]
+    assert len(table_rows((out / "report.md").read_text())) == 5
+
+
+def test_clashing_arm_names_get_the_experiment_name(tmp_path):
+    a = make_run(tmp_path / "exp_a", "exp_a", "main", [0.1, 0.2])
+    b = make_run(tmp_path / "exp_b", "exp_b", "main", [0.1, 0.3])
+    report = json.loads((compare([a, b], tmp_path / "out") / "report.json").read_text())
+    assert report["arms"]["exp_a/main"]["accuracy"] == [0.1, 0.2]
+    assert report["arms"]["exp_b/main"]["accuracy"] == [0.1, 0.3]
+
+
+def test_missing_optional_files_give_nulls(tmp_path):
+    run = make_run(tmp_path / "plain", "plain", "x", [0.1, 0.2, 0.3], k=None)
+    (run / "run.json").unlink()
+    (run / "round_00" / "filter" / "summary.json").unlink()
+    (run / "round_01" / "sample" / "manifest.json").unlink()
+    (run / "round_01" / "eval" / "manifest.json").unlink()
+    (run / "round_01" / "train" / "manifest.json").write_text(json.dumps({"stage": "train"}))
+    _write(run / "round_02" / "eval" / "eval.json", {"round": 2, "accuracy": 0.3})
+    report = json.loads((compare([run], tmp_path / "out") / "report.json").read_text())
+    arm = report["arms"]["plain"]  # no run.json: named for its directory
+    assert arm["accuracy"] == [0.1, 0.2, 0.3]
+    assert arm["pass@k"] == [None, None, None] and arm["maj@k"] == [None, None, None]
+    assert arm["k"] == [None, None, None]
+    assert arm["mean_response_tokens"] == [300.0, 280.0, None]
+    assert arm["format_error_rate"][2] is None
+    assert arm["yield"] == [None, 250 / 800, None]
+    assert arm["tokens_generated"] == [100_000, None, None]
+    assert arm["training_tokens"] == [50_000, None, None]
+    assert arm["wall_time_s"]["sample"] == [40.0, None, None]
+    assert arm["wall_time_s"]["train"] == [50.0, None, None]
+    assert arm["wall_time_s"]["eval"] == [10.0, None, 10.0]
+    assert arm["timings"] is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "pass@k %" in md and "loop overhead" not in md
+    assert len(table_rows(md)) == 3
+    decode_png(tmp_path / "out" / "response_length.png")
+
+
+def test_unfinished_run_shows_nulls_for_rounds_not_reached(tmp_path):
+    run = make_run(tmp_path / "r", "r", "r", [0.1, 0.2, 0.3])
+    import shutil
+
+    shutil.rmtree(run / "round_02")
+    report = json.loads((compare([run], tmp_path / "out") / "report.json").read_text())
+    assert report["arms"]["r"]["accuracy"] == [0.1, 0.2, None]  # run.json says 2 rounds
+    assert report["arms"]["r"]["rounds"] == [0, 1, 2]
+
+
+def test_command(two_runs, tmp_path, capsys):
+    assert command([str(two_runs[0]), str(two_runs[1]), "--output_dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "filtered: accuracy 10.0% (round 0) → 40.0% (round 2), +30.0 points" in printed
+    assert str(tmp_path / "cmp") in printed
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == REPORT_FILES
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert report["arms"]["unfiltered"]["accuracy"] == ACC_U
+    with pytest.raises(SystemExit):
+        command([])
+
+
+def test_missing_or_empty_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"nope: no such directory; expected a run directory"):
+        compare([tmp_path / "nope"])
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty: holds no round_\* directories and no arm directories"):
+        compare([tmp_path / "empty"])
+    with pytest.raises(DataError, match="no such directory"):
+        command([str(tmp_path / "nope")])
+    assert not (tmp_path / "empty" / "report.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"not valid JSON"),
+    ("[0.3]", r"expected a JSON object, got list"),
+    (json.dumps({"round": 1, "n": 200}), r"missing key 'accuracy'"),
+    (json.dumps({"round": 1, "accuracy": "31%"}), r"key 'accuracy' is '31%'; expected a fraction in \[0, 1\]"),
+    (json.dumps({"round": 1, "accuracy": 31.0}), r"key 'accuracy' is 31.0; expected a fraction"),
+    (json.dumps({"round": 2, "accuracy": 0.3}), r"key 'round' is 2; expected 1"),
+])
+def test_malformed_eval_json_names_the_file(tmp_path, content, message):
+    run = make_run(tmp_path / "r", "r", "r", [0.1, 0.2, 0.3])
+    bad = run / "round_01" / "eval" / "eval.json"
+    bad.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        compare([run], tmp_path / "out")
+    assert str(bad) in str(e.value)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_malformed_manifest_names_the_file(tmp_path):
+    run = make_run(tmp_path / "r", "r", "r", [0.1, 0.2])
+    bad = run / "round_00" / "train" / "manifest.json"
+    bad.write_text(json.dumps({"stage": "train", "tokens": "many"}))
+    with pytest.raises(DataError, match=r"key 'tokens' is 'many'; expected an integer") as e:
+        compare([run], tmp_path / "out")
+    assert str(bad) in str(e.value)
