@@ -62,8 +62,8 @@ def baseline_data(cfg: BaselineConfig) -> Path:
 def command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="exit-loop baseline-data",
-        description="Turn GSM8K's own solutions into prompt/response SFT rows (the 'Original' baseline): "
-                    "calculator annotations <<...>> removed, the '#### N' line becoming "
+        description="Turn GSM8K's own solutions into prompt/response SFT rows (the 'Original' baseline):\n"
+                    "calculator annotations <<...>> removed, the '#### N' line becoming\n"
                     "'</think> <answer>N</answer>'.",
         epilog="overrides (key=value): data.num_examples=100 data.shuffle=true data.seed=0 data.subset=main\n\n"
                "example:\n  exit-loop baseline-data --dataset ../shared/data/gsm8k/train.jsonl",

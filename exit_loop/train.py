@@ -13,7 +13,8 @@ What it does:
 
 - Data: every row of every `--data` file needs `prompt` and `response` (the stored student
   prompt and the canonical response); the files are concatenated (accumulation across rounds),
-  then `num_examples` rows are drawn at random with `seed` (data-size sweeps). Rows become TRL
+  then `num_examples` rows are drawn at random with `seed` (data-size sweeps; all rows, with a
+  warning, when there are fewer). Rows become TRL
   prompt-completion rows, `{"prompt": ..., "completion": ...}`, so TRL computes the loss on the
   completion only. TRL appends the tokenizer's EOS token to each completion and keeps it in the
   labels; padding is added by the collator with label -100 *after* the labels are built, so a
@@ -245,11 +246,14 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
 
 
 def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict[str, str]]:
-    """A seeded random `n` of `rows`, kept in their original order (all of them when n is None)."""
+    """A seeded random `n` of `rows`, kept in their original order: all of them when n is None,
+    or when the splits hold fewer than n (a warning says so; the manifest counts what was used)."""
     if n is None:
         return rows
     if n > len(rows):
-        raise DataError(f"num_examples={n} but the splits hold only {len(rows)} rows")
+        print(f"train: num_examples={n} but the splits hold only {len(rows)} rows; using all of them",
+              file=sys.stderr)
+        return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
 
@@ -526,9 +530,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="exit-loop train",
-        description="SFT a student on one or more prompt/response splits with TRL's SFTTrainer; "
-                    "write OUTPUT_DIR/ckpt (a full safetensors checkpoint vLLM loads), "
-                    "OUTPUT_DIR/config.yaml and OUTPUT_DIR/manifest.json.",
+        description="SFT a student on one or more prompt/response splits with TRL's SFTTrainer.\n"
+                    "Writes OUTPUT_DIR/ckpt (a full safetensors checkpoint that vLLM loads; LoRA is\n"
+                    "merged into it), OUTPUT_DIR/config.yaml and, last, OUTPUT_DIR/manifest.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""overrides (key=value, dotted, after the flags or anywhere):
   num_examples=1000            a seeded random subset (data-size sweeps)
