@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -446,13 +447,18 @@ def _slurm_up() -> bool:
 def test_sbatch_train_sft_runs_one_process_per_gpu(tmp_path, tiny_model_dir, gsm8k_split):
     out = tmp_path / "run"
     log = tmp_path / "job.out"
-    cmd = ["sbatch", "--wait", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
            f"--chdir={ROOT}", str(ROOT / "slurm" / "train_sft.sh"), "--data", str(gsm8k_split),
            "--model", str(tiny_model_dir), "--output_dir", str(out), *TRAIN_ARGS]
     env = {**_launch_env(), "ACCEL": "configs/accelerate/ddp.yaml"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    job = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 300  # poll (sbatch --wait sleeps up to 32 s between looks)
+    while subprocess.run(["squeue", "-h", "-j", job, "-t", "PD,R,CG"], capture_output=True,
+                         text=True).stdout.strip() and time.time() < deadline:
+        time.sleep(1)
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     text = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, (proc.stderr + text)[-3000:]
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, (state + text)[-3000:]
     assert "2 process(es), configs/accelerate/ddp.yaml" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_processes"] == 2 and m["steps"] == 2
