@@ -48,7 +48,6 @@ import argparse
 import dataclasses
 import difflib
 import hashlib
-import json
 import os
 import random
 import re
