@@ -17,20 +17,24 @@ import sys
 from exit_loop.config import ConfigError
 from exit_loop.jsonl import DataError
 
-COMMANDS = {
-    "generate": ("exit_loop.generate", "sample with a teacher, verify, and write the two splits"),
-    "merge": ("exit_loop.generate", "merge sharded samples, then verify and filter"),
-    "verify": ("exit_loop.verify", "label each row of a JSONL file against its ground truth"),
-    "filter": ("exit_loop.filter", "write the all and correct splits from verified rows"),
-    "train": ("exit_loop.train", "SFT a student on one or more splits (TRL SFTTrainer)"),
-    "baseline-data": ("exit_loop.baseline", "turn GSM8K's own solutions into prompt/response rows"),
-    "slurm": ("exit_loop.slurm", "helpers for the sbatch scripts (GPU count for a model)"),
+COMMANDS = {  # name: (module, function, help)
+    "generate": ("exit_loop.generate", "command", "sample with a teacher, verify, and write the two splits"),
+    "merge": ("exit_loop.generate", "merge_command", "merge sharded samples, then verify and filter"),
+    "verify": ("exit_loop.verify", "command", "label each row of a JSONL file against its ground truth"),
+    "filter": ("exit_loop.filter", "command", "write the all and correct splits from verified rows"),
+    "train": ("exit_loop.train", "command", "SFT a student on one or more splits (TRL SFTTrainer)"),
+    "eval": ("exit_loop.evaluate", "command", "held-out accuracy: greedy pass@1, pass@k, maj@k"),
+    "run": ("exit_loop.loop", "command", "multi-round expert iteration, with arms, resumable"),
+    "compare": ("exit_loop.compare", "command", "report.md/json and plots across arms and runs"),
+    "stage": ("exit_loop.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
+    "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),
+    "slurm": ("exit_loop.slurm", "command", "helpers for the sbatch scripts (GPU count for a model)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: exit-loop COMMAND [options]  (exit-loop COMMAND --help for each)", "", "commands:"]
-    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -43,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"exit-loop: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    func = getattr(module, "merge_command" if name == "merge" else "command")
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
     try:
         return int(func(rest) or 0)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"exit-loop {name}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "StageFailed":
+            raise
+        print(f"exit-loop {name}: error: {e}; fix the cause and run the same command again to "
+              "continue from this stage", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

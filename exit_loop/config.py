@@ -127,6 +127,9 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a mapping, got {value!r}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # named sections, e.g. arms
+            return {str(k): _convert(v if v is not None else {}, args[1], f"{key}.{k}", lines)
+                    for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):

@@ -47,7 +47,7 @@ class SampleConfig:
     seed: int = 0
     dtype: str = "auto"
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # vLLM's share of GPU memory; unset: 0.9 (CPU: 0.4)
     max_model_len: int | None = None
     gpu_device: str | None = None          # e.g. cuda:0; pins the engine to that GPU
     trust_remote_code: bool = False
@@ -159,10 +159,15 @@ class VLLMBackend:
 
         if cfg.gpu_device and cfg.gpu_device.startswith("cuda:"):
             os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device.split(":", 1)[1]
+        util = cfg.gpu_memory_utilization
+        if util is None:  # on the CPU build it is the share of RAM vLLM insists is free at start
+            import torch
+
+            util = 0.9 if torch.cuda.is_available() else 0.4
         kwargs: dict[str, Any] = dict(
             model=cfg.model_name,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            gpu_memory_utilization=util,
             dtype=cfg.dtype,
             seed=cfg.seed,
             trust_remote_code=cfg.trust_remote_code,
@@ -178,10 +183,16 @@ class VLLMBackend:
     def tokenizer(self):
         return self.llm.get_tokenizer()
 
-    def sampling_params(self, n: int):
+    def close(self) -> None:
+        """Stop the engine's processes now (rather than at interpreter exit)."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def sampling_params(self, n: int, cfg: SampleConfig | None = None):
         from vllm import SamplingParams
 
-        cfg = self.cfg
+        cfg = cfg or self.cfg
         params: dict[str, Any] = dict(
             n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
             stop=cfg.stop_strings or None, include_stop_str_in_output=True,
@@ -189,15 +200,18 @@ class VLLMBackend:
         params.update(cfg.sampling)
         return SamplingParams(**params)
 
-    def generate(self, requests: list[Request], on_done: OnDone, progress: Any = None) -> None:
+    def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
+        """Generate every request; `cfg` may change sampling settings (not engine settings)."""
         if not requests:
             return
-        params = [self.sampling_params(len(r.sample_indices)) for r in requests]
+        # greedy decoding gives every sample the same text: vLLM wants n=1 there, so draw once
+        greedy = (cfg or self.cfg).temperature == 0
+        params = [self.sampling_params(1 if greedy else len(r.sample_indices), cfg) for r in requests]
         prompts = [r.prompt for r in requests]
         if not hasattr(self.llm, "enqueue"):  # older vLLM: one call, results at the end
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             for req, out in zip(requests, outputs):
-                on_done(req, _completions(out))
+                on_done(req, _completions(out, len(req.sample_indices)))
             return
         # The same work as LLM.generate (enqueue everything, step the engine), but each request
         # is handed over the moment it finishes, so a crash loses only unfinished requests.
@@ -208,12 +222,14 @@ class VLLMBackend:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    on_done(by_id.pop(out.request_id.split("-", 1)[0]), _completions(out))
+                    req = by_id.pop(out.request_id.split("-", 1)[0])
+                    on_done(req, _completions(out, len(req.sample_indices)))
 
 
-def _completions(out: Any) -> list[Completion]:
+def _completions(out: Any, n: int) -> list[Completion]:
     outs = sorted(out.outputs, key=lambda o: o.index)
-    return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in outs]
+    comps = [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in outs]
+    return comps * n if len(comps) == 1 else comps  # one greedy draw stands for all n
 
 
 class HFBackend:
@@ -246,10 +262,17 @@ class HFBackend:
     def tokenizer(self):
         return self.tok
 
-    def generate(self, requests: list[Request], on_done: OnDone, progress: Any = None) -> None:
+    def close(self) -> None:
         import torch
 
-        cfg = self.cfg
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
+        import torch
+
+        cfg = cfg or self.cfg
         # one row per (request, sample); longest prompts first so each batch pads little
         lengths = {id(r): len(self.tok(r.prompt, add_special_tokens=False).input_ids) for r in requests}
         rows = [(r, k) for r in sorted(requests, key=lambda r: -lengths[id(r)]) for k in r.sample_indices]
@@ -360,6 +383,7 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         if not todo_problems:
             print(f"sample: {out_path} already complete ({len(done)} samples)", flush=True)
             return out_path
+        owned = backend is None
         backend = backend or start_backend(cfg)
         style, system = cfg.prompt_style, cfg.system_prompt
         tok = backend.tokenizer() if style != "r1_zero" else None
@@ -378,7 +402,11 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
                 last_sync = time.monotonic()
 
         t0 = time.monotonic()
-        backend.generate(requests, on_done)
+        try:
+            backend.generate(requests, on_done, cfg)
+        finally:
+            if owned:
+                backend.close()
         bar.close()
         n_new = sum(len(r.sample_indices) for r in requests)
         dt = time.monotonic() - t0
