@@ -1,6 +1,7 @@
 """The verifier stage: label each sampled trace against its ground truth.
 
     exit-loop verify --input data/gsm8k/samples.jsonl --output data/gsm8k/verified.jsonl
+    exit-loop verify --task math --input data/math/samples.jsonl --output data/math/verified.jsonl math_workers=2
 
 Every input row needs `response` (the canonical response, `{reasoning} </think>
 <answer>{answer}</answer>`) and `ground_truth`; `finish_reason` is read when present. Each output
@@ -8,13 +9,23 @@ row is the input row plus four keys:
 
 - `predicted`: the text of the last complete `<answer>...</answer>` (stripped), or None;
 - `format_ok`: whether the response has the canonical form (see `format_ok`);
-- `is_correct`: canonical form *and* the predicted number equals the ground-truth number;
+- `is_correct`: canonical form *and* the predicted answer equals the ground truth;
 - `failure`: one of FAILURES, chosen in this order: `truncated` (finish_reason "length" and not
-  correct), `no_answer` (no complete, non-empty answer tag), `format`, `wrong`, else `none`.
+  correct), `no_answer` (no complete, non-empty answer tag), `format`, `timeout` (math only),
+  `wrong`, else `none`.
 
-GSM8K answers are compared as exact rationals (`fractions.Fraction`) after a light, fast
-normalisation (`parse_number`); no `eval`, no sympy. The verifier never raises on a string: any
-input, however long or odd, gets a verdict. (`timeout` is reserved for the math-verify path.)
+`task` picks how answers are compared:
+
+- `gsm8k`: as exact rationals (`fractions.Fraction`) after a light, fast normalisation
+  (`parse_number`); no `eval`, no sympy.
+- `math`: MATH-style answers (LaTeX, `\\boxed{}`, fractions, intervals, sets, expressions) through
+  math-verify, in worker processes (`exit_loop.math_pool`), each check under a hard time limit
+  (`math_timeout_s`); a check that runs over it is killed and the row's failure is `timeout`. The
+  ground truth is the reference answer's LaTeX (for MATH, the last `\\boxed{}` of the solution).
+  Two shortcuts skip the workers, both agreeing with math-verify: answer text identical to the
+  ground truth is correct, and two integers of at most 15 digits are compared as integers.
+
+The verifier never raises on a string: any input, however long or odd, gets a verdict.
 """
 
 from __future__ import annotations
@@ -29,9 +40,11 @@ from typing import Any, Literal
 
 from exit_loop.config import load_config
 from exit_loop.jsonl import iter_jsonl, write_jsonl
+from exit_loop.math_pool import DEFAULT_TIMEOUT_S, TIMEOUT, MathPool, shared_pool
 from exit_loop.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
 
 FAILURES = ("none", "no_answer", "format", "truncated", "wrong", "timeout")
+TASKS = ("gsm8k", "math")
 
 THINK_OPEN = "<think>"
 MAX_NUMBER_TEXT = 1000  # parse_number looks at the last this-many characters only
@@ -42,7 +55,15 @@ _NUMBER_CHARS = "0123456789.,"
 class VerifyConfig:
     input: str | None = None     # JSONL in: rows with `response` and `ground_truth`
     output: str | None = None    # JSONL out: the same rows with predicted/is_correct/format_ok/failure added
-    task: Literal["gsm8k"] = "gsm8k"   # (math comes later via math-verify)
+    task: Literal["gsm8k", "math"] = "gsm8k"  # answer checker: GSM8K numbers, or math-verify
+    math_workers: int | None = None  # math: worker processes (default: this process's CPUs, at most 8)
+    math_timeout_s: float = DEFAULT_TIMEOUT_S  # math: hard limit per answer check, then `timeout`
+
+    def __post_init__(self) -> None:
+        if self.math_workers is not None and self.math_workers < 1:
+            raise ValueError(f"verify.math_workers: expected at least 1, got {self.math_workers}")
+        if not self.math_timeout_s > 0:
+            raise ValueError(f"verify.math_timeout_s: expected seconds > 0, got {self.math_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -223,32 +244,131 @@ def verify_gsm8k(response: str, ground_truth: str, finish_reason: str | None = N
     return Verdict(predicted=predicted, is_correct=correct, format_ok=ok, failure=failure)
 
 
-def verify_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: `row` plus `predicted`, `is_correct`, `format_ok` and `failure`."""
+def verify_row(row: dict[str, Any], task: str = "gsm8k") -> dict[str, Any]:
+    """A new dict: `row` plus `predicted`, `is_correct`, `format_ok` and `failure`.
+
+    With `task="math"` the check runs in the process-wide math pool (`shared_pool`); to verify
+    many rows use `verify_rows`, which batches them through a pool of its own."""
     response = row.get("response")
     truth = row.get("ground_truth")
-    v = verify_gsm8k("" if response is None else str(response),
-                     None if truth is None else str(truth),  # type: ignore[arg-type]
-                     row.get("finish_reason"))
+    response = "" if response is None else str(response)
+    truth = None if truth is None else str(truth)
+    if task == "gsm8k":
+        v = verify_gsm8k(response, truth, row.get("finish_reason"))  # type: ignore[arg-type]
+    elif task == "math":
+        v = verify_math(response, truth, row.get("finish_reason"))
+    else:
+        raise ValueError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
+    return _labelled(row, v)
+
+
+def _labelled(row: dict[str, Any], v: Verdict) -> dict[str, Any]:
     return {**row, "predicted": v.predicted, "is_correct": v.is_correct,
             "format_ok": v.format_ok, "failure": v.failure}
 
 
-def verify_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        yield verify_row(row)
+def verify_rows(rows: Iterable[dict[str, Any]], task: str = "gsm8k", *,
+                math_workers: int | None = None,
+                math_timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """Label rows lazily, in order. `task="math"` runs a pool of `math_workers` processes for
+    as long as the iteration lasts (it stops when the rows run out or the iterator is closed)."""
+    if task == "gsm8k":
+        for row in rows:
+            yield verify_row(row)
+    elif task == "math":
+        with MathPool(math_workers, math_timeout_s) as pool:
+            yield from _verify_rows_math(rows, pool)
+    else:
+        raise ValueError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
 
+
+# --------------------------------------------------------------------------- MATH (math-verify)
+
+_INTEGER = re.compile(r"-?\d{1,15}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class _MathJob:
+    predicted: str
+    format_ok: bool
+    gold: str
+    finish_reason: str | None
+
+
+def _math_precheck(response: str, ground_truth: str | None,
+                   finish_reason: str | None) -> Verdict | _MathJob:
+    """A verdict that needs no math-verify, or the check that decides it."""
+    if not isinstance(response, str):
+        response = "" if response is None else str(response)
+    if ground_truth is not None and not isinstance(ground_truth, str):
+        ground_truth = str(ground_truth)
+    predicted = extract_answer(response)
+    ok = format_ok(response)
+    if not predicted:
+        failure = "no_answer"
+    elif not ok:
+        failure = "format"
+    else:
+        gold = ground_truth.strip() if ground_truth else ""
+        if not gold:
+            failure = "wrong"
+        elif predicted == gold:
+            failure = "none"
+        elif _INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(gold):
+            failure = "none" if int(predicted) == int(gold) else "wrong"
+        else:
+            return _MathJob(predicted, ok, gold, finish_reason)
+    return _math_verdict(predicted, ok, failure, finish_reason)
+
+
+def _math_verdict(predicted: str | None, ok: bool, failure: str, finish_reason: str | None) -> Verdict:
+    correct = failure == "none"
+    if not correct and finish_reason == "length":
+        failure = "truncated"
+    return Verdict(predicted=predicted, is_correct=correct, format_ok=ok, failure=failure)
+
+
+def _math_result(job: _MathJob, result: bool | str | None) -> Verdict:
+    failure = "timeout" if result == TIMEOUT else "none" if result is True else "wrong"
+    return _math_verdict(job.predicted, job.format_ok, failure, job.finish_reason)
+
+
+def verify_math(response: str, ground_truth: str | None, finish_reason: str | None = None, *,
+                pool: MathPool | None = None) -> Verdict:
+    """Label one MATH-style response (math-verify under `pool`'s time limit; by default the
+    process-wide `shared_pool()`). Works from any thread; never raises on a string."""
+    pre = _math_precheck(response, ground_truth, finish_reason)
+    if isinstance(pre, Verdict):
+        return pre
+    return _math_result(pre, (pool or shared_pool()).check(pre.gold, pre.predicted))
+
+
+def _verify_rows_math(rows: Iterable[dict[str, Any]], pool: MathPool) -> Iterator[dict[str, Any]]:
+    def jobs() -> Iterator[tuple[tuple[dict[str, Any], Verdict | _MathJob], tuple[str, str] | None]]:
+        for row in rows:
+            response, truth = row.get("response"), row.get("ground_truth")
+            pre = _math_precheck("" if response is None else str(response),
+                                 None if truth is None else str(truth), row.get("finish_reason"))
+            yield (row, pre), (None if isinstance(pre, Verdict) else (pre.gold, pre.predicted))
+
+    for (row, pre), result in pool.imap(jobs()):
+        yield _labelled(row, pre if isinstance(pre, Verdict) else _math_result(pre, result))
+
+
+# --------------------------------------------------------------------------- stage entry
 
 def run(cfg: VerifyConfig) -> Path:
-    """Stage entry: read `cfg.input`, write the labelled rows to `cfg.output` (atomically)."""
-    if cfg.task != "gsm8k":
-        raise ValueError(f"verify.task: expected 'gsm8k', got {cfg.task!r} (math comes later)")
+    """Stage entry: read `cfg.input`, write the labelled rows to `cfg.output` (atomically).
+    Rows stream through: memory stays bounded whatever the file's size."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"verify.task: expected one of {', '.join(map(repr, TASKS))}, got {cfg.task!r}")
     if not cfg.input:
         raise ValueError("verify.input: expected a path to a JSONL file of sampled rows")
     if not cfg.output:
         raise ValueError("verify.output: expected a path for the verified JSONL file")
     rows = iter_jsonl(cfg.input, required=("response", "ground_truth"))
-    return write_jsonl(cfg.output, verify_rows(rows))
+    return write_jsonl(cfg.output, verify_rows(rows, cfg.task, math_workers=cfg.math_workers,
+                                               math_timeout_s=cfg.math_timeout_s))
 
 
 def command(argv: list[str]) -> int:
@@ -258,9 +378,11 @@ def command(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="JSONL rows with `response` and `ground_truth`")
     p.add_argument("--output", help="where the labelled rows go")
-    p.add_argument("--task", choices=["gsm8k"], help="answer checker (default gsm8k)")
+    p.add_argument("--task", choices=list(TASKS),
+                   help="answer checker: gsm8k (numbers, default) or math (math-verify)")
     p.add_argument("--config", help="YAML file with VerifyConfig keys")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any VerifyConfig key, e.g. math_workers=4 math_timeout_s=3")
     a = p.parse_args(argv)
     values = {k: v for k, v in {"input": a.input, "output": a.output, "task": a.task}.items() if v is not None}
     cfg = load_config(VerifyConfig, a.config, a.overrides, values)

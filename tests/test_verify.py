@@ -338,7 +338,7 @@ def test_run_missing_key_names_it(tmp_path):
 @pytest.mark.parametrize("cfg,word", [
     (VerifyConfig(input=None, output="o.jsonl"), "input"),
     (VerifyConfig(input="i.jsonl", output=None), "output"),
-    (VerifyConfig(input="i.jsonl", output="o.jsonl", task="math"), "task"),  # type: ignore[arg-type]
+    (VerifyConfig(input="i.jsonl", output="o.jsonl", task="algebra"), "task"),  # type: ignore[arg-type]
 ])
 def test_run_config_errors(cfg, word):
     with pytest.raises(ValueError, match=word):

@@ -1,0 +1,379 @@
+"""Worker processes that check MATH-style answers with math-verify, each check under a hard
+time limit that works from any thread.
+
+    with MathPool(workers=2, timeout_s=1.5) as pool:
+        pool.check(r"\\frac{1}{2}", "0.5")                    # True
+        for key, result in pool.imap(pairs):  # pairs: (key, (gold, predicted)) or (key, None)
+            ...                               # result: True, False, TIMEOUT, or None for None
+
+math-verify's own timeout is `signal.alarm`, which works only on a process's main thread and
+cannot stop a long C-level computation. Here every check runs in a worker process, forked from a
+forkserver that has math-verify imported and warmed up (`exit_loop.math_warmup`), so a new worker
+is ready in milliseconds. The parent only reads pipes: it waits for each answer at most
+`timeout_s` (the clock starts once a worker is ready, so start-up never counts), and kills
+(SIGKILL) and replaces a worker that overruns. That row's result is TIMEOUT; the rest of the
+worker's chunk is sent out again. A worker that dies on a row (e.g. out of memory) counts the same.
+As with vLLM, a script that starts a pool needs `if __name__ == "__main__":`.
+
+Work goes out in chunks of consecutive rows (samples of one problem sit together, so each worker's
+caches of parsed gold answers and of verdicts are hit), and results come back in input order
+with a bounded number of rows in flight, so a file of any size streams through in bounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+from typing import Any, TypeVar
+
+K = TypeVar("K")
+
+TIMEOUT = "timeout"        # a result: the check did not finish within timeout_s (or its worker died)
+DEFAULT_TIMEOUT_S = 1.5    # real answers take milliseconds (intervals and tuples: ~50 ms cold)
+STARTUP_TIMEOUT_S = 120.0  # a new worker must be ready within this (imports, warm-up)
+MAX_DEFAULT_WORKERS = 8
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")  # `$` (not `\$`), \( \[ \boxed \fbox
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (SLURM's binding included), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_DEFAULT_WORKERS))
+
+
+# --------------------------------------------------------------------------- in the worker
+
+def _as_latex(answer: str) -> str:
+    """What math-verify parses: the answer as is if it carries LaTeX delimiters or a `\\boxed{}`,
+    else wrapped in `\\boxed{}` (math-verify needs an anchor to take bare LaTeX such as `\\frac12`)."""
+    return answer if _DELIMITED.search(answer) else "\\boxed{" + answer + "}"
+
+
+@lru_cache(maxsize=1 << 12)
+def _parse_gold(gold: str) -> list[Any]:
+    from math_verify import parse
+
+    return parse(_as_latex(gold), parsing_timeout=None)  # type: ignore[arg-type] - the pool times out
+
+
+@lru_cache(maxsize=1 << 14)
+def _parse_predicted(predicted: str) -> list[Any]:
+    from math_verify import parse
+
+    return parse(_as_latex(predicted), parsing_timeout=None)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1 << 16)
+def check_answer(gold: str, predicted: str) -> bool:
+    """math-verify's verdict on one answer, in this process and with no time limit (a worker
+    calls it; call it directly only on trusted input). Never raises."""
+    from math_verify import verify
+
+    try:
+        return bool(verify(_parse_gold(gold), _parse_predicted(predicted), timeout_seconds=None))
+    except Exception:  # math-verify catches its own errors; this is belt and braces
+        return False
+
+
+_WARM_UP = ((r"\frac{1}{2}", "0.5"), (r"(-\infty, 3]", r"[3, \infty)"), ("x^2+2x+1", "(x+1)^2"),
+            ("(1, 2)", r"\{1, 2\}"), (r"2\sqrt{5}", r"\text{(C)}"))
+
+
+def warm_up() -> None:
+    """Import math-verify and parse a few answers of common shapes: the parser's first input of
+    each shape is slow (~50 ms), so a worker does this before any clock runs."""
+    # math-verify warns (once) that its signal timeout is off: here that is the point
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    for gold, predicted in _WARM_UP:
+        check_answer(gold, predicted)
+
+
+def _worker_main(conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    warm_up()  # next to nothing if the forkserver did it (exit_loop.math_warmup)
+    try:
+        conn.send(None)  # ready
+    except (BrokenPipeError, OSError):
+        return
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        try:
+            for seq, gold, predicted in chunk:
+                conn.send((seq, check_answer(gold, predicted)))
+        except (BrokenPipeError, OSError):  # the parent has gone
+            return
+
+
+# --------------------------------------------------------------------------- in the parent
+
+class _Worker:
+    def __init__(self, ctx: Any):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
+                                name="exit-loop-math-verify")
+        self.proc.start()
+        child.close()
+        self.pending: deque[tuple[int, str, str]] = deque()  # sent, not yet answered, in order
+        self.ready = False  # the worker has started and warmed up; until then no clock runs
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.join(5)
+        except Exception:  # pragma: no cover - already gone
+            pass
+        self.conn.close()
+
+    def stop(self) -> None:
+        """Ask the worker to exit; kill it if it does not within a second."""
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.proc.join(1)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker | None]) -> None:
+    for i, w in enumerate(workers):
+        if w is not None:
+            w.stop()
+            workers[i] = None
+
+
+def _context() -> Any:
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:  # pragma: no cover - not POSIX
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # takes effect if the forkserver is not running yet; workers forked from it skip the
+    # ~0.5 s import of math-verify and sympy and the parser's warm-up. ("__main__" is
+    # multiprocessing's default; Python 3.11's forkserver ignores it, so each worker imports a
+    # script's main module itself, as spawned processes do.)
+    ctx.set_forkserver_preload(["__main__", "exit_loop.math_warmup"])
+    return ctx
+
+
+_PENDING = object()
+
+
+class MathPool:
+    """`workers` processes running math-verify; each answer gets at most `timeout_s` seconds.
+
+    Processes start on first use and stop on `close()` (or leaving a `with` block, or garbage
+    collection, or interpreter exit). One thread at a time uses a pool; others wait their turn.
+    """
+
+    def __init__(self, workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 chunk_size: int = 16):
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers: expected at least 1, got {workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected at least 1, got {chunk_size}")
+        self.workers = workers or default_workers()
+        self.timeout_s = float(timeout_s)
+        self.chunk_size = chunk_size
+        self.timeouts = 0    # rows reported as TIMEOUT so far
+        self.restarts = 0    # workers killed (timeout or death) and replaced so far
+        self._ctx: Any = None
+        self._slots: list[_Worker | None] = [None] * self.workers
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shutdown, self._slots)
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> MathPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _worker(self, i: int) -> _Worker:
+        w = self._slots[i]
+        if w is None:
+            if self._ctx is None:
+                self._ctx = _context()
+            w = self._slots[i] = _Worker(self._ctx)
+        return w
+
+    def _replace(self, i: int, timed_out: bool = True) -> None:
+        w = self._slots[i]
+        if w is not None:
+            w.kill()
+        self._slots[i] = None  # started again when next needed
+        self.restarts += timed_out
+
+    # -- work
+
+    def check(self, gold: str, predicted: str) -> bool | str:
+        """One answer: True, False or TIMEOUT."""
+        for _, result in self.imap([(None, (gold, predicted))]):
+            return result  # type: ignore[return-value]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def imap(self, items: Iterable[tuple[K, tuple[str, str] | None]],
+             window: int | None = None) -> Iterator[tuple[K, bool | str | None]]:
+        """For each `(key, job)` in order, `(key, result)`: a job `(gold, predicted)` gets True,
+        False or TIMEOUT; a job of None gets None at once (rows that need no check keep their
+        place). At most `window` rows (default 8 chunks a worker) are read ahead of the output."""
+        if self._closed:
+            raise RuntimeError("MathPool is closed")
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("MathPool.imap: this thread is already inside an imap of this pool")
+        with self._lock:
+            self._owner = me
+            try:
+                yield from self._imap(iter(items), window or 8 * self.chunk_size * self.workers)
+            finally:
+                # an abandoned (or failed) run may leave workers busy with rows nobody will read
+                for i, w in enumerate(self._slots):
+                    if w is not None and w.pending:
+                        self._replace(i, timed_out=False)
+                self._owner = None
+
+    def _imap(self, items: Iterator[tuple[K, tuple[str, str] | None]],
+              window: int) -> Iterator[tuple[K, bool | str | None]]:
+        out: deque[list[Any]] = deque()            # [key, result] in input order
+        waiting: dict[int, list[Any]] = {}         # seq -> its entry in `out`
+        queue: deque[tuple[int, str, str]] = deque()  # jobs not yet sent
+        seq = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(out) < window:
+                try:
+                    key, job = next(items)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if job is None:
+                    out.append([key, None])
+                else:
+                    entry = [key, _PENDING]
+                    out.append(entry)
+                    waiting[seq] = entry
+                    queue.append((seq, str(job[0]), str(job[1])))
+                    seq += 1
+            while out and out[0][1] is not _PENDING:
+                key, result = out.popleft()
+                yield key, result
+            if not out:
+                if exhausted:
+                    return
+                continue
+            self._dispatch(queue)
+            self._collect(waiting, queue)
+
+    def _dispatch(self, queue: deque[tuple[int, str, str]]) -> None:
+        for i in range(self.workers):
+            if not queue:
+                return
+            w = self._slots[i]
+            if w is not None and w.pending:
+                continue
+            w = self._worker(i)
+            # share out the tail evenly so no worker sits idle at the end
+            n = min(self.chunk_size, max(1, -(-len(queue) // self.workers)))
+            chunk = [queue.popleft() for _ in range(min(n, len(queue)))]
+            w.pending.extend(chunk)
+            w.deadline = time.monotonic() + (self.timeout_s if w.ready else STARTUP_TIMEOUT_S)
+            try:
+                w.conn.send(chunk)
+            except (OSError, ValueError):  # it died between chunks: start over with a new one
+                w.pending.clear()
+                queue.extendleft(reversed(chunk))
+                self._replace(i, timed_out=False)
+
+    def _collect(self, waiting: dict[int, list[Any]], queue: deque[tuple[int, str, str]]) -> None:
+        busy = [(i, w) for i, w in enumerate(self._slots) if w is not None and w.pending]
+        if not busy:
+            return
+        now = time.monotonic()
+        wait_s = max(0.0, min(w.deadline for _, w in busy) - now)
+        ready = wait([w.conn for _, w in busy], timeout=wait_s)
+        for i, w in busy:
+            if w.conn not in ready:
+                continue
+            try:
+                while w.pending and w.conn.poll():
+                    msg = w.conn.recv()
+                    if msg is None:  # started: the first row's clock starts now
+                        w.ready = True
+                    else:
+                        s, result = msg
+                        w.pending.popleft()
+                        waiting.pop(s)[1] = result
+                    w.deadline = time.monotonic() + self.timeout_s  # the next row starts now
+            except (EOFError, OSError):  # died on its current row
+                self._give_up(i, w, waiting, queue)
+        now = time.monotonic()
+        for i, w in busy:
+            if self._slots[i] is w and w.pending and now >= w.deadline and not w.conn.poll():
+                self._give_up(i, w, waiting, queue)
+
+    def _failed_start(self, w: _Worker) -> RuntimeError:
+        w.kill()
+        how = (f"exited with code {w.proc.exitcode} (its error is on stderr above)"
+               if w.proc.exitcode is not None else f"was not ready within {STARTUP_TIMEOUT_S:.0f} s")
+        return RuntimeError(f"a math-verify worker process {how}; is math-verify installed "
+                            f"(`python -c 'import math_verify'`)?")
+
+    def _give_up(self, i: int, w: _Worker, waiting: dict[int, list[Any]],
+                 queue: deque[tuple[int, str, str]]) -> None:
+        """The worker's current row is a TIMEOUT; kill it; send the rest of its chunk again."""
+        if not w.ready:  # never started: no row is to blame, and a new one would fail the same
+            raise self._failed_start(w)
+        s, _, _ = w.pending.popleft()
+        waiting.pop(s)[1] = TIMEOUT
+        self.timeouts += 1
+        queue.extendleft(reversed(w.pending))
+        w.pending.clear()
+        self._replace(i)
+        self._worker(i)  # start its successor now: it warms up while the others work
+
+
+# --------------------------------------------------------------------------- a shared pool
+
+_shared: MathPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool() -> MathPool:
+    """The process-wide pool for one-off checks (`verify_row(row, task="math")`): default
+    workers and timeout, started on first use, stopped at exit."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared._closed:
+            _shared = MathPool()
+        return _shared
