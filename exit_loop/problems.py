@@ -1,8 +1,12 @@
 """Problems: GSM8K from the hub (`openai/gsm8k`, config `main`) or from a local JSONL file in the
-same format (`{"question": ..., "answer": "... #### 42"}`).
+same format (`{"question": ..., "answer": "... #### 42"}`); with `task: math`, MATH-style rows
+(`{"problem": ..., "solution": "... \\boxed{\\frac{1}{2}}."}`, as in MATH, MATH-500 or
+MATH-lighteval) from the hub (give `subset`, e.g. `default` for `HuggingFaceH4/MATH-500`) or a
+local JSONL file.
 
 Each problem gets a stable id, `<split>-<index>` (index in the source file), and its ground
-truth: the text after `#### `, thousands separators removed.
+truth: for GSM8K the text after `#### `, thousands separators removed; for MATH the row's
+`answer` when it has one, else the content of the last `\\boxed{}` (or `\\fbox{}`) in the solution.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from exit_loop.jsonl import DataError, iter_jsonl_numbered
 
@@ -25,6 +29,7 @@ class DataConfig:
     num_examples: int | None = None  # first N (or a random N with `shuffle`)
     shuffle: bool = False            # take a seeded random subset instead of the first N
     seed: int = 0
+    task: Literal["gsm8k", "math"] = "gsm8k"  # row format and answer checker: GSM8K or MATH
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples < 1:
@@ -63,6 +68,8 @@ def _rows_from_hub(cfg: DataConfig) -> list[dict[str, Any]]:
 
 def load_problems(cfg: DataConfig) -> list[Problem]:
     """Load, give ids, take the requested subset. Raises DataError naming file and line."""
+    if cfg.task == "math":
+        return _subset(load_math_problems(cfg), cfg)
     if is_local(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
         numbered = list(iter_jsonl_numbered(path, required=("question", "answer")))
@@ -86,6 +93,10 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
         problems.append(Problem(f"{split}-{i}", str(row["question"]), gt, str(row["answer"])))
     if not problems:
         raise DataError(f"{cfg.dataset}: no problems found")
+    return _subset(problems, cfg)
+
+
+def _subset(problems: list[Problem], cfg: DataConfig) -> list[Problem]:
     if cfg.num_examples is not None:
         if cfg.shuffle:
             rng = random.Random(cfg.seed)
@@ -93,6 +104,78 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
                               key=lambda p: problem_index(p.id))
         else:
             problems = problems[: cfg.num_examples]
+    return problems
+
+
+# --------------------------------------------------------------------------- MATH
+
+def last_boxed_answer(solution: str) -> str | None:
+    """Content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces), stripped; for
+    `\\boxed 5` (no braces) the token after it. None if there is none."""
+    best: tuple[int, str] | None = None
+    for cmd in ("\\boxed", "\\fbox"):
+        i = solution.rfind(cmd)
+        while i >= 0:
+            content = _braced_after(solution, i + len(cmd))
+            if content is not None:
+                if best is None or i > best[0]:
+                    best = (i, content)
+                break
+            i = solution.rfind(cmd, 0, i)
+    return None if best is None or not best[1] else best[1]
+
+
+def _braced_after(text: str, i: int) -> str | None:
+    j = i
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "{":
+                depth += 1
+            elif text[k] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1:k].strip()
+        return None  # unbalanced
+    if j > i:  # `\\boxed 5`: the token up to a space, `$` or the end
+        end = j
+        while end < len(text) and text[end] not in " $\n":
+            end += 1
+        return text[j:end].strip() or None
+    return None
+
+
+def load_math_problems(cfg: DataConfig) -> list[Problem]:
+    """All MATH-style problems of `cfg.dataset` (no subset taken). Raises DataError naming the
+    file and line (or hub row) of a row without a problem or an answer."""
+    if is_local(cfg.dataset):
+        path = Path(cfg.dataset).expanduser()
+        numbered = list(iter_jsonl_numbered(path))
+        rows = [row for _, row in numbered]
+        where = lambda i: f"{path}:{numbered[i][0]}"  # noqa: E731 - blank lines are skipped
+        split = cfg.split if cfg.split else path.stem
+    else:
+        rows = _rows_from_hub(cfg)
+        where = lambda i: f"{cfg.dataset}[{cfg.split}][{i}]"  # noqa: E731
+        split = cfg.split
+    problems = []
+    for i, row in enumerate(rows):
+        if "problem" not in row or not ("solution" in row or "answer" in row):
+            hint = " (this looks like GSM8K: set data.task=gsm8k)" if "question" in row else ""
+            raise DataError(f"{where(i)}: a MATH row needs 'problem' and 'solution' (or 'answer'); "
+                            f"found keys {sorted(row)}{hint}")
+        solution = str(row.get("solution") or "")
+        answer = row.get("answer")
+        truth = str(answer).strip() if answer is not None and str(answer).strip() else None
+        if truth is None:
+            truth = last_boxed_answer(solution)
+        if not truth:
+            raise DataError(f"{where(i)}: key 'solution': no \\boxed{{...}} answer in it (and no 'answer' key)")
+        problems.append(Problem(f"{split}-{i}", str(row["problem"]), truth, solution))
+    if not problems:
+        raise DataError(f"{cfg.dataset}: no problems found")
     return problems
 
 
