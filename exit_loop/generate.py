@@ -71,7 +71,8 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
     out = Path(cfg.output_dir)
     t0 = time.monotonic()
     fcfg = FilterConfig(**{**to_dict(cfg.filter), "output_dir": str(out), "input": str(samples_file)})
-    rows = verify_rows(iter_jsonl(samples_file, required=("prompt", "response", "ground_truth")))
+    rows = verify_rows(iter_jsonl(samples_file, required=("prompt", "response", "ground_truth")),
+                       task=cfg.data.task)
     write_splits(rows, fcfg)
     timings["verify_filter_s"] = round(time.monotonic() - t0, 3)
     summary = json.loads((out / "summary.json").read_text())
