@@ -14,7 +14,6 @@ import argparse
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ class EvalConfig:
             raise ValueError(f"k must be 0 (greedy only) or at least 2, got {self.k}")
 
 
-def _labelled(path: Path) -> list[dict[str, Any]]:
-    return list(verify_rows(iter_jsonl(path, required=("problem_id", "response", "ground_truth"))))
+def _labelled(path: Path, task: str) -> list[dict[str, Any]]:
+    return list(verify_rows(iter_jsonl(path, required=("problem_id", "response", "ground_truth")), task=task))
 
 
 def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -73,18 +72,19 @@ def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int)
 
 
 def majority_correct(rows: list[dict[str, Any]]) -> bool:
-    """Majority vote over well-formed answers (by numeric value; ties: the earliest sample)."""
-    votes: Counter[Fraction] = Counter()
-    first: dict[Fraction, int] = {}
+    """Majority vote over well-formed answers, grouped by numeric value where the answer is a
+    number (else by its text); ties go to the earliest sample. Correct if the winner's first row
+    was verified correct."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: r.get("sample_index", 0)):
-        value = parse_number(r["predicted"]) if r.get("format_ok") and r.get("predicted") else None
-        if value is not None:
-            votes[value] += 1
-            first.setdefault(value, r.get("sample_index", 0))
-    if not votes:
+        if not (r.get("format_ok") and r.get("predicted")):
+            continue
+        key = parse_number(r["predicted"])
+        groups.setdefault(key if key is not None else r["predicted"].strip(), []).append(r)
+    if not groups:
         return False
-    winner = max(votes, key=lambda v: (votes[v], -first[v]))
-    return winner == parse_number(str(rows[0]["ground_truth"]))
+    winner = max(groups.values(), key=len)  # max keeps the first of equals: the earliest answer
+    return bool(winner[0]["is_correct"])
 
 
 def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
@@ -108,9 +108,9 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     finally:
         if owned:
             backend.close()
-    sampled = _labelled(out / "samples_k.jsonl") if cfg.k else []
+    sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.k else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
-              **metrics(_labelled(out / "greedy.jsonl"), sampled, cfg.k)}
+              **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k)}
     write_json(out / "eval.json", result)
     write_json(out / "manifest.json", {"stage": "eval", "config": to_dict(cfg),
                                        "timings": {"wall_s": round(time.monotonic() - t0, 3)}})

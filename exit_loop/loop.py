@@ -236,7 +236,8 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / "samples.jsonl"
-    rows = write_jsonl(d / "verified.jsonl", verify_rows(iter_jsonl(src, required=("response", "ground_truth"))))
+    rows = write_jsonl(d / "verified.jsonl", verify_rows(iter_jsonl(src, required=("response", "ground_truth")),
+                                                        task=run.cfg.data.task))
     _manifest(d, "verify", t0, input=str(src), output=str(rows))
 
 
