@@ -9,9 +9,11 @@ time limit that works from any thread.
 math-verify's own timeout is `signal.alarm`, which works only on a process's main thread and
 cannot stop a long C-level computation. Here every check runs in a worker process, forked from a
 forkserver that has math-verify imported and warmed up (`exit_loop.math_warmup`), so a new worker
-is ready in milliseconds. The parent only reads pipes: it waits for each answer at most
-`timeout_s` (the clock starts once a worker is ready, so start-up never counts), and kills
-(SIGKILL) and replaces a worker that overruns. That row's result is TIMEOUT; the rest of the
+is ready in milliseconds. The parent only reads pipes. Each answer may use `timeout_s` seconds
+of the worker's CPU time, and at most WALL_FACTOR times that in wall-clock time (so a crowded
+machine slows a check down without turning a right answer into a timeout, yet nothing waits for
+ever); the clocks start once a worker is ready, so start-up never counts. A worker over either
+limit is killed (SIGKILL) and replaced: that row's result is TIMEOUT, and the rest of the
 worker's chunk is sent out again. A worker that dies on a row (e.g. out of memory) counts the same.
 As with vLLM, a script that starts a pool needs `if __name__ == "__main__":`.
 
@@ -40,7 +42,12 @@ K = TypeVar("K")
 
 TIMEOUT = "timeout"        # a result: the check did not finish within timeout_s (or its worker died)
 DEFAULT_TIMEOUT_S = 1.5    # real answers take milliseconds (intervals and tuples: ~50 ms cold)
+WALL_FACTOR = 3.0          # a check stops at WALL_FACTOR * timeout_s wall-clock seconds, whatever its CPU
 STARTUP_TIMEOUT_S = 120.0  # a new worker must be ready within this (imports, warm-up)
+try:
+    _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+    _CLOCK_TICKS = 0
 MAX_DEFAULT_WORKERS = 8
 _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")  # `$` (not `\$`), \( \[ \boxed \fbox
 
@@ -62,30 +69,38 @@ def _as_latex(answer: str) -> str:
     return answer if _DELIMITED.search(answer) else "\\boxed{" + answer + "}"
 
 
-@lru_cache(maxsize=1 << 12)
-def _parse_gold(gold: str) -> list[Any]:
+def _parse(answer: str) -> list[Any]:
     from math_verify import parse
 
-    return parse(_as_latex(gold), parsing_timeout=None)  # type: ignore[arg-type] - the pool times out
+    return parse(_as_latex(answer), parsing_timeout=None)  # type: ignore[arg-type] - the pool times out
 
 
-@lru_cache(maxsize=1 << 14)
-def _parse_predicted(predicted: str) -> list[Any]:
-    from math_verify import parse
-
-    return parse(_as_latex(predicted), parsing_timeout=None)  # type: ignore[arg-type]
-
-
-@lru_cache(maxsize=1 << 16)
-def check_answer(gold: str, predicted: str) -> bool:
-    """math-verify's verdict on one answer, in this process and with no time limit (a worker
-    calls it; call it directly only on trusted input). Never raises."""
+def _check(gold: str, predicted: str, parse: Any) -> bool:
     from math_verify import verify
 
     try:
-        return bool(verify(_parse_gold(gold), _parse_predicted(predicted), timeout_seconds=None))
+        return bool(verify(parse(gold), parse(predicted), timeout_seconds=None))
     except Exception:  # math-verify catches its own errors; this is belt and braces
         return False
+
+
+# Samples of one problem repeat its gold answer and, often, each other's answers: cache parses
+# and verdicts, of short texts only (a cache of megabyte answers would be a leak).
+_CACHE_CHARS = 512
+_parse_cached = lru_cache(maxsize=1 << 14)(_parse)
+
+
+@lru_cache(maxsize=1 << 16)
+def _check_cached(gold: str, predicted: str) -> bool:
+    return _check(gold, predicted, _parse_cached)
+
+
+def check_answer(gold: str, predicted: str) -> bool:
+    """math-verify's verdict on one answer, in this process and with no time limit (a worker
+    calls it; call it directly only on trusted input). Never raises."""
+    if len(gold) <= _CACHE_CHARS and len(predicted) <= _CACHE_CHARS:
+        return _check_cached(gold, predicted)
+    return _check(gold, predicted, lambda a: _parse_cached(a) if len(a) <= _CACHE_CHARS else _parse(a))
 
 
 _WARM_UP = ((r"\frac{1}{2}", "0.5"), (r"(-\infty, 3]", r"[3, \infty)"), ("x^2+2x+1", "(x+1)^2"),
@@ -105,7 +120,7 @@ def _worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     warm_up()  # next to nothing if the forkserver did it (exit_loop.math_warmup)
     try:
-        conn.send(None)  # ready
+        conn.send((None, time.process_time()))  # ready
     except (BrokenPipeError, OSError):
         return
     while True:
@@ -117,7 +132,9 @@ def _worker_main(conn: Connection) -> None:
             return
         try:
             for seq, gold, predicted in chunk:
-                conn.send((seq, check_answer(gold, predicted)))
+                result = check_answer(gold, predicted)
+                # with the CPU time used so far, which is where the next row's budget starts
+                conn.send((seq, result, time.process_time()))
         except (BrokenPipeError, OSError):  # the parent has gone
             return
 
@@ -133,7 +150,27 @@ class _Worker:
         child.close()
         self.pending: deque[tuple[int, str, str]] = deque()  # sent, not yet answered, in order
         self.ready = False  # the worker has started and warmed up; until then no clock runs
-        self.deadline = 0.0
+        self.deadline = 0.0  # when to look at the current row next
+        self.row_t0 = 0.0    # when the current row started (wall clock)
+        self.row_cpu0 = 0.0  # the worker's CPU seconds when it started
+        self.cpu = 0.0       # the worker's CPU seconds at its last message
+
+    def start_row(self, timeout_s: float) -> None:
+        self.row_t0 = time.monotonic()
+        self.row_cpu0 = self.cpu
+        self.deadline = self.row_t0 + timeout_s
+
+    def cpu_now(self) -> float | None:
+        """The worker's CPU seconds (user + system) from /proc, or None where that is not there."""
+        if not _CLOCK_TICKS:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        except (OSError, ValueError, IndexError):
+            return None
 
     def kill(self) -> None:
         try:
@@ -307,7 +344,10 @@ class MathPool:
             n = min(self.chunk_size, max(1, -(-len(queue) // self.workers)))
             chunk = [queue.popleft() for _ in range(min(n, len(queue)))]
             w.pending.extend(chunk)
-            w.deadline = time.monotonic() + (self.timeout_s if w.ready else STARTUP_TIMEOUT_S)
+            if w.ready:
+                w.start_row(self.timeout_s)
+            else:
+                w.deadline = time.monotonic() + STARTUP_TIMEOUT_S
             try:
                 w.conn.send(chunk)
             except (OSError, ValueError):  # it died between chunks: start over with a new one
@@ -328,19 +368,29 @@ class MathPool:
             try:
                 while w.pending and w.conn.poll():
                     msg = w.conn.recv()
-                    if msg is None:  # started: the first row's clock starts now
+                    if msg[0] is None:  # started: the first row's clocks start now
                         w.ready = True
                     else:
-                        s, result = msg
+                        s, result, _ = msg
                         w.pending.popleft()
                         waiting.pop(s)[1] = result
-                    w.deadline = time.monotonic() + self.timeout_s  # the next row starts now
+                    w.cpu = msg[-1]
+                    w.start_row(self.timeout_s)  # the next row starts now
             except (EOFError, OSError):  # died on its current row
                 self._give_up(i, w, waiting, queue)
         now = time.monotonic()
         for i, w in busy:
             if self._slots[i] is w and w.pending and now >= w.deadline and not w.conn.poll():
-                self._give_up(i, w, waiting, queue)
+                if not w.ready:
+                    raise self._failed_start(w)
+                wall = now - w.row_t0
+                cpu_now = w.cpu_now()
+                cpu = wall if cpu_now is None else cpu_now - w.row_cpu0
+                wall_limit = WALL_FACTOR * self.timeout_s
+                if cpu >= self.timeout_s or wall >= wall_limit:
+                    self._give_up(i, w, waiting, queue)
+                else:  # it has had less CPU than its budget (a crowded machine): look again later
+                    w.deadline = min(now + max(self.timeout_s - cpu, 0.01), w.row_t0 + wall_limit)
 
     def _failed_start(self, w: _Worker) -> RuntimeError:
         w.kill()

@@ -19,11 +19,12 @@ row is the input row plus four keys:
 - `gsm8k`: as exact rationals (`fractions.Fraction`) after a light, fast normalisation
   (`parse_number`); no `eval`, no sympy.
 - `math`: MATH-style answers (LaTeX, `\\boxed{}`, fractions, intervals, sets, expressions) through
-  math-verify, in worker processes (`exit_loop.math_pool`), each check under a hard time limit
-  (`math_timeout_s`); a check that runs over it is killed and the row's failure is `timeout`. The
-  ground truth is the reference answer's LaTeX (for MATH, the last `\\boxed{}` of the solution).
-  Two shortcuts skip the workers, both agreeing with math-verify: answer text identical to the
-  ground truth is correct, and two integers of at most 15 digits are compared as integers.
+  math-verify, in worker processes (`exit_loop.math_pool`), each check under a hard limit:
+  `math_timeout_s` seconds of CPU time, and 3x that of wall-clock time; a check over either is
+  killed and the row's failure is `timeout`. The ground truth is the reference answer's LaTeX
+  (for MATH, the last `\\boxed{}` of the solution). Two shortcuts skip the workers: two integers
+  of at most 15 digits are compared as integers (as math-verify would), and answer text identical
+  to the ground truth is correct (math-verify agrees, unless it cannot parse the text at all).
 
 The verifier never raises on a string: any input, however long or odd, gets a verdict.
 """
@@ -57,7 +58,7 @@ class VerifyConfig:
     output: str | None = None    # JSONL out: the same rows with predicted/is_correct/format_ok/failure added
     task: Literal["gsm8k", "math"] = "gsm8k"  # answer checker: GSM8K numbers, or math-verify
     math_workers: int | None = None  # math: worker processes (default: this process's CPUs, at most 8)
-    math_timeout_s: float = DEFAULT_TIMEOUT_S  # math: hard limit per answer check, then `timeout`
+    math_timeout_s: float = DEFAULT_TIMEOUT_S  # math: CPU seconds per answer check (3x that of wall clock), then `timeout`
 
     def __post_init__(self) -> None:
         if self.math_workers is not None and self.math_workers < 1:

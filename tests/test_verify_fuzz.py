@@ -1,7 +1,8 @@
 """Property-based fuzz of the verifier (hypothesis) over pathological strings: every call returns
 a well-formed verdict within 2 s and no exception escapes. The GSM8K path gets a few hundred
-examples; the math path (real math-verify in the worker pool, default settings) a bounded few,
-each still under 2 s because the pool's hard limit (1.5 s) stops any one check."""
+examples; the math path (real math-verify in the worker pool) a bounded few, with a pool whose
+limits (0.5 s of CPU, 1.5 s of wall-clock time) stop any one check well inside 2 s, and the
+nastiest shapes once more through verify_row and the shared pool at default settings."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exit_loop.math_pool import shared_pool
-from exit_loop.verify import FAILURES, Verdict, extract_answer, format_ok, parse_number, verify_gsm8k, verify_row
+from exit_loop.math_pool import DEFAULT_TIMEOUT_S, WALL_FACTOR, MathPool, shared_pool
+from exit_loop.verify import (FAILURES, Verdict, extract_answer, format_ok, parse_number, verify_gsm8k,
+                              verify_math, verify_row)
 
 LIMIT_S = 2.0
 
@@ -88,11 +90,12 @@ def test_one_megabyte_responses():
 # --------------------------------------------------------------------------- math path
 
 @pytest.fixture(scope="module")
-def warm_shared_pool():
-    """Start the shared pool before the clock runs (start-up is not a verifier call)."""
-    pool = shared_pool()
-    pool.check("1", "1.0")
-    return pool
+def math_pool():
+    """A pool whose limits bound every call under LIMIT_S, however crowded the machine: 0.5 s of
+    CPU, at most WALL_FACTOR (3) x 0.5 s of wall-clock time. Started before any clock runs."""
+    with MathPool(workers=1, timeout_s=0.5) as pool:
+        pool.check("1", "1.0")
+        yield pool
 
 
 _answer = pathological.map(lambda s: s.replace("<answer>", "").replace("</answer>", "").replace("</think>", "")
@@ -103,9 +106,20 @@ _answer = pathological.map(lambda s: s.replace("<answer>", "").replace("</answer
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(answer=_answer, truth=st.one_of(_answer, json_values), finish=FINISH)
-def test_math_fuzz(warm_shared_pool, answer, truth, finish):
+def test_math_fuzz(math_pool, answer, truth, finish):
     # the answer sits in a canonical response, so it reaches math-verify rather than stopping at
     # the format check
-    row = {"response": f"reasoning </think> <answer>{answer}</answer>", "ground_truth": truth,
-           "finish_reason": finish}
-    _check_row(row, _timed(verify_row, row, task="math"))
+    response = f"reasoning </think> <answer>{answer}</answer>"
+    _check(_timed(verify_math, response, truth, finish, pool=math_pool))
+
+
+def test_math_row_fuzz_examples_through_the_shared_pool():
+    """verify_row(task="math") on the nastiest shapes above, default settings (1.5 s of CPU)."""
+    shared_pool().check("1", "1.0")  # start-up is not a verifier call
+    for answer in ("(" + "1," * 3000 + ")", "\\frac{" * 500, "2^{2^{2^{2^{9}}}}", "10**10**10", "\ud800",
+                   "9" * 100_000):
+        row = {"response": f"r </think> <answer>{answer}</answer>", "ground_truth": answer + "1"}
+        t0 = time.perf_counter()
+        out = verify_row(row, task="math")
+        assert time.perf_counter() - t0 < WALL_FACTOR * DEFAULT_TIMEOUT_S + 0.5
+        _check_row(row, out)

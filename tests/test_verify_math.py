@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import DataError, read_jsonl
-from exit_loop.math_pool import TIMEOUT, MathPool
+from exit_loop.math_pool import TIMEOUT, WALL_FACTOR, MathPool
 from exit_loop.problems import DataConfig, last_boxed_answer, load_problems
 from exit_loop.verify import VerifyConfig, run, verify_math, verify_row, verify_rows
 
@@ -163,6 +164,24 @@ def test_worker_killed_mid_check_counts_as_timeout():
         t0 = time.monotonic()
         assert p.check(SLOW, SLOW + "1") == TIMEOUT
         assert time.monotonic() - t0 < 10 and p.restarts == 1
+
+
+def test_the_budget_is_cpu_time_so_a_stalled_worker_is_not_a_timeout():
+    # a stopped (or starved) worker uses no CPU: past timeout_s of wall-clock time its row goes on,
+    # and only the wall-clock backstop, WALL_FACTOR * timeout_s, ends it
+    with MathPool(workers=1, timeout_s=0.5) as p:
+        p.check("1", "1.0")
+        proc = p._slots[0].proc  # type: ignore[union-attr]
+        os.kill(proc.pid, signal.SIGSTOP)
+        threading.Timer(1.0, os.kill, (proc.pid, signal.SIGCONT)).start()
+        t0 = time.monotonic()
+        assert p.check(r"\frac{1}{2}", "0.5") is True
+        assert 0.9 < time.monotonic() - t0 < WALL_FACTOR * 0.5 and p.timeouts == 0
+        proc = p._slots[0].proc  # type: ignore[union-attr]
+        os.kill(proc.pid, signal.SIGSTOP)  # and never resumed
+        t0 = time.monotonic()
+        assert p.check(r"\frac{1}{2}", "0.5") == TIMEOUT
+        assert WALL_FACTOR * 0.5 - 0.05 < time.monotonic() - t0 < WALL_FACTOR * 0.5 + 1.0
 
 
 def test_a_worker_that_cannot_start_is_an_error(tmp_path, monkeypatch):
