@@ -14,7 +14,6 @@ again generates only the (problem, sample) pairs that are missing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,9 +22,11 @@ from typing import Any
 
 from exit_loop.config import dump_yaml, load_config, to_dict
 from exit_loop.filter import FilterConfig, format_summary, write_splits
-from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, iter_jsonl_numbered, write_json, write_jsonl
+from exit_loop.jsonl import (DataError, atomic_write_text, iter_jsonl, iter_jsonl_numbered, sha256_file,
+                             write_json, write_jsonl)
 from exit_loop.problems import DataConfig, load_problems, problem_index
-from exit_loop.sample import SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style, sample
+from exit_loop.sample import (SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style,
+                              sample)
 from exit_loop.verify import verify_rows
 
 
@@ -43,14 +44,6 @@ def samples_path(cfg: GenerateConfig) -> Path:
     if s.num_shards == 1:
         return out / "samples.jsonl"
     return out / "samples" / f"shard-{s.shard_id:05d}-of-{s.num_shards:05d}.jsonl"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_existing_samples(path: Path, cfg: SampleConfig) -> None:

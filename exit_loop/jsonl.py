@@ -7,6 +7,7 @@ file is caught in one place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -159,3 +160,12 @@ class AppendLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (manifests record these)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -12,6 +12,7 @@ truth: for GSM8K the text after `#### `, thousands separators removed; for MATH 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,20 +67,23 @@ def _rows_from_hub(cfg: DataConfig) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
+def _source_rows(cfg: DataConfig, required: tuple[str, ...] = ()
+                 ) -> tuple[list[dict[str, Any]], Callable[[int], str], str]:
+    """The data set's rows, a function naming row i's place (file:line or hub row) for errors,
+    and the split name used in problem ids."""
+    if is_local(cfg.dataset):
+        path = Path(cfg.dataset).expanduser()
+        numbered = list(iter_jsonl_numbered(path, required=required))
+        return ([row for _, row in numbered], lambda i: f"{path}:{numbered[i][0]}",
+                cfg.split if cfg.split else path.stem)
+    return _rows_from_hub(cfg), lambda i: f"{cfg.dataset}[{cfg.split}][{i}]", cfg.split
+
+
 def load_problems(cfg: DataConfig) -> list[Problem]:
     """Load, give ids, take the requested subset. Raises DataError naming file and line."""
     if cfg.task == "math":
         return _subset(load_math_problems(cfg), cfg)
-    if is_local(cfg.dataset):
-        path = Path(cfg.dataset).expanduser()
-        numbered = list(iter_jsonl_numbered(path, required=("question", "answer")))
-        rows = [row for _, row in numbered]
-        where = lambda i: f"{path}:{numbered[i][0]}"  # noqa: E731 - blank lines are skipped
-        split = cfg.split if cfg.split else path.stem
-    else:
-        rows = _rows_from_hub(cfg)
-        where = lambda i: f"{cfg.dataset}[{cfg.split}][{i}]"  # noqa: E731
-        split = cfg.split
+    rows, where, split = _source_rows(cfg, required=("question", "answer"))
     problems = []
     for i, row in enumerate(rows):
         missing = [k for k in ("question", "answer") if k not in row]
@@ -150,16 +154,7 @@ def _braced_after(text: str, i: int) -> str | None:
 def load_math_problems(cfg: DataConfig) -> list[Problem]:
     """All MATH-style problems of `cfg.dataset` (no subset taken). Raises DataError naming the
     file and line (or hub row) of a row without a problem or an answer."""
-    if is_local(cfg.dataset):
-        path = Path(cfg.dataset).expanduser()
-        numbered = list(iter_jsonl_numbered(path))
-        rows = [row for _, row in numbered]
-        where = lambda i: f"{path}:{numbered[i][0]}"  # noqa: E731 - blank lines are skipped
-        split = cfg.split if cfg.split else path.stem
-    else:
-        rows = _rows_from_hub(cfg)
-        where = lambda i: f"{cfg.dataset}[{cfg.split}][{i}]"  # noqa: E731
-        split = cfg.split
+    rows, where, split = _source_rows(cfg)
     problems = []
     for i, row in enumerate(rows):
         if "problem" not in row or not ("solution" in row or "answer" in row):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import os
 import random
 import re
@@ -61,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
-from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json
+from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
 from exit_loop.prompts import CHAT_SYSTEM_PROMPT, R1_ZERO_PROMPT
 
 REQUIRED_KEYS = ("prompt", "response")
@@ -88,6 +87,35 @@ SFT_DEFAULTS: dict[str, Any] = {
 }
 # SFTConfig fields that TrainConfig sets from its own top-level keys.
 _OWN_KEYS = ("output_dir", "seed", "trust_remote_code")
+
+
+def gpu_sft_defaults() -> dict[str, Any]:
+    """Throughput defaults where a CUDA GPU trains, under whatever `sft` sets (bench/sft_throughput.py
+    measures them against plain TRL; bench/RESULTS.md has the figures). Sequences are packed
+    best-fit-decreasing into rows of up to `max_length` tokens (one too long is cut there, as
+    without packing) and trained without padding, so a micro-batch is
+    `per_device_train_batch_size` packed rows, 4 x 4096 = 16k tokens, and each sequence attends
+    only to itself through the varlen FlashAttention kernel in PyTorch (exit_loop.attention).
+    Liger's fused RMSNorm/SwiGLU/RoPE kernels are used where `liger-kernel` is installed. No
+    gradient checkpointing: a 1.5B model's activations fit; set `sft.gradient_checkpointing=true`
+    for bigger ones."""
+    import importlib.util
+
+    from exit_loop.attention import NAME, varlen_available
+
+    out: dict[str, Any] = {
+        "packing": True,
+        "packing_strategy": "bfd",
+        "padding_free": True,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": False,
+    }
+    if varlen_available():
+        out["model_init_kwargs"] = {"attn_implementation": NAME}
+    if importlib.util.find_spec("liger_kernel") is not None:
+        out["use_liger_kernel"] = True
+    return out
 
 
 @dataclass
@@ -142,13 +170,29 @@ def _bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _is_true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
 def sft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The keyword arguments of the run's `trl.SFTConfig`: defaults, then `cfg.sft` on top."""
+    import torch
+
     kwargs = dict(SFT_DEFAULTS)
     kwargs["bf16"] = _bf16_available()
+    if torch.cuda.is_available() and not _is_true(cfg.sft.get("use_cpu", False)):
+        gpu = gpu_sft_defaults()
+        if not _is_true(cfg.sft.get("packing", True)):  # unpacked: the plain batch sizes, padding
+            for key in ("packing", "packing_strategy", "padding_free", "per_device_train_batch_size",
+                        "gradient_accumulation_steps"):
+                gpu.pop(key)
+        kwargs.update(gpu)
     if cfg.peft.enabled:
         kwargs["learning_rate"] = LORA_LEARNING_RATE
+    init_defaults = kwargs.get("model_init_kwargs")
     kwargs.update(cfg.sft)
+    if isinstance(init_defaults, dict) and isinstance(cfg.sft.get("model_init_kwargs"), dict):
+        kwargs["model_init_kwargs"] = {**init_defaults, **cfg.sft["model_init_kwargs"]}
     kwargs["output_dir"] = str(Path(cfg.output_dir) / "trainer")
     kwargs["seed"] = cfg.seed
     kwargs["trust_remote_code"] = cfg.trust_remote_code
@@ -210,14 +254,6 @@ def sft_config(cfg: TrainConfig):
 
 
 # --------------------------------------------------------------------------- data
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
@@ -318,31 +354,42 @@ def lora_config(settings: LoraSettings):
                       target_modules=settings.target_modules, task_type="CAUSAL_LM")
 
 
+def _segments(ex: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) of each example in a prepared row: a packed row (`seq_lengths`)
+    holds several, one after the other; an unpacked row is one."""
+    ids, labels = ex["input_ids"], ex["labels"]
+    out, start = [], 0
+    for n in ex.get("seq_lengths") or [len(ids)]:
+        out.append((ids[start:start + n], labels[start:start + n]))
+        start += n
+    return out
+
+
 def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
-    """Look at the data as TRL prepared it (tokenized, labelled) before training: every example
-    that was not cut at max_length must end its labels with EOS; through a chat template the
-    trained turn must keep `<think>...</think>` and hold the EOS. Returns counts for the manifest."""
+    """Look at the data as TRL prepared it (tokenized, labelled, maybe packed) before training:
+    every example that was not cut at max_length must end its labels with EOS; through a chat
+    template the trained turn must keep `<think>...</think>` and hold the EOS. Returns counts for
+    the manifest."""
     tok = trainer.processing_class
     eos = tok.eos_token_id
     ds = trainer.train_dataset
     max_length = trainer.args.max_length
-    packed = "seq_lengths" in ds.column_names
-    tokens = loss_tokens = truncated = 0
-    for i, ex in enumerate(ds):
-        ids, labels = ex["input_ids"], ex["labels"]
-        tokens += len(ids)
-        loss_tokens += sum(1 for t in labels if t != -100)
-        if packed:
-            continue
-        if max_length is not None and len(ids) >= max_length:
-            truncated += 1
-        elif not cfg.use_chat_template and labels[-1] != eos:
-            raise RuntimeError(f"prepared example {i} does not end its labels with EOS {tok.eos_token!r} "
-                               f"(last label {labels[-1]}): the student would never learn to stop")
+    tokens = loss_tokens = truncated = examples = 0
+    for ex in ds:
+        for ids, labels in _segments(ex):
+            tokens += len(ids)
+            loss_tokens += sum(1 for t in labels if t != -100)
+            if max_length is not None and len(ids) >= max_length:
+                truncated += 1
+            elif not cfg.use_chat_template and labels[-1] != eos:
+                raise RuntimeError(f"prepared example {examples} does not end its labels with EOS "
+                                   f"{tok.eos_token!r} (last label {labels[-1]}): the student would "
+                                   "never learn to stop")
+            examples += 1
     counts = {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated,
-              "trained_examples": None if packed else len(ds)}
-    if cfg.use_chat_template and not packed:
-        completion = [t for t in ds[0]["labels"] if t != -100]
+              "trained_examples": examples}
+    if cfg.use_chat_template:
+        completion = [t for t in _segments(ds[0])[0][1] if t != -100]
         text = tok.decode(completion)
         if "<think>" not in text or "</think>" not in text:
             raise ConfigError(
@@ -407,13 +454,18 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- entry points
 
 
-def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None):
-    """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL)."""
+def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None):
+    """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL), or for a
+    `datasets.Dataset` TRL takes as it is (bench/sft_throughput.py passes pre-tokenised rows)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
+    from exit_loop.attention import NAME, register_varlen_attention
+
     args = args if args is not None else sft_config(cfg)
+    if (args.model_init_kwargs or {}).get("attn_implementation") == NAME:
+        register_varlen_attention()
     if cfg.peft.enabled:
         check_target_modules(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -422,7 +474,8 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None):
     return SFTTrainer(
         model=cfg.model,
         args=args,
-        train_dataset=Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
+        train_dataset=dataset if dataset is not None
+        else Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft) if cfg.peft.enabled else None,
     )
