@@ -233,7 +233,13 @@ def _completions(out: Any, n: int) -> list[Completion]:
 
 
 class HFBackend:
-    """transformers `generate`: batched, left padding, prompts sorted by length, bf16 on GPU."""
+    """transformers `generate`: batched, left padding, prompts sorted by length, bf16 on GPU.
+
+    On a GPU the KV cache is static and the decoding step is compiled with CUDA graphs
+    (transformers' `cache_implementation="static"` + `torch.compile(mode="reduce-overhead")`);
+    every batch is padded to `hf_batch_size` rows so the compiled step keeps one shape (the
+    first batch compiles, a minute or so; bench/hf_sampler.py has the speed-up). If compiling
+    fails, the backend says so and goes on with plain `generate`."""
 
     def __init__(self, cfg: SampleConfig):
         import torch
@@ -257,6 +263,7 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(
             cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
+        self.compiled = self.device.type == "cuda"
         torch.manual_seed(cfg.seed)
 
     def tokenizer(self):
@@ -270,8 +277,6 @@ class HFBackend:
             torch.cuda.empty_cache()
 
     def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
-        import torch
-
         cfg = cfg or self.cfg
         # one row per (request, sample); longest prompts first so each batch pads little
         lengths = {id(r): len(self.tok(r.prompt, add_special_tokens=False).input_ids) for r in requests}
@@ -293,11 +298,12 @@ class HFBackend:
                 log.warning("HF backend ignores sample.sampling.%s", key)
         for start in range(0, len(rows), cfg.hf_batch_size):
             batch = rows[start:start + cfg.hf_batch_size]
-            enc = self.tok([r.prompt for r, _ in batch], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
-                out = self.model.generate(**enc, **gen_kwargs)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            prompts = [r.prompt for r, _ in batch]
+            if self.compiled:  # one batch shape for the compiled step: pad with copies of the last row
+                prompts += prompts[-1:] * (cfg.hf_batch_size - len(batch))
+            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            out = self._generate(enc, gen_kwargs)
+            new = out[:len(batch), enc["input_ids"].shape[1]:].tolist()
             for (req, _), ids in zip(batch, new):
                 ids, finish = _trim(ids, eos_ids, self.tok.pad_token_id, cfg.max_tokens)
                 text = self.tok.decode(ids, skip_special_tokens=True)
@@ -308,6 +314,19 @@ class HFBackend:
                 results.setdefault(id(req), []).append(Completion(text, len(ids), finish))
                 if len(results[id(req)]) == len(req.sample_indices):
                     on_done(req, results.pop(id(req)))
+
+    def _generate(self, enc, gen_kwargs: dict[str, Any]):
+        import torch
+
+        if self.compiled:  # (generate runs under no_grad; CUDA graphs want no inference tensors)
+            try:
+                return self.model.generate(**enc, **gen_kwargs, cache_implementation="static")
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop sampling
+                reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+                log.warning("HF backend: compiled generate failed (%s); using plain generate", reason)
+                self.compiled = False
+        with torch.inference_mode():
+            return self.model.generate(**enc, **gen_kwargs)
 
 
 def _as_list(x: Any) -> list[Any]:
