@@ -13,6 +13,10 @@ On disk (`runs/<experiment>/`): the resolved `config.yaml`, `run.json` (timings)
 than one arm each arm has its own directory (`runs/<experiment>/<arm>/round_00/…`), and what all
 arms share (round 0's eval, samples and labels) is made once in `shared/` and linked.
 
+With `sample.num_shards` > 1 the samples are drawn per shard (`sample/shards/shard-KKKKK-of-
+NNNNN.jsonl`) and merged into `sample/samples.jsonl`; `exit-loop stage rollout --shard I` draws one
+shard (shard 0 also evaluates; a SLURM array task each) and `exit-loop stage merge` merges them.
+
 Resume: running the same command again skips every stage whose manifest exists. A changed config
 is refused, naming the keys that differ (`--allow_config_change` overrides; `rounds` may grow).
 Heavy stages (eval + sample, which share one inference engine, and train) run in their own
@@ -143,6 +147,10 @@ class Run:
             return self.root / "shared" / f"round_{k:02d}" / stage
         return self.stage_dir(arm, k, stage)
 
+    def sample_shard(self, arm: str, k: int, shard: int) -> Path:
+        n = self.cfg.sample.num_shards
+        return self.real_dir(arm, k, "sample") / "shards" / f"shard-{shard:05d}-of-{n:05d}.jsonl"
+
     def done(self, arm: str, k: int, stage: str) -> bool:
         return (self.real_dir(arm, k, stage) / "manifest.json").exists()
 
@@ -154,7 +162,10 @@ class Run:
         if d.is_symlink() or d.exists():
             return
         d.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(self.real_dir(arm, k, stage), d.parent), d)
+        try:
+            os.symlink(os.path.relpath(self.real_dir(arm, k, stage), d.parent), d)
+        except FileExistsError:  # another process (a SLURM array task) made it first
+            pass
 
     def policy(self, arm: str, k: int) -> str:
         """The model that round k evaluates and samples with: the base student, then each ckpt."""
@@ -195,11 +206,16 @@ def select_questions(run: Run, arm: str, k: int, problems: list[Problem]) -> lis
     return [p for p in problems if total[p.id] == 0 or lo <= correct[p.id] / total[p.id] <= hi]
 
 
-def rollout_stage(run: Run, arm: str, k: int) -> None:
+def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     """eval and sample of round k; one engine serves both when they use the same model. The
-    engine's start and stop count in the stage that uses it first and last."""
+    engine's start and stop count in the stage that uses it first and last. With shards, every
+    shard is drawn and then merged; `shard` draws only that one (shard 0 also evaluates) and
+    leaves the merge to `merge_stage`."""
     cfg = run.cfg
-    need_eval = not run.done(arm, k, "eval")
+    n = cfg.sample.num_shards
+    if shard is not None and not 0 <= shard < n:
+        raise ConfigError(f"--shard {shard}: sample.num_shards is {n}; expected 0 to {n - 1}")
+    need_eval = not run.done(arm, k, "eval") and shard in (None, 0)
     need_sample = k < cfg.rounds and not run.done(arm, k, "sample") and cfg.arms[arm].split != "original"
     base = replace(cfg.sample, seed=cfg.seed + k, round=k)
     backend = None
@@ -217,12 +233,21 @@ def rollout_stage(run: Run, arm: str, k: int) -> None:
             d = run.real_dir(arm, k, "sample")
             scfg = replace(base, model_name=run.sampler_model(arm, k))
             problems = select_questions(run, arm, k, load_problems(cfg.data))
-            if problems:
+            if problems and n > 1:  # one engine for every shard; a lone shard starts one only if needed
+                if shard is None:
+                    backend = backend or start_backend(scfg)
+                for i in range(n) if shard is None else [shard]:
+                    sample(replace(scfg, shard_id=i), problems, run.sample_shard(arm, k, i), backend)
+            elif problems:
                 backend = backend or start_backend(scfg)
                 sample(scfg, problems, d / "samples.jsonl", backend)
             if backend is not None:
                 backend.close()
                 backend = None
+            if n > 1:
+                if shard is None:
+                    merge_samples(run, arm, k, problems, t0)
+                return
             rows = list(iter_jsonl(d / "samples.jsonl")) if problems else []
             write_jsonl(d / "samples.jsonl", rows)  # exists even when no question was left
             _manifest(d, "sample", t0, model=scfg.model_name, questions=len(problems),
@@ -230,6 +255,34 @@ def rollout_stage(run: Run, arm: str, k: int) -> None:
     finally:
         if backend is not None:
             backend.close()
+
+
+def merge_samples(run: Run, arm: str, k: int, problems: list[Problem], t0: float) -> None:
+    """Round k's shard files as one samples.jsonl (by question, then sample index) and the sample
+    manifest; refuses while any (question, sample) pair is missing."""
+    cfg = run.cfg
+    d = run.real_dir(arm, k, "sample")
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for i in range(cfg.sample.num_shards):
+        path = run.sample_shard(arm, k, i)
+        for row in iter_jsonl(path) if path.exists() else ():
+            found.setdefault((row["problem_id"], row["sample_index"]), row)
+    want = [(p.id, j) for p in problems for j in range(cfg.sample.num_samples)]
+    missing = [key for key in want if key not in found]
+    if missing:
+        raise DataError(f"{d / 'shards'}: {len(missing)} of {len(want)} samples missing (first: "
+                        f"{missing[0]}); run the unfinished shards (exit-loop stage rollout --shard I)")
+    rows = [found[key] for key in want]
+    write_jsonl(d / "samples.jsonl", rows)
+    _manifest(d, "sample", t0, model=run.sampler_model(arm, k), questions=len(problems),
+              shards=cfg.sample.num_shards,
+              counts={"samples": len(rows), "tokens_generated": sum(r["num_tokens"] for r in rows)})
+
+
+def merge_stage(run: Run, arm: str, k: int) -> None:
+    if not run.done(arm, k, "sample"):
+        t0 = time.monotonic()
+        merge_samples(run, arm, k, select_questions(run, arm, k, load_problems(run.cfg.data)), t0)
 
 
 def verify_stage(run: Run, arm: str, k: int) -> None:
@@ -342,14 +395,18 @@ def _stage_cmd(run_dir: Path, name: str, arm: str, k: int, launcher: str = "") -
     return [sys.executable, *base]
 
 
-def run_stage(run: Run, name: str, arm: str, k: int) -> None:
+def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -> None:
     """Run one stage in this process (the `exit-loop stage` command and the cheap stages)."""
     if name == "rollout":
-        rollout_stage(run, arm, k)
+        rollout_stage(run, arm, k, shard)
+    elif name == "merge":
+        merge_stage(run, arm, k)
     elif name == "verify":
-        verify_stage(run, arm, k)
+        if not run.done(arm, k, "verify"):
+            verify_stage(run, arm, k)
     elif name == "filter":
-        filter_stage(run, arm, k)
+        if not run.done(arm, k, "filter"):
+            filter_stage(run, arm, k)
     elif name == "train":
         train_stage(run, arm, k)
     else:
@@ -488,16 +545,18 @@ def stage_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="exit-loop stage",
                                 description="Run one stage of a run (what `exit-loop run` and the "
                                             "SLURM jobs call); skipped when its manifest exists.")
-    p.add_argument("name", choices=["rollout", "verify", "filter", "train"])
+    p.add_argument("name", choices=["rollout", "merge", "verify", "filter", "train"])
     p.add_argument("run_dir")
     p.add_argument("--arm", required=True)
     p.add_argument("--round", type=int, required=True)
+    p.add_argument("--shard", type=int, help="rollout: draw only this shard of sample.num_shards "
+                   "(shard 0 also evaluates); `merge` then puts the shards together")
     a = p.parse_args(argv)
     cfg = load_run_config(Path(a.run_dir))
     if a.arm not in cfg.arms:
         raise ConfigError(f"--arm {a.arm!r}: not an arm of this run; arms: {', '.join(cfg.arms)}")
     run = Run(cfg)
-    run_stage(run, a.name, a.arm, a.round)
+    run_stage(run, a.name, a.arm, a.round, a.shard)
     # Everything is written (atomically, fsynced) and engines are closed: skip the interpreter's
     # slow teardown of torch/vLLM modules, which would only add to the loop's overhead.
     sys.stdout.flush()
