@@ -233,13 +233,12 @@ def _completions(out: Any, n: int) -> list[Completion]:
 
 
 class HFBackend:
-    """transformers `generate`: batched, left padding, prompts sorted by length, bf16 on GPU.
+    """transformers: batched, left padding, prompts sorted by length, bf16 on GPU.
 
-    On a GPU the KV cache is static and the decoding step is compiled with CUDA graphs
-    (transformers' `cache_implementation="static"` + `torch.compile(mode="reduce-overhead")`);
-    every batch is padded to `hf_batch_size` rows so the compiled step keeps one shape (the
-    first batch compiles, a minute or so; bench/hf_sampler.py has the speed-up). If compiling
-    fails, the backend says so and goes on with plain `generate`."""
+    On a GPU, decoding runs through `_GraphDecoder` (a static KV cache and one CUDA graph per
+    token: bench/hf_sampler.py has the speed-up over plain `generate`); every batch is padded to
+    `hf_batch_size` rows so the graph keeps one shape. On CPU, with `sample.sampling.min_p` or
+    `repetition_penalty`, or if the graph cannot be built, it is plain `model.generate`."""
 
     def __init__(self, cfg: SampleConfig):
         import torch
@@ -263,7 +262,8 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(
             cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
-        self.compiled = self.device.type == "cuda"
+        self.graphs = self.device.type == "cuda"  # decode through _GraphDecoder
+        self._decoder: _GraphDecoder | None = None
         torch.manual_seed(cfg.seed)
 
     def tokenizer(self):
@@ -272,6 +272,7 @@ class HFBackend:
     def close(self) -> None:
         import torch
 
+        self._decoder = None
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -296,17 +297,18 @@ class HFBackend:
                 gen_kwargs["min_new_tokens" if key == "min_tokens" else key] = value
             else:
                 log.warning("HF backend ignores sample.sampling.%s", key)
+        graph = self.graphs and not {"min_p", "repetition_penalty"} & set(cfg.sampling)
         for start in range(0, len(rows), cfg.hf_batch_size):
             batch = rows[start:start + cfg.hf_batch_size]
             prompts = [r.prompt for r, _ in batch]
-            if self.compiled:  # one batch shape for the compiled step: pad with copies of the last row
+            if graph:  # one batch shape for the graph: pad with copies of the last row
                 prompts += prompts[-1:] * (cfg.hf_batch_size - len(batch))
             enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            out = self._generate(enc, gen_kwargs)
-            new = out[:len(batch), enc["input_ids"].shape[1]:].tolist()
+            new = self._new_tokens(enc, gen_kwargs, cfg, eos_ids, graph)
             for (req, _), ids in zip(batch, new):
                 ids, finish = _trim(ids, eos_ids, self.tok.pad_token_id, cfg.max_tokens)
-                text = self.tok.decode(ids, skip_special_tokens=True)
+                ids = _cut_at_stop(ids, stop, self._decode)
+                text = self._decode(ids)
                 for s in stop:  # generation stops at the token that completes `s`: cut after it
                     cut = text.find(s)
                     if cut >= 0:
@@ -315,18 +317,183 @@ class HFBackend:
                 if len(results[id(req)]) == len(req.sample_indices):
                     on_done(req, results.pop(id(req)))
 
-    def _generate(self, enc, gen_kwargs: dict[str, Any]):
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _new_tokens(self, enc, gen_kwargs: dict[str, Any], cfg: SampleConfig, eos_ids: set[int],
+                    graph: bool) -> list[list[int]]:
+        """The new token ids of every row of the batch `enc` (padded after an EOS)."""
         import torch
 
-        if self.compiled:  # (generate runs under no_grad; CUDA graphs want no inference tensors)
+        if graph:
             try:
-                return self.model.generate(**enc, **gen_kwargs, cache_implementation="static")
-            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop sampling
+                top_k = int(cfg.sampling.get("top_k") or 0)
+                decoder = self._graph_decoder(enc["input_ids"].shape, cfg.max_tokens, eos_ids, max(top_k, 0),
+                                              cfg.top_p if cfg.temperature > 0 else 1.0)
+                return decoder.run(enc["input_ids"], enc["attention_mask"], cfg.max_tokens,
+                                   int(cfg.sampling.get("min_tokens") or 0), cfg.temperature,
+                                   cfg.stop_strings, self._decode)
+            except Exception as e:  # noqa: BLE001 - a failed graph must not stop sampling
                 reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-                log.warning("HF backend: compiled generate failed (%s); using plain generate", reason)
-                self.compiled = False
+                log.warning("HF backend: CUDA-graph decoding failed (%s); using plain generate", reason)
+                print(f"exit-loop: warning: CUDA-graph decoding failed ({reason}); using plain generate",
+                      flush=True)
+                self.graphs, self._decoder = False, None
+                torch.cuda.empty_cache()
         with torch.inference_mode():
-            return self.model.generate(**enc, **gen_kwargs)
+            out = self.model.generate(**enc, **gen_kwargs)
+        return out[:, enc["input_ids"].shape[1]:].tolist()
+
+    def _graph_decoder(self, shape, max_tokens: int, eos_ids: set[int], top_k: int, top_p: float) -> _GraphDecoder:
+        """The decoder for this batch shape: the last one if it fits, else a new one (the first
+        batch of a call is its longest, so one decoder serves a whole call)."""
+        import torch
+
+        batch, prompt_len = shape
+        d = self._decoder
+        if d is None or d.batch != batch or d.max_len < prompt_len + max_tokens or (d.top_k, d.top_p) != (top_k, top_p):
+            self._decoder = d = None
+            torch.cuda.empty_cache()
+            max_len = -(-(prompt_len + max_tokens) // 128) * 128
+            self._decoder = d = _GraphDecoder(self.model, batch, max_len, eos_ids, self.tok.pad_token_id,
+                                              top_k, top_p)
+        return d
+
+
+class _GraphDecoder:
+    """Decoding on a GPU with one CUDA graph per token: the model's forward over a static KV
+    cache (transformers' StaticCache, which keeps its write position on the GPU), sampling
+    (temperature, top-k, top-p; Gumbel-max, so no host round trip), and the bookkeeping (EOS,
+    padding of finished rows) are captured once for a batch shape and replayed for every new
+    token. The host looks at the batch only every CHECK_EVERY tokens (all rows done? a stop
+    string?), so the GPU never waits for Python between tokens."""
+
+    CHECK_EVERY = 32
+
+    def __init__(self, model, batch: int, max_len: int, eos_ids: set[int], pad_id: int, top_k: int,
+                 top_p: float):
+        import torch
+        from transformers import StaticCache
+
+        dev = model.device
+        self.model, self.batch, self.max_len, self.pad_id = model, batch, max_len, pad_id
+        self.top_k, self.top_p = top_k, top_p
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise NotImplementedError("sliding-window attention layers")
+        long = dict(dtype=torch.long, device=dev)
+        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=dev)  # prompt padding: False
+        self.slots = torch.arange(max_len, device=dev)
+        self.tokens = torch.zeros(batch, 1, **long)      # the token fed to the next step
+        self.positions = torch.zeros(batch, 1, **long)   # its position id
+        self.step = torch.zeros((), **long)              # new tokens so far
+        self.min_new = torch.zeros((), **long)
+        self.temperature = torch.ones((), dtype=torch.float32, device=dev)
+        self.greedy = torch.zeros((), dtype=torch.bool, device=dev)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.out = torch.full((batch, max_len), pad_id, **long)
+        self.eos = torch.tensor(sorted(eos_ids), **long)
+        with torch.no_grad():
+            self._prefill(self.tokens, torch.ones_like(self.tokens))  # allocates the cache
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+
+    def _prefill(self, input_ids, attention_mask):
+        """Reset, run the prompts (plain forward, into the cache), pick the first new token."""
+        self.cache.reset()
+        self.mask.fill_(True)
+        self.mask[:, :input_ids.shape[1]] = attention_mask.bool()
+        self.done.zero_()
+        self.step.zero_()
+        self.out.fill_(self.pad_id)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        self.positions.copy_(attention_mask.sum(-1, keepdim=True) - 1)
+        self._advance(self._pick(logits[:, -1].float()))
+
+    def _step(self):
+        """One token for every row (what the graph holds)."""
+        visible = self.mask & (self.slots <= self.cache.layers[0].cumulative_length)
+        logits = self.model(input_ids=self.tokens, position_ids=self.positions, attention_mask=visible[:, None, None, :],
+                            past_key_values=self.cache, use_cache=True).logits
+        self._advance(self._pick(logits[:, -1].float()))
+
+    def _pick(self, logits):
+        import torch
+
+        inf = float("-inf")
+        eos = logits.index_select(1, self.eos)
+        logits = logits.index_copy(1, self.eos, torch.where(self.step < self.min_new, inf, eos))  # min_tokens
+        greedy = logits.argmax(-1)
+        x = logits / self.temperature
+        if self.top_k:
+            x = x.masked_fill(x < x.topk(self.top_k, dim=-1).values[:, -1:], inf)
+        if self.top_p < 1.0:
+            top, idx = x.sort(dim=-1, descending=True)
+            p = top.softmax(-1)
+            x = x.scatter(1, idx, top.masked_fill(p.cumsum(-1) - p > self.top_p, inf))
+        u = torch.rand_like(x).clamp_(min=torch.finfo(x.dtype).tiny)
+        sampled = (x - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: a draw from softmax(x)
+        return torch.where(self.greedy, greedy, sampled)
+
+    def _advance(self, nxt):
+        nxt = nxt.masked_fill(self.done, self.pad_id)
+        self.out.index_copy_(1, self.step.view(1), nxt[:, None])
+        self.done |= (nxt[:, None] == self.eos).any(-1)
+        self.tokens.copy_(nxt[:, None])
+        self.positions.add_(1)
+        self.step.add_(1)
+
+    def run(self, input_ids, attention_mask, max_new: int, min_new: int, temperature: float,
+            stop: list[str], decode: Callable[[list[int]], str]) -> list[list[int]]:
+        """New token ids of every row (pad after EOS or a stop string; up to CHECK_EVERY extra
+        tokens after a stop string, which the caller cuts)."""
+        import torch
+
+        with torch.no_grad():
+            self.min_new.fill_(min_new)
+            self.temperature.fill_(max(temperature, 1e-5))
+            self.greedy.fill_(temperature == 0)
+            self._prefill(input_ids, attention_mask)
+            n = 1
+            while n < max_new:
+                if n % self.CHECK_EVERY == 0 and self._finished(n, stop, decode):
+                    break
+                self.graph.replay()
+                n += 1
+            return self.out[:, :n].tolist()
+
+    def _finished(self, n: int, stop: list[str], decode: Callable[[list[int]], str]) -> bool:
+        """All rows done? Rows whose last tokens hold a stop string are marked done first."""
+        if stop:
+            done = self.done.tolist()
+            recent = self.out[:, max(0, n - self.CHECK_EVERY - 16):n].tolist()
+            hits = [i for i, ids in enumerate(recent) if not done[i] and any(s in decode(ids) for s in stop)]
+            if hits:
+                self.done[hits] = True
+        return bool(self.done.all())
+
+
+def _cut_at_stop(ids: list[int], stop: list[str], decode: Callable[[list[int]], str]) -> list[int]:
+    """`ids` up to the token that completes the first stop string (all of them if none)."""
+    if not stop or not any(s in decode(ids) for s in stop):
+        return ids
+    lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(ids[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo]
 
 
 def _as_list(x: Any) -> list[Any]:
