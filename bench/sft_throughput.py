@@ -16,18 +16,19 @@ to learn). Arms, each trained for `--warmup` + `--steps` optimizer steps:
           (`SFT_DEFAULTS`, and on a GPU `gpu_sft_defaults()`), checked by `check_prepared`
   NAME    `--variant NAME:key=value;key=value`: the stage with these `sft` overrides (YAML values)
 
-Only what cannot change speed is set equal in every arm: `max_steps`, `logging_steps=1`, no
-saving, and one optimisation schedule for the loss curves (`--lr`, constant, no warm-up). The
+Only what cannot change speed is set equal in every arm: `max_steps`, no saving, and one
+optimisation schedule for the loss curves (`--lr`, constant, no warm-up). The
 trl arm accumulates gradients over enough batches (`--trl_ga auto`) that its optimizer steps
 see about as many tokens as the stage's, so the two loss curves, plotted against tokens, are
 comparable.
 
 Measured per arm: tokens/s (prompt + completion tokens, padding excluded, over the timed steps:
 wall time between the ends of the first and last timed optimizer steps, after `--warmup`
-steps), MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x parameters +
+steps, the GPU synchronised at both ends only), MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x parameters +
 6 x layers x hidden x mean sequence length (the sequence length that attention spans: one
 example, packed or not) and peak = `--peak_tflops` (989 TFLOP/s: H100 SXM dense bf16), the peak
-GPU memory allocated, and the loss of every step. On a GPU each arm runs in its own process.
+GPU memory allocated, and the loss of every optimizer step (summed from what `training_step`
+returns, read after training). On a GPU each arm runs in its own process.
 Prints a table; `--json PATH` writes everything, loss curves included.
 """
 
@@ -171,7 +172,7 @@ def synthetic_rows(n: int, vocab_size: int, prompt: tuple[int, int], response: t
 
 def _sft_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """What every arm gets: step count, logging, no saving, one optimisation schedule."""
-    return {"max_steps": a.warmup + a.steps, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+    return {"max_steps": a.warmup + a.steps, "save_strategy": "no", "report_to": "none",
             "learning_rate": a.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "disable_tqdm": True}
 
 
@@ -222,8 +223,11 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     args = trainer.args
 
     # Tokens: counted by the collator (real tokens, no padding), consumed in order by training_step.
+    # Losses: what training_step returns, kept on the GPU (no sync) and summed per optimizer step.
     produced: list[int] = []
     consumed = {"i": 0, "tokens": 0}
+    micro_losses: list[Any] = []
+    step_losses: list[Any] = []
     collate = trainer.data_collator
 
     def counting_collator(examples):
@@ -236,14 +240,22 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     def counting_step(*args_, **kwargs_):
         consumed["tokens"] += produced[consumed["i"]]
         consumed["i"] += 1
-        return step(*args_, **kwargs_)
+        loss = step(*args_, **kwargs_)
+        micro_losses.append(loss.detach())
+        return loss
 
     trainer.training_step = counting_step
     ends: list[tuple[float, int]] = []  # (time, tokens consumed) at each optimizer step's end
+    last_step = a.warmup + a.steps
 
     class Clock(TrainerCallback):
+        """Synchronises only where the timed window opens and closes: a sync every step would
+        leave the GPU idle while the host prepares the next batch."""
+
         def on_step_end(self, args_, state, control, **kwargs_):
-            if cuda:
+            step_losses.append(torch.stack(micro_losses).sum())
+            micro_losses.clear()
+            if cuda and state.global_step in (a.warmup, last_step):
                 torch.cuda.synchronize()
             ends.append((time.perf_counter(), consumed["tokens"]))
 
@@ -261,7 +273,7 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     tokens = timed[-1][1] - timed[0][1]
     tps = tokens / dt if dt > 0 else float("nan")
     step_times = [t1 - t0_ for (t0_, _), (t1, _) in zip(timed, timed[1:])]
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = [float(x) for x in step_losses]
     cum = [n for _, n in ends]
     attn = getattr(cfg_m, "_attn_implementation", None)
     result = {
@@ -269,7 +281,7 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
         "overrides": extra,
         "tokens_per_s": tps,
         "mfu": tps * flops_per_token / (a.peak_tflops * 1e12) if cuda else None,
-        "step_time_median_s": statistics.median(step_times) if step_times else None,
+        "step_time_median_s": statistics.median(step_times) if step_times else None,  # host clock
         "tokens_per_step": tokens / max(len(step_times), 1),
         "timed_steps": len(step_times),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -361,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--response_len", default="400,150", help="response length mean,sd (tiny: 40,15)")
     p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
                    help="each arm in its own process (auto: on a GPU)")
+    p.add_argument("--arm_timeout", type=float, default=420, help="seconds an isolated arm may take")
     p.add_argument("--json", metavar="PATH", help="write all results here")
     p.add_argument("--_arm", help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
@@ -386,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="sft_bench_"))
     t0 = time.perf_counter()
     model_dir = str(build_model_dir(a.shape, work / "model", a.seed))
+    if cuda:
+        torch.cuda.empty_cache()  # the arms' processes get the whole card
     arms = [s.strip() for s in a.arms.split(",") if s.strip()]
     mean_len = prompt[0] / 2 + prompt[1] / 2 + response[0] + 1
     stage_tps = stage_tokens_per_step(a, model_dir, mean_len)
@@ -419,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - report and go on: the stage falls back to sdpa
             report["varlen_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print(f"varlen attention check failed: {report['varlen_check']}", flush=True)
+        torch.cuda.empty_cache()
     isolate = a.isolate == "yes" or a.isolate == "auto" and cuda
     for name in arms:
         if name not in ("trl", "stage") and name not in variants:
@@ -431,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "--seed", str(a.seed), "--peak_tflops", str(a.peak_tflops)]
                 for v in a.variant:
                     cmd += ["--variant", v]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.arm_timeout)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr[-3000:])
                 res = json.loads((work / f"{name}.json").read_text())
