@@ -12,6 +12,11 @@ in every other case (CPU, float32, padded batches, generation), masks included.
 
     from exit_loop.attention import register_varlen_attention
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register_varlen_attention())
+
+It also registers `gqa_decode` for the HF sampler's CUDA-graph decoder (exit_loop.sample): one
+new token per row against a long KV cache, for grouped-query models, without copying the cache
+once per query head as `sdpa` does when there is a mask (the copies cost more than the
+attention itself at batch 256); everything else goes to `sdpa`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import inspect
 from typing import Any
 
 NAME = "varlen_sdpa"
+DECODE_NAME = "gqa_decode"
 _varlen_kwargs: dict[str, Any] | None = None
 
 
@@ -56,6 +62,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_q = kwargs.get("cu_seq_lens_q")
+    if query.dtype == torch.float32 and query.is_cuda and torch.is_autocast_enabled("cuda"):
+        half = torch.get_autocast_dtype("cuda")  # as sdpa would under autocast (fp32 RoPE output)
+        query, key, value = query.to(half), key.to(half), value.to(half)
     if (cu_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16)
             or query.shape[0] != 1 or dropout or sliding_window is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -84,3 +93,36 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(NAME, varlen_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the sdpa fallback needs sdpa's masks
     return NAME
+
+
+def decode_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """One query token per row with a 4D mask: (batch, kv_heads, group, dim) x (batch, kv_heads,
+    dim, cache) matmuls, softmax in float32; no per-head copies of the cache. Else `sdpa`."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    b, h, _, d = query.shape
+    hk = key.shape[1]
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.reshape(b, hk, h // hk, d)  # query heads j*g .. j*g+g-1 share key/value head j
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (b, hk, g, cache)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (b, hk, g, d)
+    return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+
+def register_decode_attention() -> str:
+    """Register `gqa_decode` with transformers (attention and mask functions) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_NAME, decode_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_NAME, sdpa_mask)
+    return DECODE_NAME

@@ -19,6 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -366,7 +367,8 @@ class _GraphDecoder:
     (temperature, top-k, top-p; Gumbel-max, so no host round trip), and the bookkeeping (EOS,
     padding of finished rows) are captured once for a batch shape and replayed for every new
     token. The host looks at the batch only every CHECK_EVERY tokens (all rows done? a stop
-    string?), so the GPU never waits for Python between tokens."""
+    string?), so the GPU never waits for Python between tokens. Attention runs through
+    `gqa_decode` (exit_loop.attention) while the decoder works, and is set back after."""
 
     CHECK_EVERY = 32
 
@@ -393,7 +395,7 @@ class _GraphDecoder:
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.out = torch.full((batch, max_len), pad_id, **long)
         self.eos = torch.tensor(sorted(eos_ids), **long)
-        with torch.no_grad():
+        with torch.no_grad(), self._attention():
             self._prefill(self.tokens, torch.ones_like(self.tokens))  # allocates the cache
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -404,6 +406,17 @@ class _GraphDecoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._step()
+
+    @contextmanager
+    def _attention(self):
+        from exit_loop.attention import register_decode_attention
+
+        old = self.model.config._attn_implementation
+        self.model.set_attn_implementation(register_decode_attention())
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(old)
 
     def _prefill(self, input_ids, attention_mask):
         """Reset, run the prompts (plain forward, into the cache), pick the first new token."""
@@ -458,7 +471,7 @@ class _GraphDecoder:
         tokens after a stop string, which the caller cuts)."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._attention():
             self.min_new.fill_(min_new)
             self.temperature.fill_(max(temperature, 1e-5))
             self.greedy.fill_(temperature == 0)
