@@ -93,9 +93,9 @@ def gpu_sft_defaults() -> dict[str, Any]:
     """Throughput defaults where a CUDA GPU trains, under whatever `sft` sets (bench/sft_throughput.py
     measures them against plain TRL; bench/RESULTS.md has the figures). Sequences are packed
     best-fit-decreasing into rows of up to `max_length` tokens (one too long is cut there, as
-    without packing) and trained without padding: an optimizer step is 2 accumulated
-    micro-batches of 2 packed rows, up to 4 x 4096 = 16k tokens, and each sequence attends only
-    to itself through the varlen FlashAttention kernel in PyTorch (exit_loop.attention). Liger's fused
+    without packing) and trained without padding: a micro-batch (and an optimizer step) is 4
+    packed rows, up to 4 x 4096 = 16k tokens, and each sequence attends only to itself through
+    the varlen FlashAttention kernel in PyTorch (exit_loop.attention). Liger's fused
     RMSNorm/SwiGLU/RoPE kernels are used where `liger-kernel` is installed. No
     gradient checkpointing: a 1.5B model's activations fit; set `sft.gradient_checkpointing=true`
     for bigger ones."""
@@ -107,8 +107,8 @@ def gpu_sft_defaults() -> dict[str, Any]:
         "packing": True,
         "packing_strategy": "bfd",
         "padding_free": True,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
         "gradient_checkpointing": False,
     }
     if varlen_available():
