@@ -201,6 +201,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record("hf", [run_backend(backend, prompts, cfg)[:2] for _ in range(a.repeats)], graphs=backend.graphs)
         if cuda:
             report["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if backend.graphs and backend._decoder is not None:  # where the decoder's time goes
+            d = backend._decoder
+            enc = backend.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
+            with torch.no_grad(), d._attention():
+                _sync()
+                t0 = time.perf_counter()
+                d._prefill(enc["input_ids"], enc["attention_mask"])
+                _sync()
+                t1 = time.perf_counter()
+                for _ in range(32):
+                    d.graph.replay()
+                _sync()
+                t2 = time.perf_counter()
+            report["breakdown"] = {"prefill_s": round(t1 - t0, 4), "graph_step_ms": round((t2 - t1) / 32 * 1e3, 3)}
+            print(f"hf breakdown: {report['breakdown']}", flush=True)
         if "plain" in report["arms"]:
             report["speedup"] = report["arms"]["hf"]["tokens_per_s"] / report["arms"]["plain"]["tokens_per_s"]
             print(f"hf / plain: {report['speedup']:.1f}x", flush=True)

@@ -342,7 +342,12 @@ def check_varlen_attention() -> dict[str, float]:
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    return {"out": rel(out, ref), "dq": rel(q.grad, qf.grad), "dk": rel(k.grad, kf.grad), "dv": rel(v.grad, vf.grad)}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # float32 in (RoPE without Liger)
+        out32, _ = varlen_attention_forward(module, q.float(), k.float(), v.float(), None, scaling=d ** -0.5,
+                                            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens),
+                                            max_length_k=max(lens))
+    return {"out": rel(out, ref), "dq": rel(q.grad, qf.grad), "dk": rel(k.grad, kf.grad), "dv": rel(v.grad, vf.grad),
+            "out_fp32_autocast": rel(out32, ref)}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
