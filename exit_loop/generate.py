@@ -27,6 +27,7 @@ from exit_loop.jsonl import (DataError, atomic_write_text, iter_jsonl, iter_json
 from exit_loop.problems import DataConfig, load_problems, problem_index
 from exit_loop.sample import (SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style,
                               sample)
+from exit_loop.slurm import SlurmConfig
 from exit_loop.verify import verify_rows
 
 
@@ -36,6 +37,7 @@ class GenerateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `exit-loop slurm submit` resources
 
 
 def samples_path(cfg: GenerateConfig) -> Path:

@@ -44,6 +44,7 @@ from exit_loop.filter import FilterConfig, format_summary, write_splits
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, write_json, write_jsonl
 from exit_loop.problems import DataConfig, Problem, load_problems
 from exit_loop.sample import SampleConfig, check_model_path, sample, start_backend
+from exit_loop.slurm import SlurmConfig
 from exit_loop.train import LoraSettings, TrainConfig, train
 from exit_loop.verify import verify_rows
 
@@ -97,6 +98,7 @@ class ExperimentConfig:
     train: TrainSection = field(default_factory=TrainSection)
     arms: dict[str, ArmConfig] = field(default_factory=lambda: {"main": ArmConfig()})
     isolate: bool = True              # heavy stages in their own process
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)     # `exit-loop slurm submit` resources
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -371,7 +373,8 @@ def check_config_change(run: Run, allow: bool) -> None:
         return
     old, _ = read_yaml(path)
     a, b = _flatten(old), _flatten(to_dict(run.cfg))
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in GROWABLE_KEYS)
+    changed = sorted(k for k in set(a) | set(b)
+                     if a.get(k) != b.get(k) and k not in GROWABLE_KEYS and not k.startswith("slurm."))
     if "rounds" in a and b["rounds"] < a["rounds"]:
         changed.append("rounds (fewer than before)")
     if changed and not allow:

@@ -1,18 +1,565 @@
-"""SLURM helpers: what the sbatch scripts ask Python (bash never parses YAML or model names).
+"""Run a generation or a whole ExIt run on SLURM: one sbatch job per stage, chained with afterok.
 
+    exit-loop slurm submit configs/exit_gsm8k_qwen2.5-math-1.5b.yaml            # every round of a run
+    exit-loop slurm submit configs/generate_gsm8k_qwen2.5-72b.yaml sample.num_shards=8
+    exit-loop slurm submit runs/exit_gsm8k_qwen2.5-math-1.5b --dry-run           # scripts + graph only
+    exit-loop slurm status runs/exit_gsm8k_qwen2.5-math-1.5b
     exit-loop slurm gpus Qwen/Qwen2.5-72B-Instruct     # prints 4: GPUs (= tensor parallel size)
 
-The GPU count is the smallest power of two whose memory (80 GB a GPU by default) holds the bf16
-weights with 40% left for the KV cache; the parameter count comes from the model name
-(`...-72B-...`) or, for a local checkpoint, from its `config.json`.
+`submit` reads a generation config (`exit-loop generate` keys) or an ExIt run config (`exit-loop
+run` keys), whichever it is, and submits each unfinished stage as a job running the same command
+`exit-loop run` or `exit-loop generate` would (`exit-loop stage ...`, `generate`, `merge`), so the
+outputs are the same. ExIt: per round `rollout` (eval + sample; with sample.num_shards > 1 an
+array over shards, task 0 also evaluating, then `merge`), `verify`, `filter`, `train`, each after
+the one before, round after round. Generation: `generate` (an array over shards), then `merge`
+(merge, verify, filter). Job names are `<experiment>-r<k>-<stage>`; scripts, logs and the job ids
+(`jobs.json`) go to `<run dir>/slurm/`. Resources per stage come from the config's `slurm:`
+section (SlurmConfig below).
+
+Every job is submitted with --requeue and --signal=B:USR1@slurm.signal_s: on that signal (time
+limit near, or preemption) it requeues itself and the stage resumes from what is on disk. A
+failed stage stops the chain (its dependents never run). Submitting again continues from the
+first unfinished stage: finished stages are skipped, queued and running jobs are kept (and waited
+for), shards already complete are left out of the array.
+
+`gpus`: the smallest power of two whose memory (80 GB a GPU by default) holds the bf16 weights with
+40% left for the KV cache; the parameter count comes from the model name (`...-72B-...`) or, for a
+local checkpoint, from its `config.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from exit_loop.config import ConfigError, dump_yaml, load_config, read_yaml, to_dict
+from exit_loop.jsonl import DataError, atomic_write_text, write_json
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Resources:
+    """One stage's #SBATCH resources; a key left unset takes the `slurm:` section's own value."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus: int | None = None       # --gpus-per-node
+    cpus: int | None = None       # --cpus-per-task
+    mem: str | int | None = None  # --mem, e.g. 64G (0: all of the node's memory)
+    time: str | int | None = None  # --time, e.g. "12:00:00" (quoted), "1-00:00:00"
+    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. "--constraint=h100"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time, int):
+            raise ValueError(f"time: got the number {self.time}; YAML reads an unquoted 12:00:00 as "
+                             "a number of seconds: quote it (time: '12:00:00')")
+
+
+@dataclass
+class SlurmConfig(Resources):
+    """The `slurm:` section: defaults for every job (the Resources keys), per-stage sections that
+    override them, and what every job script runs first. Unset GPUs: sample.tensor_parallel_size
+    for rollout jobs, 1 for train, none for the rest."""
+    rollout: Resources = field(default_factory=Resources)  # jobs that sample: eval + sample, generate
+    merge: Resources = field(default_factory=Resources)    # shards -> one file (generation: + verify, filter)
+    verify: Resources = field(default_factory=Resources)
+    filter: Resources = field(default_factory=Resources)
+    train: Resources = field(default_factory=Resources)    # >1 GPU: accelerate launch unless train.launcher
+    signal_s: int = 180           # USR1 this long before the time limit: the job requeues itself
+    env: dict[str, str] = field(default_factory=dict)      # exported in every job
+    setup: list[str] = field(default_factory=list)         # shell lines every job runs first (module load …)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.signal_s < 0:
+            raise ValueError(f"signal_s must be >= 0, got {self.signal_s}")
+
+    def resources(self, section: str, gpus: int) -> Resources:
+        """The section's resources over the defaults; `gpus` where neither sets them."""
+        sec: Resources = getattr(self, section)
+        out = {f.name: getattr(sec, f.name) if getattr(sec, f.name) is not None else getattr(self, f.name)
+               for f in fields(Resources) if f.name != "extra"}
+        if out["gpus"] is None:
+            out["gpus"] = gpus
+        return Resources(**out, extra=[*self.extra, *sec.extra])
+
+
+# --------------------------------------------------------------------------- jobs
+
+SHARD = "{shard}"   # in a job's argv: the array task id
+PORT = "{port}"     # in a job's argv: a port derived from the job id (distributed training)
+_SHELL = {SHARD: '"$SLURM_ARRAY_TASK_ID"', PORT: '"$((20000 + SLURM_JOB_ID % 20000))"'}
+
+
+@dataclass
+class Job:
+    key: str                          # its id in jobs.json: "main/r0/rollout", "shared/r0/verify", "merge"
+    name: str                         # --job-name
+    section: str                      # SlurmConfig section: rollout, merge, verify, filter, train
+    argv: list[str]
+    after: list[str]                  # keys of the jobs it waits for (afterok)
+    done: Callable[[], bool]          # finished: its manifests exist
+    shards: Callable[[], list[int]] | None = None  # an array job: the tasks still to run
+    gpus: int = 0                     # when the config sets none
+
+
+def _shard_pairs(path: Path) -> set[tuple[str, int]]:
+    """(problem, sample) pairs in a shard file; a line torn by a kill is not a pair."""
+    pairs = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                pairs.add((row["problem_id"], row["sample_index"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return pairs
+
+
+def _incomplete(paths: list[Path], problems: Callable[[], list[Any]], num_samples: int) -> list[int]:
+    """Shards (index into `paths`) still missing a (problem, sample) pair; the problems are only
+    loaded when some shard file exists."""
+    from exit_loop.sample import select_shard
+
+    if not any(p.exists() for p in paths):
+        return list(range(len(paths)))
+    probs = problems()
+    out = []
+    for i, path in enumerate(paths):
+        want = {(p.id, j) for p in select_shard(probs, len(paths), i) for j in range(num_samples)}
+        if not want <= _shard_pairs(path):
+            out.append(i)
+    return out
+
+
+def exit_jobs(run: Any) -> list[Job]:
+    """Every stage of every arm and round of an ExIt run (`loop.Run`), in submission order."""
+    from exit_loop.loop import _stage_cmd, select_questions
+    from exit_loop.problems import load_problems
+
+    cfg = run.cfg
+    n = cfg.sample.num_shards
+    samples = {arm: a.split != "original" for arm, a in cfg.arms.items()}
+    jobs: list[Job] = []
+
+    def add(arm: str, k: int, stage: str, after: str | None, done: Callable[[], bool], owner: str = "",
+            shards: Callable[[], list[int]] | None = None) -> str:
+        owner = owner or arm
+        key = f"{owner}/r{k}/{stage}"
+        prefix = cfg.experiment if owner == "shared" or not run.multi else f"{cfg.experiment}-{arm}"
+        launcher = cfg.train.launcher if stage == "train" else ""
+        train_gpus = cfg.slurm.resources("train", 1).gpus or 0
+        if stage == "train" and not launcher and train_gpus > 1:
+            launcher = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --multi_gpu "
+                        f"--num_processes {train_gpus} --main_process_port {PORT}")
+        argv = _stage_cmd(run.root, stage, arm, k, launcher) + (["--shard", SHARD] if shards else [])
+        gpus = {"rollout": cfg.sample.tensor_parallel_size, "train": 1}.get(stage, 0)
+        jobs.append(Job(key, f"{prefix}-r{k}-{stage}", stage, argv, [after] if after else [], done,
+                        shards, gpus))
+        return key
+
+    def rollout(arm: str, k: int, after: str | None, owner: str = "") -> str:
+        sampling = samples[arm] and k < cfg.rounds
+        if sampling and n > 1:
+            def shards() -> list[int]:
+                todo = [] if run.done(arm, k, "eval") else [0]
+                if not run.done(arm, k, "sample"):
+                    paths = [run.sample_shard(arm, k, i) for i in range(n)]
+                    todo += _incomplete(paths, lambda: select_questions(run, arm, k, load_problems(cfg.data)),
+                                        cfg.sample.num_samples)
+                return sorted(set(todo))
+            key = add(arm, k, "rollout", after, lambda: not shards(), owner, shards)
+            return add(arm, k, "merge", key, lambda: run.done(arm, k, "sample"), owner)
+        return add(arm, k, "rollout", after,
+                   lambda: run.done(arm, k, "eval") and (not sampling or run.done(arm, k, "sample")), owner)
+
+    shared_last = None
+    if run.multi:  # round 0's eval, samples and labels: made once (by an arm that samples) for all
+        rep = next((a for a in cfg.arms if samples[a]), next(iter(cfg.arms)))
+        shared_last = rollout(rep, 0, None, "shared")
+        if samples[rep]:
+            shared_last = add(rep, 0, "verify", shared_last, lambda: run.done(rep, 0, "verify"), "shared")
+    for arm in cfg.arms:
+        prev = shared_last
+        for k in range(cfg.rounds + 1):
+            if not (run.multi and k == 0):
+                prev = rollout(arm, k, prev)
+                if k == cfg.rounds:
+                    break
+                if samples[arm]:
+                    prev = add(arm, k, "verify", prev, lambda arm=arm, k=k: run.done(arm, k, "verify"))
+            prev = add(arm, k, "filter", prev, lambda arm=arm, k=k: run.done(arm, k, "filter"))
+            prev = add(arm, k, "train", prev, lambda arm=arm, k=k: run.done(arm, k, "train"))
+    return jobs
+
+
+def generate_jobs(cfg: Any, config_file: Path) -> list[Job]:
+    """A generation (`generate.GenerateConfig`): one job, or an array over shards and a merge."""
+    from exit_loop.problems import load_problems
+
+    out = Path(cfg.output_dir)
+    name = out.resolve().name
+    base = [sys.executable, "-m", "exit_loop.cli"]
+    n = cfg.sample.num_shards
+    gpus = cfg.sample.tensor_parallel_size
+
+    def done() -> bool:
+        return (out / "manifest.json").exists()
+
+    if n == 1:
+        return [Job("generate", f"{name}-r0-generate", "rollout", [*base, "generate", "--config", str(config_file)],
+                    [], done, None, gpus)]
+
+    def shards() -> list[int]:
+        if done():
+            return []
+        paths = [out / "samples" / f"shard-{i:05d}-of-{n:05d}.jsonl" for i in range(n)]
+        return _incomplete(paths, lambda: load_problems(cfg.data), cfg.sample.num_samples)
+
+    return [Job("generate", f"{name}-r0-generate", "rollout",
+                [*base, "generate", "--config", str(config_file), f"sample.shard_id={SHARD}"],
+                [], lambda: not shards(), shards, gpus),
+            Job("merge", f"{name}-r0-merge", "merge", [*base, "merge", "--config", str(config_file)],
+                ["generate"], done)]
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def _shell_word(arg: str) -> str:
+    """Quote `arg` for bash, with SHARD and PORT left for the shell to expand."""
+    parts = re.split(r"(\{shard\}|\{port\})", arg)
+    return "".join(_SHELL.get(p) or (shlex.quote(p) if p else "") for p in parts) or "''"
+
+
+def _ranges(tasks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (sbatch --array)."""
+    out, start = [], None
+    for i, t in enumerate(tasks):
+        if start is None:
+            start = t
+        if i + 1 == len(tasks) or tasks[i + 1] != t + 1:
+            out.append(str(start) if start == t else f"{start}-{t}")
+            start = None
+    return ",".join(out)
+
+
+def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None = None) -> str:
+    """The sbatch script of `job` (an array over `tasks` when given)."""
+    r = cfg.resources(job.section, job.gpus)
+    log = slurm_dir.resolve() / "logs" / ("%x-%A_%a.out" if tasks is not None else "%x-%j.out")
+    lines = ["#!/bin/bash",
+             f"# {job.name}: written by `exit-loop slurm submit`, which submits it again when needed",
+             f"#SBATCH --job-name={job.name}",
+             f"#SBATCH --output={log}",
+             "#SBATCH --open-mode=append",
+             f"#SBATCH --chdir={os.getcwd()}",
+             "#SBATCH --nodes=1",
+             "#SBATCH --ntasks=1",
+             "#SBATCH --requeue",
+             f"#SBATCH --signal=B:USR1@{cfg.signal_s}"]
+    if tasks is not None:
+        lines.append(f"#SBATCH --array={_ranges(tasks)}")
+    for flag, value in (("partition", r.partition), ("account", r.account), ("qos", r.qos),
+                        ("gpus-per-node", r.gpus or None), ("cpus-per-task", r.cpus), ("mem", r.mem),
+                        ("time", r.time)):
+        if value is not None:
+            lines.append(f"#SBATCH --{flag}={value}")
+    lines += [f"#SBATCH {x}" for x in r.extra]
+    lines += ["set -uo pipefail"]
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in cfg.env.items()]
+    lines += cfg.setup
+    command = " ".join(_shell_word(a) for a in job.argv)
+    lines += [
+        'echo "exit-loop: $SLURM_JOB_NAME job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (task '
+        '$SLURM_ARRAY_TASK_ID)} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+        "# USR1 (--signal: the time limit is near, or preemption): requeue; the stage resumes from disk",
+        "trap 'echo \"exit-loop: USR1: requeueing job $SLURM_JOB_ID\"; scontrol requeue \"$SLURM_JOB_ID\"' USR1",
+        f"{command} &",
+        "child=$!",
+        "while :; do  # a trapped signal ends `wait` early: wait again while the stage runs",
+        '    wait "$child"; rc=$?',
+        '    kill -0 "$child" 2>/dev/null || break',
+        "done",
+        'exit "$rc"',
+        ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+class SlurmError(RuntimeError):
+    """sbatch, squeue or scancel failed; the message has their own words."""
+
+
+ACTIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING"}
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise SlurmError(f"{cmd[0]} not found: run this where SLURM's commands are (a login node)") from None
+
+
+def job_states(ids: list[str]) -> dict[str, tuple[str, str]]:
+    """State and reason of each job (array tasks as '<id>_<task>') from squeue, which lists
+    finished jobs for a while (MinJobAge); for jobs it has forgotten, from sacct if accounting is on."""
+    out: dict[str, tuple[str, str]] = {}
+    ids = sorted(set(ids))
+    if not ids:
+        return out
+    res = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    if res.returncode != 0 and "Invalid job id" not in res.stderr:
+        raise SlurmError(f"squeue failed: {res.stderr.strip()}")
+    for line in res.stdout.splitlines() if res.returncode == 0 else []:
+        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        out[jid.strip()] = (state.strip(), reason.strip())
+    known = {j.split("_")[0] for j in out}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        res = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State"])
+        for line in res.stdout.splitlines() if res.returncode == 0 else []:
+            jid, state = (line.split("|") + [""])[:2]
+            if state:
+                out.setdefault(jid.strip(), (state.split()[0], ""))
+    return out
+
+
+def _sbatch(script: Path, deps: list[str]) -> str:
+    cmd = ["sbatch", "--parsable"]
+    if deps:
+        cmd.append("--dependency=afterok:" + ":".join(deps))
+    res = _run([*cmd, str(script)])
+    if res.returncode != 0:
+        raise SlurmError(f"sbatch {script}: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout.strip().split(";")[0]
+
+
+class Book:
+    """RUN_DIR/slurm/jobs.json: every submission of every job, latest last."""
+
+    def __init__(self, slurm_dir: Path):
+        self.path = slurm_dir / "jobs.json"
+        self.jobs: dict[str, list[dict[str, Any]]] = {}
+        if self.path.exists():
+            self.jobs = json.loads(self.path.read_text())["jobs"]
+
+    def add(self, key: str, record: dict[str, Any]) -> None:
+        self.jobs.setdefault(key, []).append(record)
+        write_json(self.path, {"jobs": self.jobs})
+
+    def ids(self) -> list[str]:
+        return [r["id"] for recs in self.jobs.values() for r in recs]
+
+    def latest(self, key: str) -> dict[Any, str]:
+        """Task (None for a plain job) -> the job id that last ran it ('12', '12_3')."""
+        out: dict[Any, str] = {}
+        for r in self.jobs.get(key, []):
+            if r.get("tasks") is None:
+                out = {None: r["id"]}
+            else:
+                out.pop(None, None)
+                out.update({t: f"{r['id']}_{t}" for t in r["tasks"]})
+        return out
+
+
+def submit_jobs(jobs: list[Job], cfg: SlurmConfig, slurm_dir: Path, dry_run: bool = False) -> None:
+    """Submit every unfinished job after the jobs it waits for; keep the ones queued or running.
+    A pending job whose upstream is submitted anew (or can never start) is cancelled and replaced."""
+    book = Book(slurm_dir)
+    try:
+        states = job_states(book.ids())
+    except SlurmError:
+        if not dry_run:
+            raise
+        states = {}
+    waits: dict[str, list[str]] = {}     # key -> what its dependents wait for ('12', '12_3')
+    renewed: set[str] = set()            # keys submitted in this call
+    graph = []
+    for job in jobs:
+        waits[job.key] = []
+        if job.done():
+            print(f"{job.name}: done")
+            continue
+        stale = any(a in renewed for a in job.after)
+        active = []
+        for task, jid in book.latest(job.key).items():
+            state, reason = states.get(jid, ("", ""))
+            if state not in ACTIVE:
+                continue
+            if state == "PENDING" and (stale or reason == "DependencyNeverSatisfied"):
+                if not dry_run:
+                    _run(["scancel", jid])
+                print(f"{job.name}: cancelled pending job {jid} "
+                      f"({'what it waited for is submitted anew' if stale else reason})")
+                continue
+            active.append((task, jid))
+        waits[job.key] = [jid for _, jid in active]
+        tasks: list[int] | None = None
+        if job.shards is not None:
+            busy = {t for t, _ in active}
+            tasks = [t for t in job.shards() if t not in busy] or None
+            todo = tasks is not None
+        else:
+            todo = not active
+        if not todo:
+            print(f"{job.name}: queued or running as job {' '.join(j for _, j in active)}")
+            continue
+        deps = [w for a in job.after for w in waits[a]]
+        script = render(job, cfg, slurm_dir, tasks)
+        array = f" [array {_ranges(tasks)}]" if tasks is not None else ""
+        if dry_run:  # dependents name the job instead of its id
+            jid = f"<{job.name}>"
+            print(f"# ---- {job.name}\n{script}")
+        else:
+            path = slurm_dir / "scripts" / f"{job.name}.sh"
+            (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, script)
+            jid = _sbatch(path, deps)
+            book.add(job.key, {"id": jid, "tasks": tasks, "name": job.name, "after": deps,
+                               "script": str(path), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            print(f"{job.name}: submitted job {jid}{array} after {', '.join(deps) or 'nothing'}")
+        graph.append(f"  {job.name}{array} after {', '.join(deps) or 'nothing'}")
+        waits[job.key].append(jid)
+        renewed.add(job.key)
+    if dry_run:
+        print("dependency graph (afterok; nothing submitted):\n" + ("\n".join(graph) or "  nothing to do"))
+
+
+def status_lines(jobs: list[Job], slurm_dir: Path) -> list[str]:
+    """One line per stage: done, running, pending, failed, cancelled, not submitted, with job ids."""
+    book = Book(slurm_dir)
+    try:
+        states = job_states(book.ids())
+    except SlurmError as e:
+        print(f"exit-loop slurm status: {e}; showing what the manifests say", file=sys.stderr)
+        states = {}
+    width = max((len(j.name) for j in jobs), default=0)
+    lines = []
+    for job in jobs:
+        found = {jid: states.get(jid, ("UNKNOWN", "")) for jid in book.latest(job.key).values()}
+        kinds = {st for st, _ in found.values()}
+
+        def pick(group: set[str]) -> list[str]:
+            return [j for j, (st, _) in found.items() if st in group]
+
+        if job.done():
+            word, chosen = "done", list(found)
+        elif not found:
+            word, chosen = "not submitted", []
+        elif kinds & FAILED:
+            word, chosen = "failed", pick(FAILED)
+        elif "CANCELLED" in kinds:
+            word, chosen = "cancelled", pick({"CANCELLED"})
+        elif kinds & RUNNING:
+            word, chosen = "running", pick(ACTIVE)
+        elif kinds & ACTIVE:
+            word, chosen = "pending", pick(ACTIVE)
+        elif "COMPLETED" in kinds:
+            word, chosen = "incomplete", list(found)
+        else:
+            word, chosen = "unknown", list(found)
+        detail = f"job {' '.join(chosen)}" if chosen else ""
+        why = sorted({f"{found[j][0]}: {found[j][1]}" if word in ("failed", "cancelled") else found[j][1]
+                      for j in chosen if word != "done"} - {"", "None", "CANCELLED: None"})
+        if why:
+            detail += f" ({', '.join(why)})"
+        if word == "failed":
+            detail += "; log " + " ".join(str(slurm_dir / "logs" / f"{job.name}-{j}.out") for j in chosen)
+        elif word == "incomplete":
+            detail += " completed, yet the stage is not finished: submit again"
+        elif word == "unknown":
+            detail += " (no longer known to squeue, and sacct is unavailable)"
+        if job.shards is not None and word not in ("done", "not submitted"):
+            detail += f"; shards left: {_ranges(job.shards()) or 'none'}"
+        lines.append(f"{job.name:<{width}}  {word:<13} {detail}".rstrip())
+    return lines
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
+    from exit_loop.generate import GenerateConfig
+
+    keys = set(data) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    return keys <= {f.name for f in fields(GenerateConfig)}
+
+
+def _check_same(old_path: Path, new: Any, allow: bool) -> None:
+    """A generation config may not change under finished shards (the slurm section may)."""
+    from exit_loop.loop import _flatten
+
+    if not old_path.exists():
+        return
+    old, _ = read_yaml(old_path)
+    a, b = _flatten(old), _flatten(to_dict(new))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("slurm."))
+    if changed and not allow:
+        raise ConfigError(f"{old_path}: this generation was submitted with another config; differing "
+                          f"keys: {', '.join(changed)}. Use another output_dir, or --allow_config_change")
+
+
+def plan(config: str, overrides: list[str], allow_change: bool = False,
+         write: bool = True) -> tuple[list[Job], SlurmConfig, Path]:
+    """Load a run or generation config (a YAML file or a directory already submitted), write its
+    resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir."""
+    src = Path(config)
+    if src.is_dir():
+        gen_file = src / "slurm" / "config.yaml"
+        src = gen_file if gen_file.exists() else src / "config.yaml"
+    data, _ = read_yaml(src)
+    if _is_generation(data, overrides):
+        from exit_loop.generate import GenerateConfig
+
+        gcfg = load_config(GenerateConfig, src, overrides)
+        if gcfg.sample.shard_id != 0:
+            raise ConfigError("sample.shard_id: leave it unset; each array task sets its own")
+        slurm_dir = Path(gcfg.output_dir) / "slurm"
+        cfg_file = slurm_dir / "config.yaml"
+        _check_same(cfg_file, gcfg, allow_change)
+        if write:
+            atomic_write_text(cfg_file, dump_yaml(gcfg))
+        return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
+    from exit_loop.loop import ExperimentConfig, Run, check_config_change
+    from exit_loop.sample import check_model_path
+
+    ecfg = load_config(ExperimentConfig, src, overrides)
+    check_model_path(ecfg.student)
+    if ecfg.teacher:
+        check_model_path(ecfg.teacher)
+    run = Run(ecfg)
+    check_config_change(run, allow_change)
+    if write:
+        atomic_write_text(run.root / "config.yaml", dump_yaml(ecfg))
+    return exit_jobs(run), ecfg.slurm, run.root / "slurm"
+
+
+def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
+    d = Path(run_dir)
+    if not (d / "slurm" / "config.yaml").exists() and not (d / "config.yaml").exists():
+        raise DataError(f"{d}: neither slurm/config.yaml (a generation) nor config.yaml (a run) is there")
+    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False)
+    return jobs, slurm_dir
+
+
+# --------------------------------------------------------------------------- GPU count
 
 _SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
 KNOWN_PARAMS_B = {"deepseek-ai/DeepSeek-R1": 671.0, "deepseek-ai/DeepSeek-V3": 671.0}
@@ -45,15 +592,42 @@ def gpus_for_model(model: str, gpu_memory_gb: float = 80.0, max_gpus: int = 8) -
     return n
 
 
+# --------------------------------------------------------------------------- command line
+
+
 def command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="exit-loop slurm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("submit", help="submit a generation or an ExIt run (or what is left of it)")
+    s.add_argument("config", help="generation or run YAML, or a run / output dir already submitted")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=4 slurm.train.gpus=8")
+    s.add_argument("--dry-run", action="store_true", help="print the scripts and the dependency graph only")
+    s.add_argument("--allow_config_change", action="store_true",
+                   help="continue a run whose config differs from the one it was made with")
+    st = sub.add_parser("status", help="one line per stage: done, running, pending, failed, with job ids")
+    st.add_argument("run_dir")
     g = sub.add_parser("gpus", help="print the GPU count (= tensor parallel size) a model needs")
     g.add_argument("model")
     g.add_argument("--gpu_memory_gb", type=float, default=80.0)
     g.add_argument("--max_gpus", type=int, default=8)
-    a = p.parse_args(argv)
-    if a.what == "gpus":
-        print(gpus_for_model(a.model, a.gpu_memory_gb, a.max_gpus))
+    a, rest = p.parse_known_args(argv)  # key=value may also come after --dry-run
+    if rest and (a.what != "submit" or any(r.startswith("-") or "=" not in r for r in rest)):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        a.overrides += rest
+    try:
+        if a.what == "submit":
+            jobs, cfg, slurm_dir = plan(a.config, a.overrides, a.allow_config_change, write=not a.dry_run)
+            submit_jobs(jobs, cfg, slurm_dir, a.dry_run)
+            if not a.dry_run:
+                print(f"exit-loop slurm status {slurm_dir.parent}")
+        elif a.what == "status":
+            jobs, slurm_dir = status_jobs(a.run_dir)
+            print("\n".join(status_lines(jobs, slurm_dir)))
+        elif a.what == "gpus":
+            print(gpus_for_model(a.model, a.gpu_memory_gb, a.max_gpus))
+    except SlurmError as e:
+        print(f"exit-loop slurm: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -356,7 +356,7 @@ def test_to_dict_and_dump_yaml_round_trip(tmp_path):
         "sample.engine={max_num_seqs: 8}", "filter.max_response_tokens=2048",
     ])
     d = to_dict(cfg)
-    assert list(d) == ["output_dir", "data", "sample", "filter"]
+    assert list(d) == ["output_dir", "data", "sample", "filter", "slurm"]
     assert d["sample"]["sampling"] == {"top_k": 5}
     assert d["sample"]["model_name"] == "1e3"
     text = dump_yaml(cfg)
