@@ -28,7 +28,7 @@ COMMANDS = {  # name: (module, function, help)
     "compare": ("exit_loop.compare", "command", "report.md/json and plots across arms and runs"),
     "stage": ("exit_loop.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
     "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),
-    "slurm": ("exit_loop.slurm", "command", "helpers for the sbatch scripts (GPU count for a model)"),
+    "slurm": ("exit_loop.slurm", "command", "submit a generation or an ExIt run to SLURM; status; GPU count"),
 }
 
 
