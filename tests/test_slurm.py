@@ -157,12 +157,15 @@ def _slurm_up() -> str:
     return ""
 
 
-NO_SLURM = _slurm_up()
-needs_slurm = pytest.mark.skipif(bool(NO_SLURM), reason=NO_SLURM)
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
 
 
 @pytest.fixture
-def cancel_after():
+def cancel_after(slurm_cluster):
     """Slurm dirs whose jobs are cancelled when the test ends (a failed test leaves none running)."""
     dirs: list[Path] = []
     yield dirs
@@ -204,7 +207,6 @@ def labelled(path: Path) -> list[tuple]:
 
 
 @pytest.mark.slurm
-@needs_slurm
 def test_exit_run_on_slurm_matches_a_local_run(tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path,
                                                cancel_after: list[Path]):
     cfg = exit_config(tmp_path, "exs", tiny_model_dir, gsm8k_dir)
@@ -241,7 +243,6 @@ def test_exit_run_on_slurm_matches_a_local_run(tmp_path: Path, tiny_model_dir: P
 
 
 @pytest.mark.slurm
-@needs_slurm
 def test_cancelled_and_requeued_generation_shards_resume_without_lost_or_duplicated_rows(
         tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
     out = tmp_path / "gen"
@@ -299,7 +300,6 @@ def test_cancelled_and_requeued_generation_shards_resume_without_lost_or_duplica
 
 
 @pytest.mark.slurm
-@needs_slurm
 def test_failed_stage_stops_its_dependents_and_a_resubmission_completes(
         tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
     heldout = tmp_path / "heldout.jsonl"  # missing at first: shard 0's eval fails
