@@ -276,6 +276,7 @@ def merge_samples(run: Run, arm: str, k: int, problems: list[Problem], t0: float
                         f"{missing[0]}); run the unfinished shards (exit-loop stage rollout --shard I)")
     rows = [found[key] for key in want]
     write_jsonl(d / "samples.jsonl", rows)
+    print(f"merge: {len(rows)} samples from {cfg.sample.num_shards} shards -> {d / 'samples.jsonl'}", flush=True)
     _manifest(d, "sample", t0, model=run.sampler_model(arm, k), questions=len(problems),
               shards=cfg.sample.num_shards,
               counts={"samples": len(rows), "tokens_generated": sum(r["num_tokens"] for r in rows)})
