@@ -16,9 +16,9 @@ the one before, round after round. Generation: `generate` (an array over shards)
 (`jobs.json`) go to `<run dir>/slurm/`. Resources per stage come from the config's `slurm:`
 section (SlurmConfig below).
 
-Every job is submitted with --requeue and --signal=B:USR1@slurm.signal_s: on that signal (time
-limit near, or preemption) it requeues itself and the stage resumes from what is on disk. A
-failed stage stops the chain (its dependents never run). Submitting again continues from the
+Every job is submitted with --requeue (SLURM puts a preempted job back in the queue) and
+--signal=B:USR1@slurm.signal_s (near its time limit the job requeues itself); either way the
+stage starts again and resumes from what is on disk. A failed stage stops the chain (its dependents never run). Submitting again continues from the
 first unfinished stage: finished stages are skipped, queued and running jobs are kept (and waited
 for), shards already complete are left out of the array.
 
@@ -284,7 +284,7 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
     lines += [
         'echo "exit-loop: $SLURM_JOB_NAME job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (task '
         '$SLURM_ARRAY_TASK_ID)} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
-        "# USR1 (--signal: the time limit is near, or preemption): requeue; the stage resumes from disk",
+        "# USR1 (--signal: the time limit is near): requeue; the stage resumes from what is on disk",
         "trap 'echo \"exit-loop: USR1: requeueing job $SLURM_JOB_ID\"; scontrol requeue \"$SLURM_JOB_ID\"' USR1",
         f"{command} &",
         "child=$!",
