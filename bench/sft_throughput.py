@@ -24,8 +24,8 @@ comparable.
 
 Measured per arm: tokens/s (prompt + completion tokens, padding excluded, over the timed steps:
 wall time between the ends of the first and last timed optimizer steps, after `--warmup`
-steps, the GPU synchronised at both ends only), MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x parameters +
-6 x layers x hidden x mean sequence length (the sequence length that attention spans: one
+steps, the GPU synchronised at both ends only), MFU = tokens/s x FLOPs per token / peak, with
+FLOPs per token = 6 x parameters + 6 x layers x hidden x mean sequence length (the sequence length that attention spans: one
 example, packed or not) and peak = `--peak_tflops` (989 TFLOP/s: H100 SXM dense bf16), the peak
 GPU memory allocated, and the loss of every optimizer step (summed from what `training_step`
 returns, read after training). On a GPU each arm runs in its own process.

@@ -435,8 +435,9 @@ class _GraphDecoder:
     def _step(self):
         """One token for every row (what the graph holds)."""
         visible = self.mask & (self.slots <= self.cache.layers[0].cumulative_length)
-        logits = self.model(input_ids=self.tokens, position_ids=self.positions, attention_mask=visible[:, None, None, :],
-                            past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=self.tokens, position_ids=self.positions,
+                            attention_mask=visible[:, None, None, :], past_key_values=self.cache,
+                            use_cache=True).logits
         self._advance(self._pick(logits[:, -1].float()))
 
     def _pick(self, logits):
