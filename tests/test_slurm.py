@@ -207,7 +207,7 @@ def labelled(path: Path) -> list[tuple]:
 
 
 @pytest.mark.slurm
-def test_exit_run_on_slurm_matches_a_local_run(tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path,
+def test_exit_run_on_slurm_matches_a_local_run(slurm_cluster, tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path,
                                                cancel_after: list[Path]):
     cfg = exit_config(tmp_path, "exs", tiny_model_dir, gsm8k_dir)
     cancel_after.append(tmp_path / "runs" / "exs" / "slurm")
@@ -244,7 +244,7 @@ def test_exit_run_on_slurm_matches_a_local_run(tmp_path: Path, tiny_model_dir: P
 
 @pytest.mark.slurm
 def test_cancelled_and_requeued_generation_shards_resume_without_lost_or_duplicated_rows(
-        tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
+        slurm_cluster, tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
     out = tmp_path / "gen"
     cancel_after.append(out / "slurm")
     n_problems, g = 16, 2
@@ -301,7 +301,7 @@ def test_cancelled_and_requeued_generation_shards_resume_without_lost_or_duplica
 
 @pytest.mark.slurm
 def test_failed_stage_stops_its_dependents_and_a_resubmission_completes(
-        tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
+        slurm_cluster, tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path, cancel_after: list[Path]):
     heldout = tmp_path / "heldout.jsonl"  # missing at first: shard 0's eval fails
     cfg = exit_config(tmp_path, "fail", tiny_model_dir, gsm8k_dir, rounds=1,
                       eval={"data": {"dataset": str(heldout), "split": "test", "num_examples": 4}},
