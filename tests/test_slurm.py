@@ -31,6 +31,8 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.C
 
 SLURM = {"cpus": 1, "mem": "3G", "time": "0:30:00", "signal_s": 60, "rollout": {"gpus": 0},
          "train": {"gpus": 0}, "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
+# HF-backend jobs run two at a time on two cores: one torch thread each, or they fight for them
+SLURM_HF = {**SLURM, "env": {**SLURM["env"], "OMP_NUM_THREADS": "1"}}
 
 
 def exit_config(tmp: Path, name: str, model: Path | str, gsm8k_dir: Path, rounds: int = 2, **extra) -> Path:
@@ -256,7 +258,7 @@ def test_cancelled_and_requeued_generation_shards_resume_without_lost_or_duplica
         "sample": {"model_name": str(tiny_model_dir), "backend": "hf", "num_samples": g, "max_tokens": 48,
                    "temperature": 0.0, "dtype": "float32", "hf_batch_size": 2, "prompt_style": "r1_zero",
                    "num_shards": 2},
-        "slurm": SLURM}))
+        "slurm": SLURM_HF}))
     res = cli("slurm", "submit", str(cfg), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     array = json.loads((out / "slurm" / "jobs.json").read_text())["jobs"]["generate"][0]["id"]
@@ -305,7 +307,7 @@ def test_failed_stage_stops_its_dependents_and_a_resubmission_completes(
     heldout = tmp_path / "heldout.jsonl"  # missing at first: shard 0's eval fails
     cfg = exit_config(tmp_path, "fail", tiny_model_dir, gsm8k_dir, rounds=1,
                       eval={"data": {"dataset": str(heldout), "split": "test", "num_examples": 4}},
-                      sample={"backend": "hf", "num_shards": 2, "max_tokens": 16})
+                      sample={"backend": "hf", "num_shards": 2, "max_tokens": 16}, slurm=SLURM_HF)
     root = tmp_path / "runs" / "fail"
     cancel_after.append(root / "slurm")
     res = cli("slurm", "submit", str(cfg), cwd=tmp_path)
