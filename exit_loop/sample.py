@@ -535,7 +535,7 @@ def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
     try:
         return VLLMBackend(cfg)
     except Exception as e:  # noqa: BLE001 - any failure to start vLLM means: use HF
-        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]  # all lines: the first may not say which
         log.warning("vLLM unavailable (%s); falling back to the HF transformers backend", reason)
         print(f"exit-loop: warning: vLLM unavailable ({reason}); falling back to the HF backend",
               flush=True)
