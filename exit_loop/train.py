@@ -258,21 +258,29 @@ def sft_config(cfg: TrainConfig):
 
 def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """All rows of all split files, in order, as {"prompt", "response"}; and per file its path,
-    sha256 and row count. Raises DataError naming file and line on a bad or empty split."""
+    sha256 and row count. Rows with a blank response (a trace where the model wrote nothing, kept
+    in an all split) are skipped, with a warning. Raises DataError naming file and line on a bad
+    or empty split."""
     rows: list[dict[str, str]] = []
     files = []
     for path in paths:
         path = Path(path)
         lines = [i for i, text in enumerate(path.open(encoding="utf-8"), 1) if text.strip()] \
             if path.exists() else []
-        n = 0
+        n = blank = 0
         for lineno, row in zip(lines, iter_jsonl(path, required=REQUIRED_KEYS)):
+            if isinstance(row["response"], str) and isinstance(row["prompt"], str) \
+                    and row["prompt"].strip() and not row["response"].strip():
+                blank += 1  # an all split keeps traces where the model wrote nothing: no text to learn
+                continue
             for key in REQUIRED_KEYS:
                 if not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{path}:{lineno}: key '{key}' must be a non-empty string, "
                                     f"got {row[key]!r}")
             rows.append({"prompt": row["prompt"], "response": row["response"]})
             n += 1
+        if blank:
+            print(f"train: {path}: skipped {blank} row(s) with a blank response", file=sys.stderr)
         if n == 0:
             raise DataError(f"{path}: empty split (no rows); a split needs rows with "
                             f"{', '.join(map(repr, REQUIRED_KEYS))}")

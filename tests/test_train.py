@@ -102,6 +102,14 @@ def test_split_response_not_a_string(tmp_path):
         read_splits([str(path)])
 
 
+def test_blank_responses_are_skipped(tmp_path, capsys):
+    """An all split keeps traces where the model wrote nothing; they hold no text to train on."""
+    path = write_jsonl(tmp_path / "all.jsonl", [FIT_ROWS[0], {"prompt": "p", "response": " "}, FIT_ROWS[1]])
+    rows, files = read_splits([str(path)])
+    assert rows == FIT_ROWS[:2] and files[0]["rows"] == 2
+    assert "skipped 1 row(s) with a blank response" in capsys.readouterr().err
+
+
 def test_empty_split_is_an_error(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", FIT_ROWS)
     empty = tmp_path / "empty.jsonl"
