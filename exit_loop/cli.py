@@ -25,6 +25,7 @@ COMMANDS = {  # name: (module, function, help)
     "train": ("exit_loop.train", "command", "SFT a student on one or more splits (TRL SFTTrainer)"),
     "eval": ("exit_loop.evaluate", "command", "held-out accuracy: greedy pass@1, pass@k, maj@k"),
     "run": ("exit_loop.loop", "command", "multi-round expert iteration, with arms, resumable"),
+    "quickstart": ("exit_loop.quickstart", "command", "offline demo: tiny task + student, ExIt rounds, compare report"),
     "compare": ("exit_loop.compare", "command", "report.md/json and plots across arms and runs"),
     "stage": ("exit_loop.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
     "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),

@@ -1,0 +1,213 @@
+"""The offline quickstart: expert iteration visibly working on a CPU in minutes, no GPU, no hub.
+
+    make quickstart                       # installs the CPU build, then runs the line below
+    exit-loop quickstart                  # or: python -m exit_loop.quickstart
+    exit-loop quickstart rounds=2 data.num_examples=128 task.num_test=100   # a smaller run
+
+From the repository root, in one process, each step skipped when its output is already there
+(so running it again resumes, or just prints where the report is):
+
+1. task: a procedurally generated arithmetic word-problem task in GSM8K's format
+   (`exit_loop.arith_task`), seeded train/test splits written where the config's
+   `data.dataset` and `eval.data.dataset` point (`data/quickstart/`).
+2. student: a byte-level BPE tokenizer trained on the task's text and a random two-layer Qwen2
+   model (`exit_loop.tiny_model`, in `data/quickstart/tiny_init/`), warm-started by SFT
+   (`exit_loop.train`, TRL's SFTTrainer) on `warmup.num_examples` gold solutions, so it knows
+   the answer format but gets most questions wrong. The result is the config's `student`
+   (`data/quickstart/student/ckpt`).
+3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.loop`): a `filtered` arm trained
+   on its correct traces and an `unfiltered` arm trained on all of them, held-out accuracy every
+   round. The config sets `isolate: false` and this command keeps vLLM's engine in this process
+   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so nothing is imported or started twice.
+4. compare: `exit-loop compare runs/quickstart` writes report.md, report.json and the plots;
+   the last lines printed say where they are.
+
+Overrides (`key=value`): `task.KEY` sets the task (`ArithTaskConfig`: num_train, num_test,
+min_steps, max_steps, max_operand, max_start, max_total, seed), `tiny.KEY` the model's shape,
+`warmup.KEY` the warm start (`num_examples`, `sft.KEY` for trl.SFTConfig); any other key goes to
+the experiment config (`rounds=2`, `sample.num_samples=8`, `runs_dir=/tmp/runs`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exit_loop.arith_task import ArithTaskConfig, write_task
+from exit_loop.config import ConfigError, load_config, to_dict
+from exit_loop.jsonl import write_json, write_jsonl
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+# Engine settings for a CPU run; set before vLLM is imported, and only where the caller has not.
+ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in this process: no spawn, no re-import
+    "VLLM_CPU_KVCACHE_SPACE": "1",          # GiB; plenty for the tiny model
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class TinyConfig:
+    """The student's shape (exit_loop.tiny_model): head dimension 64, so hidden_size / 64 heads."""
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 2
+    seed: int = 0
+
+
+def _warmup_sft() -> dict[str, Any]:
+    return {"max_steps": 200, "learning_rate": 3e-3, "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "per_device_train_batch_size": 32, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False, "max_length": 256, "save_strategy": "no",
+            "logging_steps": 25, "disable_tqdm": True}
+
+
+@dataclass
+class WarmupConfig:
+    """The warm start: SFT on the first `num_examples` training questions' gold solutions."""
+    num_examples: int = 256
+    sft: dict[str, Any] = field(default_factory=_warmup_sft)  # trl.SFTConfig fields
+
+
+@dataclass
+class QuickstartConfig:
+    task: ArithTaskConfig = field(default_factory=ArithTaskConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+
+OWN_SECTIONS = ("task", "tiny", "warmup")
+
+
+@dataclass
+class Paths:
+    """Where the quickstart's inputs go, all read from the experiment config."""
+    data_dir: Path     # train.jsonl, test.jsonl, manifest.json
+    tiny_init: Path    # the random model and its tokenizer
+    warmup_data: Path  # the gold rows the student is warm-started on
+    student: Path      # <warm-start output dir>/ckpt: the experiment's `student`
+
+    @classmethod
+    def of(cls, exp) -> Paths:
+        train, test = Path(exp.data.dataset), Path(exp.eval.data.dataset)
+        if train.parent != test.parent or (train.name, test.name) != ("train.jsonl", "test.jsonl"):
+            raise ConfigError(f"data.dataset ({train}) and eval.data.dataset ({test}): the quickstart "
+                              "writes its task as train.jsonl and test.jsonl in one directory; name them so")
+        student = Path(exp.student)
+        if student.name != "ckpt":
+            raise ConfigError(f"student ({student}): the quickstart writes the warm-started student to "
+                              "<dir>/ckpt (exit-loop train's layout); give a path ending in /ckpt")
+        return cls(train.parent, train.parent / "tiny_init", train.parent / "warmup.jsonl", student)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def make_task(cfg: ArithTaskConfig, paths: Paths) -> None:
+    manifest = paths.data_dir / "manifest.json"
+    if manifest.exists():
+        import json
+
+        old = json.loads(manifest.read_text()).get("config")
+        if old != to_dict(cfg):
+            diff = sorted(k for k in set(old or {}) | set(to_dict(cfg)) if (old or {}).get(k) != to_dict(cfg).get(k))
+            raise ConfigError(f"{paths.data_dir} holds a task made with other settings (task.{', task.'.join(diff)}); "
+                              "remove the directory (its student too) or point data.dataset elsewhere")
+        print(f"quickstart: task data in {paths.data_dir} (already there)", flush=True)
+        return
+    write_task(cfg, paths.data_dir)
+    print(f"quickstart: wrote {cfg.num_train} training and {cfg.num_test} test questions to "
+          f"{paths.data_dir}", flush=True)
+
+
+def tokenizer_texts(train_jsonl: Path) -> list[str]:
+    """What the tokenizer learns from: every training question as a student prompt, with its gold
+    canonical response."""
+    from exit_loop.baseline import baseline_row
+    from exit_loop.problems import DataConfig, load_problems
+
+    rows = [baseline_row(p) for p in load_problems(DataConfig(dataset=str(train_jsonl), split="train"))]
+    return [f"{r['prompt']} {r['response']}" for r in rows]
+
+
+def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
+    from exit_loop.baseline import baseline_row
+    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.tiny_model import create_tiny_model
+    from exit_loop.train import TrainConfig, train
+
+    if (paths.student.parent / "manifest.json").exists():
+        print(f"quickstart: student in {paths.student} (already there)", flush=True)
+        return
+    done = paths.tiny_init / "quickstart.json"
+    if not done.exists():
+        t0 = time.monotonic()
+        create_tiny_model(paths.tiny_init, tokenizer_texts(paths.data_dir / "train.jsonl"),
+                          cfg.tiny.vocab_size, cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.seed)
+        write_json(done, {"tiny": to_dict(cfg.tiny)})
+        print(f"quickstart: tokenizer and random model in {paths.tiny_init} "
+              f"({time.monotonic() - t0:.1f}s)", flush=True)
+    problems = load_problems(DataConfig(dataset=str(paths.data_dir / "train.jsonl"), split="train",
+                                        num_examples=cfg.warmup.num_examples))
+    write_jsonl(paths.warmup_data, (baseline_row(p) for p in problems))
+    t0 = time.monotonic()
+    train(TrainConfig(data=[str(paths.warmup_data)], model=str(paths.tiny_init),
+                      output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=dict(cfg.warmup.sft)))
+    print(f"quickstart: warm-started the student on {len(problems)} gold solutions -> {paths.student} "
+          f"({time.monotonic() - t0:.1f}s)", flush=True)
+
+
+def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
+        overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Make the task and the student if missing, run the loop, compare; returns the report's dir."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from exit_loop.compare import compare
+    from exit_loop.loop import ExperimentConfig, run_loop
+
+    t0 = time.monotonic()
+    exp = load_config(ExperimentConfig, config_file, list(overrides))  # fails here on a bad key
+    paths = Paths.of(exp)
+    make_task(cfg.task, paths)
+    make_student(cfg, paths)
+    root = run_loop(exp)
+    out = compare([root])
+    print(f"\nquickstart: done in {time.monotonic() - t0:.0f}s", flush=True)
+    print(f"quickstart: report  {out / 'report.md'}  (numbers: {out / 'report.json'})")
+    print(f"quickstart: plot    {out / 'accuracy.png'}  (and {out / 'response_length.png'})")
+    return out
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(the quickstart's own overrides, the experiment config's)."""
+    own = [x for x in items if x.split("=", 1)[0].split(".", 1)[0] in OWN_SECTIONS]
+    return own, [x for x in items if x not in own]
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="exit-loop quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="task.*, tiny.*, warmup.*: the quickstart's own; anything else: the experiment's")
+    a = p.parse_args(argv)
+    if not Path(a.config).exists():
+        raise ConfigError(f"{a.config}: no such config; run the quickstart from the repository root "
+                          "or give --config")
+    own, exp_overrides = split_overrides(a.overrides)
+    run(load_config(QuickstartConfig, None, own), a.config, exp_overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    from exit_loop.cli import main
+
+    sys.exit(main(["quickstart", *sys.argv[1:]]))
