@@ -15,7 +15,7 @@ import importlib
 import sys
 
 from exit_loop.config import ConfigError
-from exit_loop.jsonl import DataError
+from exit_loop.jsonl import DataError, DiskFullError
 
 COMMANDS = {  # name: (module, function, help)
     "generate": ("exit_loop.generate", "command", "sample with a teacher, verify, and write the two splits"),
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         return int(func(rest) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, DiskFullError, FileNotFoundError) as e:
         print(f"exit-loop {name}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -7,6 +7,7 @@ file is caught in one place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,27 @@ from typing import IO, Any
 
 class DataError(ValueError):
     """Bad input data: the message names the file, the line and what was expected."""
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space (ENOSPC, or EDQUOT: over quota); names the file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextmanager
+def naming_a_full_disk(path: Path) -> Iterator[None]:
+    """Re-raise a write's ENOSPC / EDQUOT as a DiskFullError that names `path` and says what to do."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(e.errno, f"{path}: {os.strerror(e.errno)}; free some space and run the same "
+                                     "command again (whatever was written completely is kept)") from e
 
 
 def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
@@ -84,7 +106,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with naming_a_full_disk(path), os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -143,17 +165,22 @@ class AppendLog:
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         text = "".join(dumps(r) + "\n" for r in rows)
         if text:
-            self._f.write(text)
-            self._f.flush()
+            with naming_a_full_disk(self.path):
+                self._f.write(text)
+                self._f.flush()
 
     def sync(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with naming_a_full_disk(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if not self._f.closed:
-            self.sync()
-            self._f.close()
+            with naming_a_full_disk(self.path):
+                try:
+                    self.sync()
+                finally:
+                    self._f.close()
 
     def __enter__(self) -> AppendLog:
         return self

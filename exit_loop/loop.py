@@ -46,7 +46,7 @@ from exit_loop.problems import DataConfig, Problem, load_problems
 from exit_loop.sample import SampleConfig, check_model_path, sample, start_backend
 from exit_loop.slurm import SlurmConfig
 from exit_loop.train import LoraSettings, TrainConfig, train
-from exit_loop.verify import verify_rows
+from exit_loop.verify import read_samples, verify_rows
 
 
 @dataclass
@@ -292,7 +292,7 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / "samples.jsonl"
-    rows = write_jsonl(d / "verified.jsonl", verify_rows(iter_jsonl(src, required=("response", "ground_truth")),
+    rows = write_jsonl(d / "verified.jsonl", verify_rows(read_samples(src, run.cfg.data.task),
                                                         task=run.cfg.data.task))
     _manifest(d, "verify", t0, input=str(src), output=str(rows))
 
@@ -436,6 +436,8 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
     check_model_path(cfg.student)
     if cfg.teacher:
         check_model_path(cfg.teacher)
+    for data in (cfg.data, cfg.eval.data):  # a bad or empty data set fails now, not rounds later
+        load_problems(data)
     check_config_change(run, allow_config_change)
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))

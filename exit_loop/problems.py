@@ -83,6 +83,8 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
     """Load, give ids, take the requested subset. Raises DataError naming file and line."""
     if cfg.task == "math":
         return _subset(load_math_problems(cfg), cfg)
+    from exit_loop.verify import parse_number  # the verifier's own reading of a number
+
     rows, where, split = _source_rows(cfg, required=("question", "answer"))
     problems = []
     for i, row in enumerate(rows):
@@ -94,6 +96,8 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
             gt = ground_truth_from_answer(str(row["answer"]))
         except ValueError as e:
             raise DataError(f"{where(i)}: key 'answer': {e}") from None
+        if parse_number(gt) is None:
+            raise DataError(f"{where(i)}: key 'answer': the final answer after '####' is not a number: {gt!r}")
         problems.append(Problem(f"{split}-{i}", str(row["question"]), gt, str(row["answer"])))
     if not problems:
         raise DataError(f"{cfg.dataset}: no problems found")

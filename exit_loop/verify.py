@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from exit_loop.config import load_config
-from exit_loop.jsonl import iter_jsonl, write_jsonl
+from exit_loop.jsonl import DataError, iter_jsonl_numbered, write_jsonl
 from exit_loop.math_pool import DEFAULT_TIMEOUT_S, TIMEOUT, MathPool, shared_pool
 from exit_loop.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
 
@@ -358,6 +358,19 @@ def _verify_rows_math(rows: Iterable[dict[str, Any]], pool: MathPool) -> Iterato
 
 # --------------------------------------------------------------------------- stage entry
 
+def read_samples(path: str | Path, task: str = "gsm8k") -> Iterator[dict[str, Any]]:
+    """Stream the rows to verify from `path`: each needs `response` and `ground_truth`, and for
+    GSM8K a ground truth that is a number; a row without raises DataError naming its line (a
+    ground truth that cannot match would label every trace of its question wrong, silently)."""
+    for lineno, row in iter_jsonl_numbered(path, required=("response", "ground_truth")):
+        truth = row["ground_truth"]
+        text = "" if truth is None or isinstance(truth, bool) else str(truth).strip()
+        if not text or (task == "gsm8k" and parse_number(text) is None):
+            expected = "a number" if task == "gsm8k" else "the reference answer"
+            raise DataError(f"{path}:{lineno}: key 'ground_truth': expected {expected}, got {truth!r}")
+        yield row
+
+
 def run(cfg: VerifyConfig) -> Path:
     """Stage entry: read `cfg.input`, write the labelled rows to `cfg.output` (atomically).
     Rows stream through: memory stays bounded whatever the file's size."""
@@ -367,8 +380,8 @@ def run(cfg: VerifyConfig) -> Path:
         raise ValueError("verify.input: expected a path to a JSONL file of sampled rows")
     if not cfg.output:
         raise ValueError("verify.output: expected a path for the verified JSONL file")
-    rows = iter_jsonl(cfg.input, required=("response", "ground_truth"))
-    return write_jsonl(cfg.output, verify_rows(rows, cfg.task, math_workers=cfg.math_workers,
+    return write_jsonl(cfg.output, verify_rows(read_samples(cfg.input, cfg.task), cfg.task,
+                                               math_workers=cfg.math_workers,
                                                math_timeout_s=cfg.math_timeout_s))
 
 
