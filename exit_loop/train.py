@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 import random
 import re
@@ -489,6 +490,28 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     )
 
 
+def last_complete_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest `checkpoint-N` in `trainer_dir` that the Trainer finished writing, or None.
+
+    transformers writes a checkpoint in place and its `trainer_state.json` last, so a job killed
+    while saving leaves a newer directory without one (or with half of it); `get_last_checkpoint`
+    would resume from that. Such a directory is skipped, with a note, and overwritten later."""
+    found = []
+    for d in trainer_dir.glob("checkpoint-*") if trainer_dir.is_dir() else ():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            print(f"train: {d} is incomplete (no whole trainer_state.json: the job died while "
+                  "saving it); resuming from an earlier checkpoint", file=sys.stderr)
+            continue
+        return str(d)
+    return None
+
+
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the output directory (see the module doc)."""
     out = Path(cfg.output_dir)
@@ -503,7 +526,6 @@ def train(cfg: TrainConfig) -> Path:
     rows = subsample(rows, cfg.num_examples, cfg.seed)
 
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
 
     state = PartialState()
     resolved = dump_yaml(cfg)
@@ -523,7 +545,7 @@ def train(cfg: TrainConfig) -> Path:
               file=sys.stderr)
 
     trainer_dir = Path(args.output_dir)
-    resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    resume = last_complete_checkpoint(trainer_dir)
     trainer.train(resume_from_checkpoint=resume)
 
     # Save: every process takes part in gathering the weights (FSDP, ZeRO-3); the main one writes.

@@ -391,10 +391,38 @@ def test_done_run_is_skipped_and_crashed_run_resumes(tmp_path, tiny_model_dir, g
     again = json.loads(manifest.read_text())
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 4
 
+    # A crash while TRL wrote checkpoint-4: its weights cut short, no trainer_state.json yet.
+    # The resume must take checkpoint-2, not the newest directory.
+    manifest.unlink()
+    shutil.rmtree(out / "ckpt")
+    torn = out / "trainer" / "checkpoint-4"
+    (torn / "trainer_state.json").unlink()
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert train(cfg) == out
+    again = json.loads(manifest.read_text())
+    assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 4
+
     other = TrainConfig(data=cfg.data, model=cfg.model, output_dir=cfg.output_dir, seed=1, sft=cfg.sft)
     manifest.unlink()
     with pytest.raises(ConfigError, match="holds a run with a different config"):
         train(other)
+
+
+def test_last_complete_checkpoint_skips_one_torn_while_saving(tmp_path, capsys):
+    from exit_loop.train import last_complete_checkpoint
+
+    trainer = tmp_path / "trainer"
+    assert last_complete_checkpoint(trainer) is None  # no directory yet
+    for step, state in ((2, '{"global_step": 2}'), (10, '{"global_step": 10}'), (12, None), (14, '{"glo')):
+        d = trainer / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    (trainer / "checkpoint-99.tmp").mkdir()
+    assert last_complete_checkpoint(trainer) == str(trainer / "checkpoint-10")  # by number, not by name
+    err = capsys.readouterr().err
+    assert "checkpoint-14 is incomplete" in err and "checkpoint-12 is incomplete" in err
 
 
 @pytest.mark.engine
