@@ -1,5 +1,7 @@
-# make demo   installs the CPU build and runs a tiny end-to-end generation (no GPU, no hub)
-# make test   installs the CPU build and the test tools, then runs every test tier
+# make quickstart  installs the CPU build, then runs the offline quickstart: a tiny student improves
+#                  by expert iteration on a generated arithmetic task (no GPU, no hub, < 10 min)
+# make test        installs the CPU build and the test tools, then runs every test tier
+# make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
 DEMO_DIR ?= runs/demo
@@ -7,12 +9,15 @@ DEMO_DIR ?= runs/demo
 # that already carry that wheel locally (pip find-links) don't need the index.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test
+.PHONY: install quickstart demo test
 
 install:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
 	@# PyPI's torchvision/torchaudio/torchcodec don't match torch 2.13.0+cpu and break `import transformers`
 	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+
+quickstart: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m exit_loop quickstart
 
 demo: install
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 $(PYTHON) -m exit_loop.tiny_model \

