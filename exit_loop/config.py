@@ -149,6 +149,28 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
                       f"got {value!r} ({type(value).__name__})")
 
 
+def _default_section(f: dataclasses.Field) -> Any:
+    """The default of a field that holds a section (a dataclass instance), else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = None if f.default is dataclasses.MISSING else f.default
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _over_defaults(section: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` laid over a default section's values, section by section, so that keys not given
+    keep the section's own default (`eval.data` defaults to split 'test'; setting only
+    `eval.data.dataset` must not turn it into DataConfig's 'train')."""
+    out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.init}
+    for name, value in given.items():
+        current = out.get(name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current) and not isinstance(current, type):
+            value = _over_defaults(current, value)
+        out[name] = value
+    return out
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str, lines: dict[str, str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -159,6 +181,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, lines: dict[str, str
             scope = f"under '{prefix}'" if prefix else "at the top level"
             raise ConfigError(f"unknown config key '{key}'{_where(key, lines)}; valid keys {scope}: "
                               f"{', '.join(sorted(fields))}")
+        if isinstance(value, dict) and (default := _default_section(fields[name])) is not None:
+            value = _over_defaults(default, value)
         kwargs[name] = _convert(value, hints[name], key, lines)
     try:
         obj = cls(**kwargs)

@@ -437,3 +437,21 @@ def test_dump_leaves_out_derived_fields_so_it_loads_back(tmp_path):
     path = tmp_path / "d.yaml"
     path.write_text(dump_yaml(cfg), encoding="utf-8")
     assert load_config(Derived, path) == cfg
+
+
+def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
+    """Setting one key of a section whose default is not its class's default (eval.data is
+    DataConfig(split="test")) keeps the others: eval must not quietly read the training split."""
+    from exit_loop.loop import ExperimentConfig
+    from exit_loop.quickstart import QuickstartConfig
+
+    cfg = load_config(ExperimentConfig, None, ["student=x", "eval.data.dataset=t.jsonl"])
+    assert (cfg.eval.data.dataset, cfg.eval.data.split) == ("t.jsonl", "test")
+    path = tmp_path / "c.yaml"
+    path.write_text("student: x\neval:\n  k: 4\n  data:\n    num_examples: 50\n")
+    cfg = load_config(ExperimentConfig, path)
+    assert (cfg.eval.k, cfg.eval.data.split, cfg.eval.data.num_examples) == (4, "test", 50)
+    task = load_config(QuickstartConfig, None, ["task.num_test=100"]).task
+    assert (task.num_train, task.num_test) == (2048, 100)  # QuickstartConfig's own task default
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval.data.splt'.*valid keys under 'eval.data'"):
+        load_config(ExperimentConfig, None, ["student=x", "eval.data.splt=test"])
