@@ -499,7 +499,7 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     while saving leaves a newer directory without one (or with half of it); `get_last_checkpoint`
     would resume from that. Such a directory is skipped, with a note, and overwritten later."""
     found = []
-    for d in trainer_dir.glob("checkpoint-*") if trainer_dir.is_dir() else ():
+    for d in trainer_dir.glob("checkpoint-*"):  # none where the directory does not exist yet
         m = re.fullmatch(r"checkpoint-(\d+)", d.name)
         if m and d.is_dir():
             found.append((int(m.group(1)), d))
