@@ -29,10 +29,12 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,59 @@ def run_cb(backend, prompts: list[str], new_tokens: int, temperature: float) -> 
     return time.perf_counter() - t0, sum(len(o.generated_tokens) for o in out.values())
 
 
-def greedy_check(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+def parse_variant(text: str) -> dict[str, Any]:
+    """`default`, or decoder settings such as `c1b128`: compile off (c0), on (c1) or with
+    max-autotune (c2); KV bucket 128 slots (b0: the whole cache in every step)."""
+    if text == "default":
+        return {}
+    m = re.fullmatch(r"c([012])b(\d+)", text)
+    if not m:
+        raise SystemExit(f"--variants: {text!r} is not 'default' or c<0|1|2>b<slots> (e.g. c1b128)")
+    compile = {"0": False, "1": True, "2": "max-autotune-no-cudagraphs"}[m[1]]
+    return {"hf_compile": compile, "hf_kv_bucket": int(m[2])}
+
+
+def breakdown(backend, prompts: list[str], profile_to: str | None, tag: str = "") -> dict[str, Any]:
+    """Prefill time, and the time of one decoding step through each of the decoder's graphs."""
+    import torch
+
+    from exit_loop.attention import decode_kv_limit
+
+    d = backend._decoder
+    enc = backend.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
+    out: dict[str, Any] = {}
+    with torch.no_grad(), d._attention():
+        _sync()
+        t0 = time.perf_counter()
+        d._prefill(enc["input_ids"], enc["attention_mask"])
+        _sync()
+        out["prefill_s"] = round(time.perf_counter() - t0, 4)
+        for limit, graph in d.graphs.items():
+            d._prefill(enc["input_ids"], enc["attention_mask"])
+            graph.replay()
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(16):
+                graph.replay()
+            _sync()
+            out[f"step_ms_kv{limit}"] = round((time.perf_counter() - t0) / 16 * 1e3, 3)
+        if profile_to:  # the kernels of one step through the last graph, and of one eager step
+            from torch.profiler import ProfilerActivity, profile
+
+            table = {}
+            for name, fn in (("graph", lambda: graph.replay()), ("eager", d._step)):
+                d._prefill(enc["input_ids"], enc["attention_mask"])
+                with decode_kv_limit(limit), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(4):
+                        fn()
+                    _sync()
+                table[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            Path(profile_to).with_suffix(f".{tag.replace(' ', '_')}.prof.txt").write_text(
+                "\n\n".join(f"{k} (4 steps)\n{v}" for k, v in table.items()))
+    return out
+
+
+def greedy_check(a: argparse.Namespace, work: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Backend vs plain generate, greedy, on 8 fixed prompts of different lengths (float32)."""
     from exit_loop.sample import HFBackend, SampleConfig
 
@@ -129,7 +183,7 @@ def greedy_check(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     lengths = [20, 90, 35, 64, 48, 77, 25, 56] if a.check_shape != "tiny" else [6, 14, 9, 11, 7, 13, 8, 10]
     prompts = word_prompts(8, lengths, vocab, seed=a.seed + 1)
     cfg = SampleConfig(model_name=str(model_dir), backend="hf", temperature=0.0, max_tokens=32, stop=[],
-                       dtype="float32", hf_batch_size=a.batch, seed=a.seed)
+                       dtype="float32", hf_batch_size=a.batch, seed=a.seed, **settings)
     backend = HFBackend(cfg)
     try:
         _, _, texts = run_backend(backend, prompts, cfg)
@@ -153,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--repeats", type=int, default=1, help="timed calls of each arm after the warm-up")
+    p.add_argument("--variants", default="default",
+                   help="comma-separated decoder settings to time: default, or c<0|1>b<slots> "
+                        "(compile off/on, KV bucket; b0 = whole cache), e.g. c0b0,c1b128")
+    p.add_argument("--profile", action="store_true", help="with --json: kernel tables of one step per variant")
     p.add_argument("--cb", action="store_true", help="also time transformers' continuous batching")
     p.add_argument("--skip_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
@@ -172,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python bench/hf_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "versions": _versions(), "shape": a.shape, "batch": a.batch, "prompt_len": a.prompt_len,
-        "new_tokens": a.new_tokens, "temperature": a.temperature, "arms": {},
+        "new_tokens": a.new_tokens, "temperature": a.temperature, "arms": {}, "greedy_check": {},
     }
     model_dir = build_model_dir(a.shape, work / "model", a.seed)
     prompts = word_prompts(a.batch, a.prompt_len, SHAPES[a.shape]["vocab_size"], a.seed)
@@ -187,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tps = [n / dt for dt, n in runs]
         report["arms"][name] = {"tokens_per_s": statistics.median(tps), "runs": [
             {"seconds": round(dt, 3), "tokens": n} for dt, n in runs], **more}
-        print(f"{name:<14} {statistics.median(tps):>10.0f} tokens/s  "
+        print(f"{name:<22} {statistics.median(tps):>10.0f} tokens/s  "
               f"({', '.join(f'{n} in {dt:.1f}s' for dt, n in runs)})", flush=True)
         if a.json:  # after every arm, so a run cut short keeps what it measured
             Path(a.json).write_text(json.dumps(report, indent=1))
@@ -196,31 +254,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_plain(backend, prompts[:8], {**gen_kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # CUDA warm-up
         if not a.skip_plain:
             record("plain", [run_plain(backend, prompts, gen_kwargs)[:2] for _ in range(a.repeats)])
-        dt, n, _ = run_backend(backend, prompts, cfg)
-        record("hf first call", [(dt, n)], note="includes capturing the CUDA graph" if backend.graphs else "")
-        record("hf", [run_backend(backend, prompts, cfg)[:2] for _ in range(a.repeats)], graphs=backend.graphs)
+        for variant in a.variants.split(","):
+            vcfg = replace(cfg, **parse_variant(variant))
+            tag = "hf" if variant == "default" else f"hf {variant}"
+            dt, n, first = run_backend(backend, prompts, vcfg)
+            record(f"{tag} first call", [(dt, n)],
+                   note="includes compiling and capturing the CUDA graphs" if backend.graphs else "")
+            runs = [run_backend(backend, prompts, vcfg) for _ in range(a.repeats)]
+            record(tag, [r[:2] for r in runs], graphs=backend.graphs, compiled=backend.graphs and vcfg.hf_compile
+                   and backend.compile_ok, kv_bucket=vcfg.hf_kv_bucket,
+                   calls_differ=first != runs[0][2])  # sampling: fresh draws in every call
+            if backend.graphs and backend._decoder is not None:
+                report["arms"][tag]["breakdown"] = breakdown(backend, prompts, a.profile and a.json, tag)
+                print(f"{tag} breakdown: {report['arms'][tag]['breakdown']}", flush=True)
+            report["greedy_check"][variant] = check = greedy_check(a, work, parse_variant(variant))
+            print(f"{tag} greedy check: {check}", flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps(report, indent=1))
         if cuda:
             report["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if backend.graphs and backend._decoder is not None:  # where the decoder's time goes
-            d = backend._decoder
-            enc = backend.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
-            with torch.no_grad(), d._attention():
-                _sync()
-                t0 = time.perf_counter()
-                d._prefill(enc["input_ids"], enc["attention_mask"])
-                _sync()
-                t1 = time.perf_counter()
-                for _ in range(32):
-                    d.graph.replay()
-                _sync()
-                t2 = time.perf_counter()
-            report["breakdown"] = {"prefill_s": round(t1 - t0, 4), "graph_step_ms": round((t2 - t1) / 32 * 1e3, 3)}
-            print(f"hf breakdown: {report['breakdown']}", flush=True)
+        hf = [r for k, r in report["arms"].items() if k.startswith("hf") and "first call" not in k]
         if "plain" in report["arms"]:
-            report["speedup"] = report["arms"]["hf"]["tokens_per_s"] / report["arms"]["plain"]["tokens_per_s"]
+            report["speedup"] = max(r["tokens_per_s"] for r in hf) / report["arms"]["plain"]["tokens_per_s"]
             print(f"hf / plain: {report['speedup']:.1f}x", flush=True)
-        report["greedy_check"] = greedy_check(a, work)
-        print(f"greedy check: {report['greedy_check']}", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=1))
         if a.cb:
@@ -235,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{report['device']}  shape {a.shape}  batch {a.batch}  prompt {a.prompt_len}  new {a.new_tokens}  "
           f"{report['versions']}")
     for name, r in report["arms"].items():
-        print(f"{name:<14} {r.get('tokens_per_s', float('nan')):>10.0f} tokens/s")
+        print(f"{name:<22} {r.get('tokens_per_s', float('nan')):>10.0f} tokens/s")
     if "speedup" in report:
         print(f"hf / plain: {report['speedup']:.1f}x")
     print(f"greedy check: {report['greedy_check']}")

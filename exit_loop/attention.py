@@ -16,17 +16,68 @@ in every other case (CPU, float32, padded batches, generation), masks included.
 It also registers `gqa_decode` for the HF sampler's CUDA-graph decoder (exit_loop.sample): one
 new token per row against a long KV cache, for grouped-query models, without copying the cache
 once per query head as `sdpa` does when there is a mask (the copies cost more than the
-attention itself at batch 256); everything else goes to `sdpa`.
+attention itself at batch 256); everything else goes to `sdpa`. Under `decode_kv_limit(n)` it
+reads only the first `n` slots of the cache (the decoder captures one graph per limit, so a
+step early in a row reads a short cache, not all of it), and `torch.compile` leaves it out of
+the compiled graph (a graph break), so the limit is read when it runs and never recompiles.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 NAME = "varlen_sdpa"
 DECODE_NAME = "gqa_decode"
 _varlen_kwargs: dict[str, Any] | None = None
+log = logging.getLogger("exit_loop.attention")
+_kv_limit: int | None = None  # gqa_decode reads cache slots [0, _kv_limit) only
+_flex: Any = None  # gqa_decode's compiled FlexAttention (flex decoding), while decode_flex(True) holds
+_flex_failed: str | None = None  # why compiling it failed: then the matmul path for good
+
+
+@contextmanager
+def decode_flex(on: bool = True) -> Iterator[None]:
+    """Within this, `gqa_decode` on a GPU runs FlexAttention compiled by torch.compile (one fused
+    split-KV kernel: the cache is read once, no score tensor in memory) instead of two matmuls
+    and a softmax; if compiling it fails, it warns once and keeps to the matmuls."""
+    global _flex
+    old = _flex
+    if on and _flex is None and _flex_failed is None:
+        import torch
+
+        _flex = torch.compile(_flex_decode, dynamic=False, fullgraph=True)
+    elif not on:
+        _flex = None
+    try:
+        yield
+    finally:
+        _flex = old
+
+
+def _flex_decode(query, key, value, visible, scale: float):
+    """FlexAttention over the slots where `visible` (batch, slots) is True."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(visible[b, kv_idx], score, -float("inf"))
+
+    return flex_attention(query, key, value, score_mod=score_mod, scale=scale, enable_gqa=True)
+
+
+@contextmanager
+def decode_kv_limit(n: int | None) -> Iterator[None]:
+    """Within this, `gqa_decode` attends over the first `n` cache slots (None: all of them).
+    The caller guarantees that every slot at or after `n` is masked out."""
+    global _kv_limit
+    old, _kv_limit = _kv_limit, n
+    try:
+        yield
+    finally:
+        _kv_limit = old
 
 
 def varlen_available() -> bool:
@@ -105,9 +156,19 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if _kv_limit is not None and _kv_limit < key.shape[2]:
+        key, value, attention_mask = key[:, :, :_kv_limit], value[:, :, :_kv_limit], attention_mask[..., :_kv_limit]
+    global _flex, _flex_failed
     b, h, _, d = query.shape
     hk = key.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
+    if _flex is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
+        try:
+            return _flex(query, key, value, attention_mask[:, 0, 0], scale).transpose(1, 2), None
+        except Exception as e:  # noqa: BLE001 - the matmul path below gives the same result
+            _flex, _flex_failed = None, " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            log.warning("gqa_decode: FlexAttention failed (%s); using matmuls", _flex_failed)
+            print(f"exit-loop: warning: FlexAttention decoding failed ({_flex_failed}); using matmuls", flush=True)
     q = query.reshape(b, hk, h // hk, d)  # query heads j*g .. j*g+g-1 share key/value head j
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (b, hk, g, cache)
     if attention_mask.dtype == torch.bool:
@@ -123,6 +184,8 @@ def register_decode_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(DECODE_NAME, decode_attention_forward)
+    import torch
+
+    AttentionInterface.register(DECODE_NAME, torch.compiler.disable(decode_attention_forward, recursive=True))
     ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_NAME, sdpa_mask)
     return DECODE_NAME

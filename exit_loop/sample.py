@@ -56,6 +56,9 @@ class SampleConfig:
     sampling: dict[str, Any] = field(default_factory=dict)  # further vllm.SamplingParams keys
     engine: dict[str, Any] = field(default_factory=dict)    # further vllm.LLM keyword arguments
     hf_batch_size: int = 64
+    hf_compile: bool | str = True          # GPU decoding: torch.compile the step before graph capture
+                                           # (or a torch.compile mode, e.g. max-autotune-no-cudagraphs)
+    hf_kv_bucket: int = 128                # GPU decoding: attention reads the cache in steps of this many slots
     num_shards: int = 1
     shard_id: int = 0
     round: int = 0                         # provenance, set by the loop
@@ -264,6 +267,7 @@ class HFBackend:
             cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
         self.graphs = self.device.type == "cuda"  # decode through _GraphDecoder
+        self.compile_ok = True  # False once compiling the decoding step has failed
         self._decoder: _GraphDecoder | None = None
         torch.manual_seed(cfg.seed)
 
@@ -327,37 +331,50 @@ class HFBackend:
         import torch
 
         if graph:
-            try:
-                top_k = int(cfg.sampling.get("top_k") or 0)
-                decoder = self._graph_decoder(enc["input_ids"].shape, cfg.max_tokens, eos_ids, max(top_k, 0),
-                                              cfg.top_p if cfg.temperature > 0 else 1.0)
-                return decoder.run(enc["input_ids"], enc["attention_mask"], cfg.max_tokens,
-                                   int(cfg.sampling.get("min_tokens") or 0), cfg.temperature,
-                                   cfg.stop_strings, self._decode)
-            except Exception as e:  # noqa: BLE001 - a failed graph must not stop sampling
-                reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-                log.warning("HF backend: CUDA-graph decoding failed (%s); using plain generate", reason)
-                print(f"exit-loop: warning: CUDA-graph decoding failed ({reason}); using plain generate",
-                      flush=True)
-                self.graphs, self._decoder = False, None
-                torch.cuda.empty_cache()
+            top_k = int(cfg.sampling.get("top_k") or 0)
+            compile = cfg.hf_compile if self.compile_ok else False
+            while True:
+                try:
+                    decoder = self._graph_decoder(enc["input_ids"].shape, cfg.max_tokens, eos_ids, max(top_k, 0),
+                                                  cfg.top_p if cfg.temperature > 0 else 1.0, compile,
+                                                  cfg.hf_kv_bucket)
+                    return decoder.run(enc["input_ids"], enc["attention_mask"], cfg.max_tokens,
+                                       int(cfg.sampling.get("min_tokens") or 0), cfg.temperature,
+                                       cfg.stop_strings, self._decode)
+                except Exception as e:  # noqa: BLE001 - a failed graph must not stop sampling
+                    reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+                    self._decoder = None
+                    torch.cuda.empty_cache()
+                    if compile:  # compilation failed (no Triton, say): the same graphs, uncompiled
+                        log.warning("HF backend: compiling the decoding step failed (%s); decoding uncompiled", reason)
+                        print(f"exit-loop: warning: compiling the decoding step failed ({reason}); "
+                              "decoding uncompiled", flush=True)
+                        compile = self.compile_ok = False
+                        continue
+                    log.warning("HF backend: CUDA-graph decoding failed (%s); using plain generate", reason)
+                    print(f"exit-loop: warning: CUDA-graph decoding failed ({reason}); using plain generate",
+                          flush=True)
+                    self.graphs = False
+                    break
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen_kwargs)
         return out[:, enc["input_ids"].shape[1]:].tolist()
 
-    def _graph_decoder(self, shape, max_tokens: int, eos_ids: set[int], top_k: int, top_p: float) -> _GraphDecoder:
+    def _graph_decoder(self, shape, max_tokens: int, eos_ids: set[int], top_k: int, top_p: float, compile: bool,
+                       kv_bucket: int) -> _GraphDecoder:
         """The decoder for this batch shape: the last one if it fits, else a new one (the first
         batch of a call is its longest, so one decoder serves a whole call)."""
         import torch
 
         batch, prompt_len = shape
         d = self._decoder
-        if d is None or d.batch != batch or d.max_len < prompt_len + max_tokens or (d.top_k, d.top_p) != (top_k, top_p):
+        if (d is None or d.batch != batch or d.max_len < prompt_len + max_tokens
+                or (d.top_k, d.top_p, d.compiled, d.kv_bucket) != (top_k, top_p, compile, kv_bucket)):
             self._decoder = d = None
             torch.cuda.empty_cache()
             max_len = -(-(prompt_len + max_tokens) // 128) * 128
             self._decoder = d = _GraphDecoder(self.model, batch, max_len, eos_ids, self.tok.pad_token_id,
-                                              top_k, top_p)
+                                              top_k, top_p, compile, kv_bucket)
         return d
 
 
@@ -373,13 +390,15 @@ class _GraphDecoder:
     CHECK_EVERY = 32
 
     def __init__(self, model, batch: int, max_len: int, eos_ids: set[int], pad_id: int, top_k: int,
-                 top_p: float):
+                 top_p: float, compile: bool | str = False, kv_bucket: int = 0):
         import torch
         from transformers import StaticCache
 
+        from exit_loop.attention import decode_kv_limit
+
         dev = model.device
         self.model, self.batch, self.max_len, self.pad_id = model, batch, max_len, pad_id
-        self.top_k, self.top_p = top_k, top_p
+        self.top_k, self.top_p, self.compiled, self.kv_bucket = top_k, top_p, compile, kv_bucket
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise NotImplementedError("sliding-window attention layers")
@@ -395,26 +414,44 @@ class _GraphDecoder:
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.out = torch.full((batch, max_len), pad_id, **long)
         self.eos = torch.tensor(sorted(eos_ids), **long)
-        with torch.no_grad(), self._attention():
+        # one graph per cache length the attention reads: kv_bucket, 2 kv_bucket, ..., max_len
+        bucket = kv_bucket if 0 < kv_bucket < max_len else max_len
+        self.limits = sorted({*range(bucket, max_len, bucket), max_len})
+        step = self._step
+        if compile:  # "max-autotune": Triton matmul templates tuned for these shapes (slow to compile)
+            step = torch.compile(self._step, dynamic=False, mode=None if compile is True else compile)
+        # each layer's attention is a graph break, and the frame after it is compiled once per layer
+        # (its layer index is a constant): allow that many, not dynamo's default of 8
+        layers = model.config.get_text_config().num_hidden_layers
+        limit = max(torch._dynamo.config.recompile_limit, 2 * layers + len(self.limits) + 8)
+        with torch.no_grad(), self._attention(), torch._dynamo.config.patch(recompile_limit=limit):
             self._prefill(self.tokens, torch.ones_like(self.tokens))  # allocates the cache
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
+            with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
+                for limit in self.limits:
+                    with decode_kv_limit(limit):
+                        for _ in range(2):
+                            step()
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step()
+            self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+            pool = None
+            for limit in self.limits:  # the graphs never run at once: one memory pool for all
+                graph = torch.cuda.CUDAGraph()
+                with decode_kv_limit(limit), torch.cuda.graph(graph, pool=pool):
+                    step()
+                pool = graph.pool()
+                self.graphs[limit] = graph
 
     @contextmanager
     def _attention(self):
-        from exit_loop.attention import register_decode_attention
+        from exit_loop.attention import decode_flex, register_decode_attention
 
         old = self.model.config._attn_implementation
         self.model.set_attn_implementation(register_decode_attention())
         try:
-            yield
+            with decode_flex(bool(self.compiled)):
+                yield
         finally:
             self.model.set_attn_implementation(old)
 
@@ -477,11 +514,16 @@ class _GraphDecoder:
             self.temperature.fill_(max(temperature, 1e-5))
             self.greedy.fill_(temperature == 0)
             self._prefill(input_ids, attention_mask)
+            prompt_len = input_ids.shape[1]
+            limits = iter(self.limits)
+            limit = next(limits)
             n = 1
             while n < max_new:
                 if n % self.CHECK_EVERY == 0 and self._finished(n, stop, decode):
                     break
-                self.graph.replay()
+                while limit < prompt_len + n:  # this step writes slot prompt_len + n - 1
+                    limit = next(limits)
+                self.graphs[limit].replay()
                 n += 1
             return self.out[:, :n].tolist()
 

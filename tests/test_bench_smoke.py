@@ -54,5 +54,5 @@ def test_hf_sampler_smoke(tmp_path):
                               "--json", str(out)])
     assert {"plain", "hf first call", "hf"} <= report["arms"].keys()
     assert report["arms"]["hf"]["runs"][0]["tokens"] == report["arms"]["plain"]["runs"][0]["tokens"] == 16
-    assert report["greedy_check"]["identical"] is True
-    assert json.loads(out.read_text())["greedy_check"]["identical"] is True
+    assert report["greedy_check"]["default"]["identical"] is True
+    assert json.loads(out.read_text())["greedy_check"]["default"]["identical"] is True
