@@ -123,15 +123,14 @@ def run_cb(backend, prompts: list[str], new_tokens: int, temperature: float) -> 
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """`default`, or decoder settings such as `c1b128`: compile off (c0), on (c1) or with
-    max-autotune (c2); KV bucket 128 slots (b0: the whole cache in every step)."""
+    """`default`, or decoder settings such as `c1b128`: compile on (c1) or off (c0), KV bucket 128
+    slots (b0: the whole cache in every step)."""
     if text == "default":
         return {}
-    m = re.fullmatch(r"c([012])b(\d+)", text)
+    m = re.fullmatch(r"c([01])b(\d+)", text)
     if not m:
-        raise SystemExit(f"--variants: {text!r} is not 'default' or c<0|1|2>b<slots> (e.g. c1b128)")
-    compile = {"0": False, "1": True, "2": "max-autotune-no-cudagraphs"}[m[1]]
-    return {"hf_compile": compile, "hf_kv_bucket": int(m[2])}
+        raise SystemExit(f"--variants: {text!r} is not 'default' or c<0|1>b<slots> (e.g. c1b128)")
+    return {"hf_compile": m[1] == "1", "hf_kv_bucket": int(m[2])}
 
 
 def breakdown(backend, prompts: list[str], profile_to: str | None, tag: str = "") -> dict[str, Any]:

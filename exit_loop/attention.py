@@ -34,38 +34,40 @@ DECODE_NAME = "gqa_decode"
 _varlen_kwargs: dict[str, Any] | None = None
 log = logging.getLogger("exit_loop.attention")
 _kv_limit: int | None = None  # gqa_decode reads cache slots [0, _kv_limit) only
-_flex: Any = None  # gqa_decode's compiled FlexAttention (flex decoding), while decode_flex(True) holds
-_flex_failed: str | None = None  # why compiling it failed: then the matmul path for good
+_compiled: Any = None  # gqa_decode's compiled core, while decode_compiled(True) holds
+_compile_failed: str | None = None  # why compiling it failed: then uncompiled for good
 
 
 @contextmanager
-def decode_flex(on: bool = True) -> Iterator[None]:
-    """Within this, `gqa_decode` on a GPU runs FlexAttention compiled by torch.compile (one fused
-    split-KV kernel: the cache is read once, no score tensor in memory) instead of two matmuls
-    and a softmax; if compiling it fails, it warns once and keeps to the matmuls."""
-    global _flex
-    old = _flex
-    if on and _flex is None and _flex_failed is None:
+def decode_compiled(on: bool = True) -> Iterator[None]:
+    """Within this, `gqa_decode` runs its matmuls and softmax compiled by torch.compile (scale,
+    mask, softmax and cast in one kernel between the two matmuls; one compilation per cache
+    length); if compiling fails, it warns once and runs them uncompiled."""
+    global _compiled
+    old = _compiled
+    if on and _compiled is None and _compile_failed is None:
         import torch
 
-        _flex = torch.compile(_flex_decode, dynamic=False, fullgraph=True)
+        _compiled = torch.compile(_decode_core, dynamic=False)
     elif not on:
-        _flex = None
+        _compiled = None
     try:
         yield
     finally:
-        _flex = old
+        _compiled = old
 
 
-def _flex_decode(query, key, value, visible, scale: float):
-    """FlexAttention over the slots where `visible` (batch, slots) is True."""
+def _decode_core(q, key, value, visible, scale: float):
+    """(batch, kv_heads, group, dim) queries against (batch, kv_heads, slots, dim) keys and values;
+    `visible` (batch, 1, 1, slots) bool or additive float."""
     import torch
-    from torch.nn.attention.flex_attention import flex_attention
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(visible[b, kv_idx], score, -float("inf"))
-
-    return flex_attention(query, key, value, score_mod=score_mod, scale=scale, enable_gqa=True)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (b, hk, g, cache)
+    if visible.dtype == torch.bool:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    else:
+        scores = scores + visible
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (b, hk, g, d)
 
 
 @contextmanager
@@ -158,24 +160,21 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
                                       scaling=scaling, **kwargs)
     if _kv_limit is not None and _kv_limit < key.shape[2]:
         key, value, attention_mask = key[:, :, :_kv_limit], value[:, :, :_kv_limit], attention_mask[..., :_kv_limit]
-    global _flex, _flex_failed
+    global _compiled, _compile_failed
     b, h, _, d = query.shape
     hk = key.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
-    if _flex is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
-        try:
-            return _flex(query, key, value, attention_mask[:, 0, 0], scale).transpose(1, 2), None
-        except Exception as e:  # noqa: BLE001 - the matmul path below gives the same result
-            _flex, _flex_failed = None, " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            log.warning("gqa_decode: FlexAttention failed (%s); using matmuls", _flex_failed)
-            print(f"exit-loop: warning: FlexAttention decoding failed ({_flex_failed}); using matmuls", flush=True)
     q = query.reshape(b, hk, h // hk, d)  # query heads j*g .. j*g+g-1 share key/value head j
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (b, hk, g, cache)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    else:
-        scores = scores + attention_mask
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (b, hk, g, d)
+    if _compiled is not None:
+        try:
+            out = _compiled(q, key, value, attention_mask, scale)
+            return out.reshape(b, h, 1, d).transpose(1, 2), None
+        except Exception as e:  # noqa: BLE001 - the same function, uncompiled, below
+            _compiled, _compile_failed = None, " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            log.warning("gqa_decode: compiling failed (%s); running uncompiled", _compile_failed)
+            print(f"exit-loop: warning: compiling the decode attention failed ({_compile_failed}); "
+                  "running it uncompiled", flush=True)
+    out = _decode_core(q, key, value, attention_mask, scale)
     return out.reshape(b, h, 1, d).transpose(1, 2), None
 
 
