@@ -158,9 +158,9 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    global _compiled, _compile_failed
     if _kv_limit is not None and _kv_limit < key.shape[2]:
         key, value, attention_mask = key[:, :, :_kv_limit], value[:, :, :_kv_limit], attention_mask[..., :_kv_limit]
-    global _compiled, _compile_failed
     b, h, _, d = query.shape
     hk = key.shape[1]
     scale = scaling if scaling is not None else d ** -0.5

@@ -391,7 +391,7 @@ class _GraphDecoder:
     With `kv_bucket`, one graph is captured per cache length kv_bucket, 2 kv_bucket, ...,
     max_len, and each step replays the shortest one that holds its slot, so attention reads
     only the written part of the cache. On an H200 at batch 256 these took a Qwen2.5-1.5B-shape
-    step from 8.0 ms to 3.7-4.6 ms (bench/RESULTS.md); compiling costs ~25 s once per process."""
+    step from 8.0 ms to 3.7-4.6 ms (bench/RESULTS.md); compiling and capturing cost ~30 s once per process."""
 
     CHECK_EVERY = 32
 
@@ -427,8 +427,8 @@ class _GraphDecoder:
         # each layer's attention is a graph break, and the frame after it is compiled once per layer
         # (its layer index is a constant): allow that many, not dynamo's default of 8
         layers = model.config.get_text_config().num_hidden_layers
-        limit = max(torch._dynamo.config.recompile_limit, 2 * layers + len(self.limits) + 8)
-        with torch.no_grad(), self._attention(), torch._dynamo.config.patch(recompile_limit=limit):
+        recompiles = max(torch._dynamo.config.recompile_limit, 2 * layers + len(self.limits) + 8)
+        with torch.no_grad(), self._attention(), torch._dynamo.config.patch(recompile_limit=recompiles):
             self._prefill(self.tokens, torch.ones_like(self.tokens))  # allocates the cache
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
