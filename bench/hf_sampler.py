@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not a.skip_plain:
             record("plain", [run_plain(backend, prompts, gen_kwargs)[:2] for _ in range(a.repeats)])
         for variant in a.variants.split(","):
-            vcfg = replace(cfg, **parse_variant(variant))
+            settings = parse_variant(variant)
+            vcfg = replace(cfg, **settings)
             tag = "hf" if variant == "default" else f"hf {variant}"
             dt, n, first = run_backend(backend, prompts, vcfg)
             record(f"{tag} first call", [(dt, n)],
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if backend.graphs and backend._decoder is not None:
                 report["arms"][tag]["breakdown"] = breakdown(backend, prompts, a.profile and a.json, tag)
                 print(f"{tag} breakdown: {report['arms'][tag]['breakdown']}", flush=True)
-            report["greedy_check"][variant] = check = greedy_check(a, work, parse_variant(variant))
+            report["greedy_check"][variant] = check = greedy_check(a, work, settings)
             print(f"{tag} greedy check: {check}", flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(report, indent=1))
