@@ -91,27 +91,24 @@ _OWN_KEYS = ("output_dir", "seed", "trust_remote_code")
 
 
 def gpu_sft_defaults() -> dict[str, Any]:
-    """Throughput defaults where a CUDA GPU trains, under whatever `sft` sets (bench/sft_throughput.py
-    measures them against plain TRL; bench/RESULTS.md has the figures). Sequences are packed
-    best-fit-decreasing into rows of up to `max_length` tokens (one too long is cut there, as
-    without packing) and trained without padding: a micro-batch (and an optimizer step) is 4
-    packed rows, up to 4 x 4096 = 16k tokens, and each sequence attends only to itself through
-    the varlen FlashAttention kernel in PyTorch (exit_loop.attention). Liger's fused
-    RMSNorm/SwiGLU/RoPE kernels are used where `liger-kernel` is installed. No
-    gradient checkpointing: a 1.5B model's activations fit; set `sft.gradient_checkpointing=true`
-    for bigger ones."""
+    """Speed defaults where a CUDA GPU trains, under whatever `sft` sets. They change how a step is
+    computed, never what it optimises: a micro-batch is still `per_device_train_batch_size`
+    examples (the CPU recipe's batch and accumulation), but TRL's padding-free collator flattens
+    it into one row without padding, and each example attends only to itself through the varlen
+    FlashAttention kernel in PyTorch (exit_loop.attention). Liger's fused RMSNorm/SwiGLU/RoPE
+    kernels are used where `liger-kernel` is installed. No gradient checkpointing: a 1.5B
+    model's activations fit; set `sft.gradient_checkpointing=true` for bigger ones.
+
+    Packing (`sft.packing=true`) stays off by default: TRL's best-fit packing makes a micro-batch
+    `per_device_train_batch_size` packed rows of up to `max_length` tokens, a different (and
+    varying) number of examples per optimizer step than the same config trains on a CPU.
+    bench/sft_learning.py checks that these defaults learn what the plain recipe learns and
+    bench/sft_throughput.py measures their speed (figures in bench/RESULTS.md)."""
     import importlib.util
 
     from exit_loop.attention import NAME, varlen_available
 
-    out: dict[str, Any] = {
-        "packing": True,
-        "packing_strategy": "bfd",
-        "padding_free": True,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "gradient_checkpointing": False,
-    }
+    out: dict[str, Any] = {"padding_free": True, "gradient_checkpointing": False}
     if varlen_available():
         out["model_init_kwargs"] = {"attn_implementation": NAME}
     if importlib.util.find_spec("liger_kernel") is not None:
@@ -144,6 +141,7 @@ class TrainConfig:
     num_examples: int | None = None       # a seeded random subset of this many rows (None: all)
     seed: int = 0                         # subsampling and training
     use_chat_template: bool = False       # instruct students: train through the chat template
+    speed_defaults: bool = True           # on a GPU, gpu_sft_defaults() under `sft` (false: TRL's plain recipe)
     trust_remote_code: bool = False
     peft: LoraSettings = field(default_factory=LoraSettings)
     sft: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig fields, passed through
@@ -175,19 +173,18 @@ def _is_true(value: Any) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
-def sft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The keyword arguments of the run's `trl.SFTConfig`: defaults, then `cfg.sft` on top."""
+def sft_kwargs(cfg: TrainConfig, gpu: bool | None = None) -> dict[str, Any]:
+    """The keyword arguments of the run's `trl.SFTConfig`: defaults, then `cfg.sft` on top. `gpu`:
+    whether the GPU speed defaults apply (None: where CUDA is available, `speed_defaults` is on and
+    `sft.use_cpu` is not set)."""
     import torch
 
     kwargs = dict(SFT_DEFAULTS)
     kwargs["bf16"] = _bf16_available()
-    if torch.cuda.is_available() and not _is_true(cfg.sft.get("use_cpu", False)):
-        gpu = gpu_sft_defaults()
-        if not _is_true(cfg.sft.get("packing", True)):  # unpacked: the plain batch sizes, padding
-            for key in ("packing", "packing_strategy", "padding_free", "per_device_train_batch_size",
-                        "gradient_accumulation_steps"):
-                gpu.pop(key)
-        kwargs.update(gpu)
+    if gpu is None:
+        gpu = torch.cuda.is_available() and cfg.speed_defaults and not _is_true(cfg.sft.get("use_cpu", False))
+    if gpu:
+        kwargs.update(gpu_sft_defaults())
     if cfg.peft.enabled:
         kwargs["learning_rate"] = LORA_LEARNING_RATE
     init_defaults = kwargs.get("model_init_kwargs")
@@ -233,11 +230,11 @@ def _sft_value(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key 'sft.{key}': expected {names}, got {value!r}")
 
 
-def sft_config(cfg: TrainConfig):
+def sft_config(cfg: TrainConfig, gpu: bool | None = None):
     """Build the `trl.SFTConfig`; an unknown or bad `sft` key raises ConfigError naming it."""
     from trl import SFTConfig
 
-    kwargs = sft_kwargs(cfg)
+    kwargs = sft_kwargs(cfg, gpu)
     valid = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
     unknown = sorted(k for k in kwargs if k not in valid)
     if unknown:
@@ -450,6 +447,13 @@ def _last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
+def _per_step(count: int, state) -> float | None:
+    """`count` (per epoch) times the epochs trained, over the optimizer steps taken."""
+    if not state.global_step or state.epoch is None:
+        return None
+    return round(count * state.epoch / state.global_step, 1)
+
+
 def _versions() -> dict[str, str]:
     import peft
     import torch
@@ -463,10 +467,20 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- entry points
 
 
+def truncate_prepared(dataset, max_length: int, mode: str = "keep_start"):
+    """Cut TRL-prepared rows (`input_ids`, `labels`) at `max_length` tokens and drop rows left
+    with no trained token: what TRL's own preparation does, which it refuses to do for padding-free
+    batches without packing (it would leave `max_length` unenforced)."""
+    sl = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    dataset = dataset.map(lambda ex: {"input_ids": ex["input_ids"][sl], "labels": ex["labels"][sl]})
+    return dataset.filter(lambda ex: any(t != -100 for t in ex["labels"]))
+
+
 def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None, callbacks=None):
     """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL), or for a
     `datasets.Dataset` TRL takes as it is (bench/sft_throughput.py passes pre-tokenised rows).
-    `callbacks`: transformers `TrainerCallback`s, passed through."""
+    `callbacks`: transformers `TrainerCallback`s, passed through. Padding-free batches without
+    packing (the GPU defaults) are cut at `max_length` here, after TRL prepared them."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTTrainer
@@ -481,15 +495,20 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.use_chat_template and not tokenizer.chat_template:
         raise ConfigError(f"use_chat_template=true but the tokenizer of {cfg.model} has no chat template")
-    return SFTTrainer(
+    cut = args.max_length if args.padding_free and not args.packing and dataset is None else None
+    trainer = SFTTrainer(
         model=cfg.model,
-        args=args,
+        args=dataclasses.replace(args, max_length=None) if cut else args,
         train_dataset=dataset if dataset is not None
         else Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft) if cfg.peft.enabled else None,
         callbacks=callbacks,
     )
+    if cut:
+        trainer.train_dataset = truncate_prepared(trainer.train_dataset, cut, args.truncation_mode)
+        trainer.args.max_length = cut
+    return trainer
 
 
 def last_complete_checkpoint(trainer_dir: Path) -> str | None:
@@ -589,6 +608,13 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "truncated_examples": counts["truncated_examples"],
             "epochs": trainer.state.epoch,
             "steps": trainer.state.global_step,
+            # what one optimizer step optimised, on average (the same on CPU and GPU unless packing)
+            "examples_per_step": _per_step(counts["trained_examples"], trainer.state),
+            "tokens_per_step": _per_step(counts["tokens"], trainer.state),
+            "batch": {"per_device": args.per_device_train_batch_size,
+                      "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                      "packing": bool(args.packing), "padding_free": bool(args.padding_free),
+                      "attention": trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation},
             "trained_tokens": _last_logged(trainer.state.log_history, "num_tokens"),
             "final_loss": _last_logged(trainer.state.log_history, "loss"),
             "resumed_from": resume,
