@@ -188,3 +188,44 @@ def test_gpu_defaults_train_the_same_examples_per_step_as_the_cpu_recipe(tmp_pat
         assert max(len(i) for i, _ in fast_seqs) <= 240
         seen += 1
     assert seen == 10  # 40 examples, 4 per micro-batch
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("packing", [False, True], ids=["padding-free", "packed"])
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_model_dir, gsm8k_train, device, packing):
+    """A micro-batch exactly as the SFT stage's trainer builds it (TRL's preparation, packing,
+    collator; the GPU defaults switched on) through the trainer's model, against each of its
+    examples run alone: per-example logits and the gradient of the summed loss."""
+    from exit_loop.baseline import baseline_row
+    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.train import TrainConfig, build_trainer, sft_config
+
+    rows = [baseline_row(p) for p in load_problems(DataConfig(dataset=str(gsm8k_train), num_examples=48))]
+    cfg = TrainConfig(data=["unused"], model=str(tiny_model_dir), output_dir=str(tmp_path), seed=0,
+                      sft={"per_device_train_batch_size": 8, "max_length": 1024, "packing": packing,
+                           "bf16": device == "cuda", "use_cpu": device == "cpu", "disable_tqdm": True})
+    trainer = build_trainer(cfg, rows, sft_config(cfg, gpu=True))
+    model = trainer.model.to(device).train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    cu = batch["cu_seq_lens_q"].tolist()
+    assert len(cu) - 1 >= (16 if packing else 8)  # packed rows hold several examples each
+    ids = batch["input_ids"][0]
+    dtype = "autocast" if device == "cuda" else torch.float32
+    tol = TOLERANCE[device]
+    with _context(device, dtype):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        sum(_token_losses(logits[s:e], ids[s:e]).sum() for s, e in zip(cu, cu[1:])).backward()
+        packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        worst_logits = 0.0
+        for s, e in zip(cu, cu[1:]):
+            alone = model(input_ids=ids[None, s:e], use_cache=False).logits[0]
+            worst_logits = max(worst_logits, _rel(logits[s:e].detach(), alone.detach()))
+            _token_losses(alone, ids[s:e]).sum().backward()
+    worst = max((_rel(packed_grads[n], p.grad), n) for n, p in model.named_parameters())
+    print(f"{device} packing={packing}: {len(cu) - 1} examples, {ids.numel()} tokens; worst logits "
+          f"{worst_logits:.2e}, worst gradient {worst[0]:.2e} ({worst[1]})")
+    assert worst_logits < tol
+    assert worst[0] < 2 * tol, f"gradient of {worst[1]} differs: {worst[0]:.3g} relative"
