@@ -1,6 +1,8 @@
 # make quickstart  installs the CPU build, then runs the offline quickstart: a tiny student improves
 #                  by expert iteration on a generated arithmetic task (no GPU, no hub, < 10 min)
 # make test        installs the CPU build and the test tools, then runs every test tier
+# make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
+#                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
@@ -9,7 +11,7 @@ DEMO_DIR ?= runs/demo
 # that already carry that wheel locally (pip find-links) don't need the index.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install quickstart demo test
+.PHONY: install quickstart demo test gpu-check
 
 install:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
@@ -29,3 +31,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+gpu-check:
+	$(PYTHON) -m pytest -q -m gpu -p no:cacheprovider
+	$(PYTHON) bench/sft_learning.py --arms stage,plain --train_seeds 0,1,2

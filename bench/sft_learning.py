@@ -77,7 +77,7 @@ def make_inputs(work: Path, a: argparse.Namespace):
     return q, gold, train[w.num_examples:][:w.check_questions], test
 
 
-def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, work: Path, a, inputs) -> dict[str, Any]:
+def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, seed: int, work: Path, a, inputs) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,8 +88,8 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, work: Path, a,
     w = q.warmup
     tok = AutoTokenizer.from_pretrained(work / "init")
     history: list[dict[str, Any]] = []
-    out = work / name
-    cfg = TrainConfig(data=[str(gold)], model=str(work / "init"), output_dir=str(out), seed=a.seed,
+    out = work / f"{name}-seed{seed}"
+    cfg = TrainConfig(data=[str(gold)], model=str(work / "init"), output_dir=str(out), seed=seed,
                       speed_defaults=speed_defaults, sft={**w.sft(), "max_steps": a.max_steps, **sft})
     t0 = time.monotonic()
     train(cfg, [stop_at_accuracy(w, check, tok, history)])
@@ -101,7 +101,7 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, work: Path, a,
     acc = greedy_accuracy(model, AutoTokenizer.from_pretrained(out / "ckpt"), test)
     k = round(acc * len(test))
     reached = next((h["step"] for h in history if h["accuracy"] >= w.target_accuracy), None)
-    return {"arm": name, "sft": sft, "speed_defaults": speed_defaults, "checks": history,
+    return {"arm": name, "train_seed": seed, "sft": sft, "speed_defaults": speed_defaults, "checks": history,
             "target_reached_at": reached, "steps": manifest["steps"],
             "examples_per_step": manifest.get("examples_per_step"),
             "tokens_per_step": manifest.get("tokens_per_step"),
@@ -116,7 +116,8 @@ def main() -> int:
     p.add_argument("--arms", default="stage,plain", help="comma-separated: stage, plain and variant names")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:k=v;k=v",
                    help="an arm with these sft overrides on the stage's defaults")
-    p.add_argument("--seed", type=int, default=0, help="task, student and training seed (the quickstart's 0)")
+    p.add_argument("--seed", type=int, default=0, help="task and student seed (the quickstart's 0)")
+    p.add_argument("--train_seeds", default="0", help="comma-separated training seeds, each arm under each")
     p.add_argument("--max_steps", type=int, default=800, help="the warm start's cap (the quickstart's 800)")
     p.add_argument("--test_questions", type=int, default=200, help="held-out questions (the quickstart's 200)")
     p.add_argument("--work", help="working directory (default: a temporary one)")
@@ -133,21 +134,21 @@ def main() -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="sft_learning_"))
     inputs = make_inputs(work, a)
     results = []
-    for name in arms:
+    for name, seed in [(n, int(s)) for s in a.train_seeds.split(",") for n in arms]:
         sft = variants.get(name, {})
-        results.append(run_arm(name, sft, name != "plain", work, a, inputs))
+        results.append(run_arm(name, sft, name != "plain", seed, work, a, inputs))
         r = results[-1]
-        print(f"{name}: target {'at step ' + str(r['target_reached_at']) if r['target_reached_at'] else 'not reached'}"
+        print(f"{name} seed {seed}: target {'at step ' + str(r['target_reached_at']) if r['target_reached_at'] else 'not reached'}"
               f" ({r['steps']} steps); held-out {r['heldout_accuracy']:.1%} "
               f"[{r['heldout_ci95'][0]:.1%}, {r['heldout_ci95'][1]:.1%}] of {r['heldout_n']}", flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"\n{device}, torch {torch.__version__}, {datetime.date.today()}")
-    print("| arm | examples/step | tokens/step | warm start: checks (step: acc) | target | held-out [95% CI], n |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| arm | seed | examples/step | tokens/step | warm start: checks (step: acc) | target | held-out [95% CI], n |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         checks = ", ".join(f"{h['step']}: {h['accuracy']:.0%}" for h in r["checks"])
         lo, hi = r["heldout_ci95"]
-        print(f"| {r['arm']} | {r['examples_per_step']} | {r['tokens_per_step']} | {checks} | "
+        print(f"| {r['arm']} | {r['train_seed']} | {r['examples_per_step']} | {r['tokens_per_step']} | {checks} | "
               f"{r['target_reached_at'] or 'no'} | {r['heldout_accuracy']:.1%} [{lo:.1%}, {hi:.1%}], "
               f"{r['heldout_n']} |")
     if a.json:
