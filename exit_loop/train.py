@@ -495,7 +495,7 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.use_chat_template and not tokenizer.chat_template:
         raise ConfigError(f"use_chat_template=true but the tokenizer of {cfg.model} has no chat template")
-    cut = args.max_length if args.padding_free and not args.packing and dataset is None else None
+    cut = args.max_length if args.padding_free and not args.packing else None
     trainer = SFTTrainer(
         model=cfg.model,
         args=dataclasses.replace(args, max_length=None) if cut else args,
