@@ -190,11 +190,23 @@ def test_gpu_defaults_train_the_same_examples_per_step_as_the_cpu_recipe(tmp_pat
     assert seen == 10  # 40 examples, 4 per micro-batch
 
 
+@pytest.fixture(scope="module")
+def arith_student(tmp_path_factory):
+    """The quickstart's task and random student (its tokenizer packs about two examples in 256)."""
+    from exit_loop.arith_task import ArithTaskConfig, write_task
+    from exit_loop.quickstart import tokenizer_texts
+    from exit_loop.tiny_model import create_tiny_model
+
+    work = tmp_path_factory.mktemp("arith")
+    write_task(ArithTaskConfig(num_train=256, num_test=10), work)
+    return work, create_tiny_model(work / "init", tokenizer_texts(work / "train.jsonl"))
+
+
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("packing", [False, True], ids=["padding-free", "packed"])
-@pytest.mark.parametrize("device", ["cuda"])
-def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_model_dir, gsm8k_train, device, packing):
+@pytest.mark.parametrize("scale", ["gsm8k-8", "gsm8k-8-packed", "quickstart-32-packed"])
+def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_model_dir, gsm8k_train, scale,
+                                                              request):
     """A micro-batch exactly as the SFT stage's trainer builds it (TRL's preparation, packing,
     collator; the GPU defaults switched on) through the trainer's model, against each of its
     examples run alone: per-example logits and the gradient of the summed loss. GPU only: on a
@@ -203,20 +215,26 @@ def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_mo
     from exit_loop.problems import DataConfig, load_problems
     from exit_loop.train import TrainConfig, build_trainer, sft_config
 
-    rows = [baseline_row(p) for p in load_problems(DataConfig(dataset=str(gsm8k_train), num_examples=48))]
-    cfg = TrainConfig(data=["unused"], model=str(tiny_model_dir), output_dir=str(tmp_path), seed=0,
-                      sft={"per_device_train_batch_size": 8, "max_length": 1024, "packing": packing,
-                           "bf16": device == "cuda", "use_cpu": device == "cpu", "disable_tqdm": True})
+    device, packing = "cuda", scale.endswith("packed")
+    if scale.startswith("quickstart"):  # the quickstart's warm start: 32 packed rows of 256 tokens
+        work, model_dir = request.getfixturevalue("arith_student")
+        data, batch_size, max_length = DataConfig(dataset=str(work / "train.jsonl"), split="train"), 32, 256
+    else:
+        model_dir, batch_size, max_length = tiny_model_dir, 8, 1024
+        data = DataConfig(dataset=str(gsm8k_train), num_examples=48)
+    rows = [baseline_row(p) for p in load_problems(data)]
+    cfg = TrainConfig(data=["unused"], model=str(model_dir), output_dir=str(tmp_path), seed=0,
+                      sft={"per_device_train_batch_size": batch_size, "max_length": max_length,
+                           "packing": packing, "bf16": True, "disable_tqdm": True})
     trainer = build_trainer(cfg, rows, sft_config(cfg, gpu=True))
     model = trainer.model.to(device).train()
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     cu = batch["cu_seq_lens_q"].tolist()
-    assert len(cu) - 1 >= (16 if packing else 8)  # packed rows hold several examples each
+    assert len(cu) - 1 > batch_size if packing else len(cu) - 1 == batch_size  # packed: several a row
     ids = batch["input_ids"][0]
-    dtype = "autocast" if device == "cuda" else torch.float32
     tol = TOLERANCE[device]
-    with _context(device, dtype):
+    with _context(device, "autocast"):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
         sum(_token_losses(logits[s:e], ids[s:e]).sum() for s, e in zip(cu, cu[1:])).backward()
         packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -227,7 +245,7 @@ def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_mo
             worst_logits = max(worst_logits, _rel(logits[s:e].detach(), alone.detach()))
             _token_losses(alone, ids[s:e]).sum().backward()
     worst = max((_rel(packed_grads[n], p.grad), n) for n, p in model.named_parameters())
-    print(f"{device} packing={packing}: {len(cu) - 1} examples, {ids.numel()} tokens; worst logits "
+    print(f"{scale}: {len(cu) - 1} examples, {ids.numel()} tokens; worst logits "
           f"{worst_logits:.2e}, worst gradient {worst[0]:.2e} ({worst[1]})")
     assert worst_logits < tol
     assert worst[0] < 2 * tol, f"gradient of {worst[1]} differs: {worst[0]:.3g} relative"
