@@ -10,12 +10,12 @@ from exit_loop.prompts import (
     R1_ZERO_PROMPT,
     Normalised,
     canonical_response,
+    format_ok,
     last_boxed,
     normalise_response,
     student_prompt,
     teacher_prompt,
 )
-from exit_loop.verify import format_ok
 
 # Copied from DESIGN.md ("Student prompt"): one newline after each line, none after `<think>`.
 DESIGN_PROMPT = """A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.
