@@ -147,6 +147,11 @@ def _parse(text: str) -> Fraction | None:
 _parse_short = lru_cache(maxsize=1 << 16)(_parse)
 
 
+def clear_number_cache() -> None:
+    """Forget the parsed short texts (`parse_number` caches them), e.g. between benchmark runs."""
+    _parse_short.cache_clear()
+
+
 def parse_number(text: str) -> Fraction | None:
     """The numeric value of an answer or ground truth as an exact Fraction, or None.
 
