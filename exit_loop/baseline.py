@@ -52,15 +52,9 @@ def baseline_data(cfg: BaselineConfig) -> Path:
 
 
 def command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="exit-loop baseline-data",
-        description="Turn GSM8K's own solutions into prompt/response SFT rows (the 'Original' baseline):\n"
-                    "calculator annotations <<...>> removed, the '#### N' line becoming\n"
-                    "'</think> <answer>N</answer>'.",
-        epilog="overrides (key=value): data.num_examples=100 data.shuffle=true data.seed=0 data.subset=main\n\n"
-               "example:\n  exit-loop baseline-data --dataset ../shared/data/gsm8k/train.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    epilog = "overrides (key=value): data.num_examples=100 data.shuffle=true data.seed=0 data.subset=main"
+    parser = argparse.ArgumentParser(prog="exit-loop baseline-data", description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", metavar="ID_OR_PATH",
                         help="hub id (default openai/gsm8k) or a local GSM8K-format JSONL file")
     parser.add_argument("--split", help="split of a hub data set (default train)")

@@ -17,6 +17,9 @@ With `sample.num_shards` > 1 the samples are drawn per shard (`sample/shards/sha
 NNNNN.jsonl`) and merged into `sample/samples.jsonl`; `exit-loop stage rollout --shard I` draws one
 shard (shard 0 also evaluates; a SLURM array task each) and `exit-loop stage merge` merges them.
 
+This module only sequences: the stages are `exit_loop.pipeline.stages`, the run directory and its
+config `exit_loop.pipeline.run`.
+
 Resume: running the same command again skips every stage whose manifest exists. A changed config
 is refused, naming the keys that differ (`--allow_config_change` overrides; `rounds` may grow).
 Heavy stages (eval + sample, which share one inference engine, and train) run in their own
@@ -33,9 +36,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
 
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
