@@ -1,6 +1,7 @@
 # make quickstart  installs the CPU build, then runs the offline quickstart: a tiny student improves
 #                  by expert iteration on a generated arithmetic task (no GPU, no hub, < 10 min)
 # make test        installs the CPU build and the test tools, then runs every test tier
+# make test-fast   the unit tier alone (no engine, no SLURM; about 80 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
@@ -9,7 +10,7 @@ DEMO_DIR ?= runs/demo
 # that already carry that wheel locally (pip find-links) don't need the index.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install quickstart demo test
+.PHONY: install quickstart demo test test-fast
 
 install:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
@@ -29,3 +30,6 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not engine and not slurm"

@@ -5,7 +5,8 @@
 Writes `eval.json` (accuracy = greedy pass@1 as a fraction, pass@k, maj@k, format-error rate,
 mean response tokens), the labelled generations (`greedy.jsonl`, `samples_k.jsonl`) and
 `manifest.json` last into `output_dir`. Generation goes through the sampler (same backends, same
-resume), so an interrupted eval picks up where it stopped.
+resume), so an interrupted eval picks up where it stopped. In an ExIt run the rollout stage
+(`exit_loop.pipeline.stages`) hands it the engine that then samples.
 """
 
 from __future__ import annotations

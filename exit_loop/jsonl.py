@@ -2,7 +2,8 @@
 writes, and append-only streams that survive a crash mid-line.
 
 Every stage reads and writes rows through this module, so a malformed line or a half-written
-file is caught in one place.
+file is caught in one place; `write_manifest` writes the `manifest.json` that ends each stage.
+(The errors it raises, `DataError` and `DiskFullError`, live in `exit_loop.errors`.)
 """
 
 from __future__ import annotations

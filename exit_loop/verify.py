@@ -8,7 +8,7 @@ Every input row needs `response` (the canonical response, `{reasoning} </think>
 row is the input row plus four keys:
 
 - `predicted`: the text of the last complete `<answer>...</answer>` (stripped), or None;
-- `format_ok`: whether the response has the canonical form (see `format_ok`);
+- `format_ok`: whether the response has the canonical form (`exit_loop.prompts.format_ok`);
 - `is_correct`: canonical form *and* the predicted answer equals the ground truth;
 - `failure`: one of FAILURES, chosen in this order: `truncated` (finish_reason "length" and not
   correct), `no_answer` (no complete, non-empty answer tag), `format`, `timeout` (math only),

@@ -14,7 +14,7 @@ array over shards, task 0 also evaluating, then `merge`), `verify`, `filter`, `t
 the one before, round after round. Generation: `generate` (an array over shards), then `merge`
 (merge, verify, filter). Job names are `<experiment>-r<k>-<stage>`; scripts, logs and the job ids
 (`jobs.json`) go to `<run dir>/slurm/`. Resources per stage come from the config's `slurm:`
-section (SlurmConfig below).
+section (`SlurmConfig`, exit_loop.pipeline.resources).
 
 Every job is submitted with --requeue (SLURM puts a preempted job back in the queue) and
 --signal=B:USR1@slurm.signal_s (near its time limit the job requeues itself); either way the
