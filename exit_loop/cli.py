@@ -8,8 +8,10 @@
 
 Each subcommand lives in its module as `command(argv) -> int`; this file only dispatches (so
 `exit-loop --help` stays fast: no torch or vLLM import), sets up logging once for every command
-(`--log_level`, anywhere on the line; stage processes inherit it), and turns the project's own
-errors (`exit_loop.errors`) into one line on stderr and an exit status, by type.
+(`--log_level`, anywhere on the line: the level of the project's log, whose warnings go to stdout
+once each as `exit-loop: warning: ...`; stage processes inherit it, and vLLM's own log follows it
+unless VLLM_LOGGING_LEVEL is set), and turns the project's own errors (`exit_loop.errors`) into
+one line on stderr and an exit status, by type. Results and progress are printed to stdout.
 """
 
 from __future__ import annotations
@@ -50,15 +52,29 @@ class ConsoleFormatter(logging.Formatter):
         return message
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record comes (pytest and notebooks replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(ConsoleFormatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - a text stream
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - always sys.stdout
+        pass
+
+
 def setup_logging(level: str) -> None:
-    """One console handler (stdout) on the `exit_loop` logger, at `level`; idempotent."""
+    """The one console handler on the `exit_loop` logger (every module logs under it), at `level`;
+    calling it again only changes the level."""
     logger = logging.getLogger("exit_loop")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "exit_loop_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(ConsoleFormatter("%(message)s"))
-        handler.exit_loop_console = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
         logger.propagate = False
 
 
@@ -95,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"exit-loop: error: {e}", file=sys.stderr)
         return 2
-    os.environ[LOG_ENV] = level
+    if os.environ.get(LOG_ENV) != level:  # given here: stage processes and vLLM's engine follow it
+        os.environ[LOG_ENV] = level
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
     setup_logging(level)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
