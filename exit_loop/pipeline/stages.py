@@ -158,6 +158,9 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
                 backend = start_backend(scfg)
             sampled = draw(scfg, problems, d / "samples.jsonl", lambda i: run.sample_shard(arm, k, i), shard,
                            backend, MERGE_HINT)
+            if backend is not None:  # the engine's stop counts in the sample stage's wall time
+                backend.close()
+                backend = None
             if sampled is not None:
                 sample_manifest(d, t0, scfg.model_name, problems, sampled,
                                 **({"shards": n} if n > 1 else {}))
