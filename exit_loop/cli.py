@@ -78,10 +78,9 @@ def setup_logging(level: str) -> None:
         logger.propagate = False
 
 
-def pop_log_level(argv: list[str]) -> tuple[str, list[str]]:
-    """`--log_level LEVEL` / `--log_level=LEVEL` taken out of `argv` (default: $EXIT_LOOP_LOG_LEVEL,
-    else info)."""
-    level, rest, i = os.environ.get(LOG_ENV, "info"), [], 0
+def pop_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--log_level LEVEL` / `--log_level=LEVEL` taken out of `argv` (None where not given)."""
+    level, rest, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
         if arg == "--log_level" and i + 1 < len(argv):
@@ -92,9 +91,9 @@ def pop_log_level(argv: list[str]) -> tuple[str, list[str]]:
         else:
             rest.append(arg)
         i += 1
-    if level.lower() not in LOG_LEVELS:
+    if level is not None and level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log_level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    return level.lower(), rest
+    return level and level.lower(), rest
 
 
 def usage() -> str:
@@ -107,14 +106,14 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        level, argv = pop_log_level(argv)
+        given, argv = pop_log_level(argv)
     except ConfigError as e:
         print(f"exit-loop: error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get(LOG_ENV) != level:  # given here: stage processes and vLLM's engine follow it
-        os.environ[LOG_ENV] = level
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
-    setup_logging(level)
+    if given:  # stage processes (through the environment) and vLLM's engine follow it
+        os.environ[LOG_ENV] = given
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", given.upper())
+    setup_logging(given or os.environ.get(LOG_ENV, "info"))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

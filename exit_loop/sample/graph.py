@@ -51,6 +51,7 @@ class DecodeAttention:
         self.kv_limit: int | None = None   # attend over cache slots [0, kv_limit) only
         self.compiled_core: Any = None     # decode_core compiled, while decode_compiled(True) holds
         self.compile_failed: str | None = None  # why compiling failed: then uncompiled for good
+        self.registered: Any = None        # what transformers calls: decode_attention_forward, never traced
 
     @contextmanager
     def decode_compiled(self, on: bool = True) -> Iterator[None]:
@@ -115,8 +116,9 @@ class DecodeAttention:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-        AttentionInterface.register(DECODE_NAME, torch.compiler.disable(self.decode_attention_forward,
-                                                                         recursive=True))
+        if self.registered is None:  # one object, so a compiled caller's guard on it keeps holding
+            self.registered = torch.compiler.disable(self.decode_attention_forward, recursive=True)
+        AttentionInterface.register(DECODE_NAME, self.registered)
         ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_NAME, sdpa_mask)
         return DECODE_NAME
 
