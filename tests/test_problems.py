@@ -1,4 +1,4 @@
-"""Unit tests for problem loading (exit_loop/tasks/): local JSONL only, no network."""
+"""Unit tests for GSM8K problem loading (exit_loop/tasks/): local JSONL only, no network."""
 
 from __future__ import annotations
 
