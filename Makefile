@@ -3,6 +3,7 @@
 # make test        installs the CPU build and the test tools, then runs every test tier
 # make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
+# make test-fast   the unit tier alone (no engine, no SLURM; about 80 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
@@ -11,7 +12,7 @@ DEMO_DIR ?= runs/demo
 # that already carry that wheel locally (pip find-links) don't need the index.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install quickstart demo test gpu-check
+.PHONY: install quickstart demo test test-fast gpu-check
 
 install:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
@@ -35,3 +36,6 @@ test: install
 gpu-check:
 	$(PYTHON) -m pytest -q -m gpu -p no:cacheprovider
 	$(PYTHON) bench/sft_learning.py --arms stage,plain --train_seeds 0,1,2
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not engine and not slurm"

@@ -55,8 +55,8 @@ def word_prompts(n: int, length: int | list[int], vocab_size: int, seed: int = 0
 
 
 def _requests(prompts: list[str]):
-    from exit_loop.problems import Problem
-    from exit_loop.sample import Request
+    from exit_loop.sample.request import Request
+    from exit_loop.tasks import Problem
 
     return [Request(Problem(str(i), "", "", ""), p, [0]) for i, p in enumerate(prompts)]
 
@@ -90,7 +90,7 @@ def run_plain(backend, prompts: list[str], gen_kwargs: dict[str, Any]) -> tuple[
     """Plain `generate` on one left-padded batch: seconds, tokens generated, new ids per row."""
     import torch
 
-    from exit_loop.sample import _as_list, _trim
+    from exit_loop.sample.hf import as_list, trim
 
     tok, model = backend.tok, backend.model
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
@@ -100,8 +100,8 @@ def run_plain(backend, prompts: list[str], gen_kwargs: dict[str, Any]) -> tuple[
         out = model.generate(**enc, pad_token_id=tok.pad_token_id, **gen_kwargs)
     _sync()
     dt = time.perf_counter() - t0
-    eos = {tok.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
-    rows = [_trim(ids, eos, tok.pad_token_id, gen_kwargs["max_new_tokens"])[0]
+    eos = {tok.eos_token_id} | set(as_list(model.generation_config.eos_token_id))
+    rows = [trim(ids, eos, tok.pad_token_id, gen_kwargs["max_new_tokens"])[0]
             for ids in out[:, enc["input_ids"].shape[1]:].tolist()]
     return dt, sum(len(r) for r in rows), rows
 
@@ -137,19 +137,17 @@ def breakdown(backend, prompts: list[str], profile_to: str | None, tag: str = ""
     """Prefill time, and the time of one decoding step through each of the decoder's graphs."""
     import torch
 
-    from exit_loop.attention import decode_kv_limit
-
-    d = backend._decoder
+    d = backend.decoder
     enc = backend.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
     out: dict[str, Any] = {}
-    with torch.no_grad(), d._attention():
+    with torch.no_grad(), d.attending():
         _sync()
         t0 = time.perf_counter()
-        d._prefill(enc["input_ids"], enc["attention_mask"])
+        d.prefill(enc["input_ids"], enc["attention_mask"])
         _sync()
         out["prefill_s"] = round(time.perf_counter() - t0, 4)
         for limit, graph in d.graphs.items():
-            d._prefill(enc["input_ids"], enc["attention_mask"])
+            d.prefill(enc["input_ids"], enc["attention_mask"])
             graph.replay()
             _sync()
             t0 = time.perf_counter()
@@ -161,9 +159,9 @@ def breakdown(backend, prompts: list[str], profile_to: str | None, tag: str = ""
             from torch.profiler import ProfilerActivity, profile
 
             table = {}
-            for name, fn in (("graph", lambda: graph.replay()), ("eager", d._step)):
-                d._prefill(enc["input_ids"], enc["attention_mask"])
-                with decode_kv_limit(limit), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for name, fn in (("graph", lambda: graph.replay()), ("eager", d.step)):
+                d.prefill(enc["input_ids"], enc["attention_mask"])
+                with d.attention.decode_kv_limit(limit), profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(4):
                         fn()
                     _sync()
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record(tag, [r[:2] for r in runs], graphs=backend.graphs, compiled=backend.graphs and vcfg.hf_compile
                    and backend.compile_ok, kv_bucket=vcfg.hf_kv_bucket,
                    calls_differ=first != runs[0][2])  # sampling: fresh draws in every call
-            if backend.graphs and backend._decoder is not None:
+            if backend.graphs and backend.decoder is not None:
                 report["arms"][tag]["breakdown"] = breakdown(backend, prompts, a.profile and a.json, tag)
                 print(f"{tag} breakdown: {report['arms'][tag]['breakdown']}", flush=True)
             report["greedy_check"][variant] = check = greedy_check(a, work, settings)

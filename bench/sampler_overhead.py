@@ -118,7 +118,7 @@ def measure(backend, cfg, problems, work: Path, repeats: int) -> tuple[dict, dic
 
 
 def bench(args: argparse.Namespace, work: Path) -> None:
-    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.tasks import DataConfig, load_problems
     from exit_loop.sample import SampleConfig, VLLMBackend
 
     if args.model is None:

@@ -58,11 +58,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 def make_inputs(work: Path, a: argparse.Namespace):
     """The task, the random student and the warm-start rows, once for every arm."""
-    from exit_loop.arith_task import ArithTaskConfig, write_task
+    from exit_loop.tasks.arith import ArithTaskConfig, write_task
     from exit_loop.baseline import baseline_row
     from exit_loop.jsonl import write_jsonl
-    from exit_loop.problems import DataConfig, load_problems
-    from exit_loop.quickstart import QuickstartConfig, tokenizer_texts
+    from exit_loop.tasks import DataConfig, load_problems
+    from exit_loop.pipeline.quickstart import QuickstartConfig, tokenizer_texts
     from exit_loop.tiny_model import create_tiny_model
 
     q = QuickstartConfig()
@@ -81,7 +81,7 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, seed: int, wor
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exit_loop.quickstart import greedy_accuracy, stop_at_accuracy
+    from exit_loop.pipeline.quickstart import greedy_accuracy, stop_at_accuracy
     from exit_loop.train import TrainConfig, train
 
     q, gold, check, test = inputs

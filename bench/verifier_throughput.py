@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 def iter_gsm8k_rows(path: Path) -> Iterator[dict]:
     """Rows for ever, cycling over the problems."""
-    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.tasks import DataConfig, load_problems
 
     problems = load_problems(DataConfig(dataset=str(path)))
     reasoning = "Natalia sold 48/2 = 24 clips in May, so 48 + 24 = 72 clips in all."
@@ -72,6 +72,7 @@ def iter_gsm8k_rows(path: Path) -> Iterator[dict]:
 
 def bench_gsm8k(rows: list[dict], repeats: int) -> dict:
     from exit_loop import verify
+    from exit_loop.tasks.gsm8k import clear_number_cache
 
     pinned = hasattr(os, "sched_setaffinity")
     if pinned:
@@ -80,7 +81,7 @@ def bench_gsm8k(rows: list[dict], repeats: int) -> dict:
     times, cpu_times = [], []
     try:
         for _ in range(repeats):
-            verify._parse_short.cache_clear()
+            clear_number_cache()
             t0, c0 = time.perf_counter(), time.process_time()
             n = sum(1 for _ in verify.verify_rows(rows))
             times.append(time.perf_counter() - t0)
@@ -164,22 +165,22 @@ def _vmhwm_mb(pid: int) -> float:
 def bench_math(rows: list[dict], workers: int, timeout_s: float) -> dict:
     """Through the pool `verify_rows(rows, task="math")` uses, timed after its start-up (timed
     apart), with the CPU time of the parent and of the workers."""
-    from exit_loop.math_pool import MathPool
-    from exit_loop.verify import _verify_rows_math
+    from exit_loop.tasks.math import verify_rows_math
+    from exit_loop.tasks.math_pool import MathPool
 
     failures: dict[str, int] = {}
     with MathPool(workers, timeout_s) as pool:
         t0 = time.perf_counter()
         list(pool.imap((i, ("1", "1.0")) for i in range(workers)))  # start every worker
         startup = time.perf_counter() - t0
-        cpu0 = {id(w): w.cpu_now() or 0.0 for w in pool._slots if w is not None}
+        cpu0 = {id(w): w.cpu_now() or 0.0 for w in pool.live_workers()}
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        for row in _verify_rows_math(rows, pool):
-            failures[row["failure"]] = failures.get(row["failure"], 0) + 1
+        for _, verdict in verify_rows_math(rows, pool):
+            failures[verdict.failure] = failures.get(verdict.failure, 0) + 1
         dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        live = [w for w in pool._slots if w is not None]
+        live = pool.live_workers()
         worker_cpu = sum((w.cpu_now() or 0.0) - cpu0.get(id(w), 0.0) for w in live)
         worker_hwm = max((_vmhwm_mb(w.proc.pid) for w in live), default=float("nan"))
         restarts = pool.restarts
@@ -192,9 +193,10 @@ def bench_math(rows: list[dict], workers: int, timeout_s: float) -> dict:
 
 def shortcut_share(rows: list[dict]) -> float:
     """Share of the rows that the math path answers without math-verify."""
-    from exit_loop.verify import Verdict, _math_precheck
+    from exit_loop.tasks import Verdict
+    from exit_loop.tasks.math import precheck
 
-    hits = sum(isinstance(_math_precheck(r["response"], r["ground_truth"], None), Verdict) for r in rows)
+    hits = sum(isinstance(precheck(r["response"], r["ground_truth"], None), Verdict) for r in rows)
     return hits / len(rows)
 
 

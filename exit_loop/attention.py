@@ -13,73 +13,17 @@ in every other case (CPU, float32, padded batches, generation), masks included.
     from exit_loop.attention import register_varlen_attention
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register_varlen_attention())
 
-It also registers `gqa_decode` for the HF sampler's CUDA-graph decoder (exit_loop.sample): one
-new token per row against a long KV cache, for grouped-query models, without copying the cache
-once per query head as `sdpa` does when there is a mask (the copies cost more than the
-attention itself at batch 256); everything else goes to `sdpa`. Under `decode_kv_limit(n)` it
-reads only the first `n` slots of the cache (the decoder captures one graph per limit, so a
-step early in a row reads a short cache, not all of it), and `torch.compile` leaves it out of
-the compiled graph (a graph break), so the limit is read when it runs and never recompiles.
+(The HF sampler's decode attention, `gqa_decode`, lives with its decoder in
+`exit_loop.sample.graph`.)
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 NAME = "varlen_sdpa"
-DECODE_NAME = "gqa_decode"
 _varlen_kwargs: dict[str, Any] | None = None
-log = logging.getLogger("exit_loop.attention")
-_kv_limit: int | None = None  # gqa_decode reads cache slots [0, _kv_limit) only
-_compiled: Any = None  # gqa_decode's compiled core, while decode_compiled(True) holds
-_compile_failed: str | None = None  # why compiling it failed: then uncompiled for good
-
-
-@contextmanager
-def decode_compiled(on: bool = True) -> Iterator[None]:
-    """Within this, `gqa_decode` runs its matmuls and softmax compiled by torch.compile (scale,
-    mask, softmax and cast in one kernel between the two matmuls; one compilation per cache
-    length); if compiling fails, it warns once and runs them uncompiled."""
-    global _compiled
-    old = _compiled
-    if on and _compiled is None and _compile_failed is None:
-        import torch
-
-        _compiled = torch.compile(_decode_core, dynamic=False)
-    elif not on:
-        _compiled = None
-    try:
-        yield
-    finally:
-        _compiled = old
-
-
-def _decode_core(q, key, value, visible, scale: float):
-    """(batch, kv_heads, group, dim) queries against (batch, kv_heads, slots, dim) keys and values;
-    `visible` (batch, 1, 1, slots) bool or additive float."""
-    import torch
-
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (b, hk, g, cache)
-    if visible.dtype == torch.bool:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    else:
-        scores = scores + visible
-    return torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (b, hk, g, d)
-
-
-@contextmanager
-def decode_kv_limit(n: int | None) -> Iterator[None]:
-    """Within this, `gqa_decode` attends over the first `n` cache slots (None: all of them).
-    The caller guarantees that every slot at or after `n` is masked out."""
-    global _kv_limit
-    old, _kv_limit = _kv_limit, n
-    try:
-        yield
-    finally:
-        _kv_limit = old
 
 
 def varlen_available() -> bool:
@@ -146,45 +90,3 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(NAME, varlen_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the sdpa fallback needs sdpa's masks
     return NAME
-
-
-def decode_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs):
-    """One query token per row with a 4D mask: (batch, kv_heads, group, dim) x (batch, kv_heads,
-    dim, cache) matmuls, softmax in float32; no per-head copies of the cache. Else `sdpa`."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    global _compiled, _compile_failed
-    if _kv_limit is not None and _kv_limit < key.shape[2]:
-        key, value, attention_mask = key[:, :, :_kv_limit], value[:, :, :_kv_limit], attention_mask[..., :_kv_limit]
-    b, h, _, d = query.shape
-    hk = key.shape[1]
-    scale = scaling if scaling is not None else d ** -0.5
-    q = query.reshape(b, hk, h // hk, d)  # query heads j*g .. j*g+g-1 share key/value head j
-    if _compiled is not None:
-        try:
-            out = _compiled(q, key, value, attention_mask, scale)
-            return out.reshape(b, h, 1, d).transpose(1, 2), None
-        except Exception as e:  # noqa: BLE001 - the same function, uncompiled, below
-            _compiled, _compile_failed = None, " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            log.warning("gqa_decode: compiling failed (%s); running uncompiled", _compile_failed)
-            print(f"exit-loop: warning: compiling the decode attention failed ({_compile_failed}); "
-                  "running it uncompiled", flush=True)
-    out = _decode_core(q, key, value, attention_mask, scale)
-    return out.reshape(b, h, 1, d).transpose(1, 2), None
-
-
-def register_decode_attention() -> str:
-    """Register `gqa_decode` with transformers (attention and mask functions) and return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    import torch
-
-    AttentionInterface.register(DECODE_NAME, torch.compiler.disable(decode_attention_forward, recursive=True))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_NAME, sdpa_mask)
-    return DECODE_NAME

@@ -10,38 +10,30 @@ Each problem becomes one row in the format of the correct split, plus its proven
      "problem_id": "train-0", "ground_truth": "72"}
 
 The reasoning is the solution without its calculator annotations (`<<48/2=24>>` is removed) and
-without the final `#### N` line, whose answer (thousands separators removed, as in the ground
-truth) goes into the answer tag.
+without the final `#### N` line (`exit_loop.tasks.gsm8k.solution_reasoning`), whose answer
+(thousands separators removed, as in the ground truth) goes into the answer tag.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from exit_loop.config import load_config
 from exit_loop.jsonl import write_jsonl
-from exit_loop.problems import DataConfig, Problem, load_problems
 from exit_loop.prompts import canonical_response, student_prompt
+from exit_loop.tasks import DataConfig, Problem, load_problems
+from exit_loop.tasks.gsm8k import solution_reasoning
 
 DEFAULT_OUTPUT = "data/gsm8k/sft_original.jsonl"
-_CALCULATOR = re.compile(r"<<.*?>>")
 
 
 @dataclass
 class BaselineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output: str = DEFAULT_OUTPUT
-
-
-def solution_reasoning(solution: str) -> str:
-    """GSM8K's worked solution without annotations and without the `#### N` line."""
-    reasoning = solution.rsplit("####", 1)[0]
-    reasoning = _CALCULATOR.sub("", reasoning)
-    return "\n".join(line.rstrip() for line in reasoning.strip().splitlines())
 
 
 def baseline_row(problem: Problem) -> dict[str, str]:
@@ -60,15 +52,9 @@ def baseline_data(cfg: BaselineConfig) -> Path:
 
 
 def command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="exit-loop baseline-data",
-        description="Turn GSM8K's own solutions into prompt/response SFT rows (the 'Original' baseline):\n"
-                    "calculator annotations <<...>> removed, the '#### N' line becoming\n"
-                    "'</think> <answer>N</answer>'.",
-        epilog="overrides (key=value): data.num_examples=100 data.shuffle=true data.seed=0 data.subset=main\n\n"
-               "example:\n  exit-loop baseline-data --dataset ../shared/data/gsm8k/train.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    epilog = "overrides (key=value): data.num_examples=100 data.shuffle=true data.seed=0 data.subset=main"
+    parser = argparse.ArgumentParser(prog="exit-loop baseline-data", description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", metavar="ID_OR_PATH",
                         help="hub id (default openai/gsm8k) or a local GSM8K-format JSONL file")
     parser.add_argument("--split", help="split of a hub data set (default train)")

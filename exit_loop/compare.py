@@ -23,17 +23,19 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 import os
 import re
-import secrets
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exit_loop.jsonl import DataError, atomic_write_text, write_json
+from exit_loop.errors import DataError
+from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
 
 STAGES = ("sample", "verify", "filter", "train", "eval")
 EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
@@ -324,23 +326,6 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path` and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _plot(report: dict[str, Any], key: str, scale: float, ylabel: str, title: str, path: Path) -> Path:
     # Figure + the Agg canvas directly: no pyplot, so no global backend is chosen or changed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -362,7 +347,7 @@ def _plot(report: dict[str, Any], key: str, scale: float, ylabel: str, title: st
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    return _write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
@@ -396,7 +381,7 @@ def _compare(run_dirs: list[Path], out_dir: Path | None) -> tuple[Path, dict[str
         plots = write_plots(report, out_dir)
     except ImportError:
         plots, note = [], "Plots not drawn: matplotlib is not installed (`pip install matplotlib`)."
-        print(f"exit-loop compare: warning: {note}", file=sys.stderr)
+        log.warning("compare: %s", note)
     atomic_write_text(out_dir / "report.md", render_markdown(report, plots, note))
     return out_dir, report, ["report.json", *plots, "report.md"]
 

@@ -5,6 +5,10 @@ from a YAML file) and what was valid, before any model is loaded.
 
     cfg = load_config(GenerateConfig, "configs/generate_gsm8k_qwen2.5-32b.yaml",
                       ["sample.temperature=0.6", "data.num_examples=100"])
+
+`check_unchanged` is the one "is this the same config?" check: a run, a generation, a SLURM
+submission and the quickstart's task each refuse to continue under another config, naming the
+keys that differ.
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from exit_loop.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key and what was expected."""
 
 
 # PyYAML resolves floats by YAML 1.1, which wants a dot: `1e-5` would be the *string* "1e-5",
@@ -328,3 +330,41 @@ def to_dict(obj: Any) -> Any:
 
 def dump_yaml(obj: Any) -> str:
     return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def changed_keys(old: Any, new: Any, ignore: typing.Collection[str] = (),
+                 growable: typing.Collection[str] = ()) -> list[str]:
+    """The dotted keys whose values differ between two configs (dataclasses or plain data),
+    sorted; keys under an `ignore` prefix (e.g. "slurm") are left out, and a `growable` key
+    counts only where its new value is smaller ("rounds (fewer than before)")."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    skip = tuple(f"{p}." for p in ignore)
+    changed = sorted(k for k in set(a) | set(b)
+                     if a.get(k) != b.get(k) and k not in growable and k not in ignore and not k.startswith(skip))
+    for key in sorted(growable):
+        if key in a and key in b and b[key] < a[key]:
+            changed.append(f"{key} (fewer than before)")
+    return changed
+
+
+def check_unchanged(path: Path, new: Any, allow: bool, what: str, remedy: str,
+                    ignore: typing.Collection[str] = (), growable: typing.Collection[str] = ()) -> None:
+    """Refuse (ConfigError) when the config saved at `path` differs from `new`, unless `allow`:
+    "{path}: this {what} was made with another config; differing keys: ...; {remedy}"."""
+    if allow or not path.exists():
+        return
+    old, _ = read_yaml(path)
+    changed = changed_keys(old, new, ignore, growable)
+    if changed:
+        raise ConfigError(f"{path}: this {what} with another config; differing keys: "
+                          f"{', '.join(changed)}. {remedy}")

@@ -5,7 +5,8 @@
 Writes `eval.json` (accuracy = greedy pass@1 as a fraction, pass@k, maj@k, format-error rate,
 mean response tokens), the labelled generations (`greedy.jsonl`, `samples_k.jsonl`) and
 `manifest.json` last into `output_dir`. Generation goes through the sampler (same backends, same
-resume), so an interrupted eval picks up where it stopped.
+resume), so an interrupted eval picks up where it stopped. In an ExIt run the rollout stage
+(`exit_loop.pipeline.stages`) hands it the engine that then samples.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config, to_dict
-from exit_loop.jsonl import DataError, iter_jsonl, write_json
-from exit_loop.problems import DataConfig, load_problems
+from exit_loop.errors import DataError
+from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
-from exit_loop.verify import parse_number, verify_rows
+from exit_loop.tasks import DataConfig, load_problems
+from exit_loop.tasks.gsm8k import parse_number
+from exit_loop.verify import verify_rows
 
 
 def _test_split() -> DataConfig:
@@ -112,8 +115,7 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
               **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k)}
     write_json(out / "eval.json", result)
-    write_json(out / "manifest.json", {"stage": "eval", "config": to_dict(cfg),
-                                       "timings": {"wall_s": round(time.monotonic() - t0, 3)}})
+    write_manifest(out, "eval", {"wall_s": round(time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
     print(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
           f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}", flush=True)

@@ -8,7 +8,9 @@
 - `summary.json`: trace accuracy, share of questions with a correct trace, mean response tokens
   of correct and incorrect traces, count per failure class.
 
-`filter_rows` is a pure function over rows; `run` does the file work.
+`filter_rows` is a pure function over rows; `write_splits` writes its result and returns the
+summary to its caller (the loop and `exit-loop generate` print and record it from there); `run`
+is the `exit-loop filter` entry.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config
-from exit_loop.jsonl import DataError, iter_jsonl, write_json, write_jsonl
+from exit_loop.errors import DataError
+from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
 PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "finish_reason",
@@ -111,18 +114,24 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
     return all_rows, correct, summary
 
 
-def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Path:
-    """Filter and write both splits and `summary.json` into `cfg.output_dir`; returns the dir."""
+def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty: bool = False) -> dict[str, Any]:
+    """Filter and write both splits and `summary.json` into `cfg.output_dir`; returns the summary.
+    No rows is an error, unless `allow_empty` (an ExIt round whose every question is already
+    solved: empty splits and a summary of zero traces)."""
     out = Path(cfg.output_dir)
     all_rows, correct, summary = filter_rows(rows, cfg)
     if not all_rows:
-        raise DataError(f"{cfg.input or 'filter'}: no rows to filter")
+        if not allow_empty:
+            raise DataError(f"{cfg.input or 'filter'}: no rows to filter")
+        summary = {"traces": 0, "correct_traces": 0, "correct_split_rows": 0}
     write_jsonl(out / cfg.all_name, all_rows)
     write_jsonl(out / cfg.correct_name, correct)
-    summary["all_split"] = str(out / cfg.all_name)
-    summary["correct_split"] = str(out / cfg.correct_name)
+    if all_rows:
+        summary["all_split"] = str(out / cfg.all_name)
+        summary["correct_split"] = str(out / cfg.correct_name)
+        print(format_summary(summary), flush=True)
     write_json(out / "summary.json", summary)
-    return out
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -134,12 +143,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(cfg: FilterConfig) -> Path:
+    """Stage entry: the splits of `cfg.input` in `cfg.output_dir` (returned)."""
     if not cfg.input:
         raise DataError("filter: no input file given (--input)")
-    out = write_splits(iter_jsonl(cfg.input, required=("prompt", "response", "is_correct")), cfg)
-    summary = json.loads((out / "summary.json").read_text())
-    print(format_summary(summary), flush=True)
-    return out
+    write_splits(iter_jsonl(cfg.input, required=("prompt", "response", "is_correct")), cfg)
+    return Path(cfg.output_dir)
 
 
 def command(argv: list[str]) -> int:

@@ -2,12 +2,12 @@
 writes, and append-only streams that survive a crash mid-line.
 
 Every stage reads and writes rows through this module, so a malformed line or a half-written
-file is caught in one place.
+file is caught in one place; `write_manifest` writes the `manifest.json` that ends each stage.
+(The errors it raises, `DataError` and `DiskFullError`, live in `exit_loop.errors`.)
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -17,30 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line and what was expected."""
-
-
-class DiskFullError(OSError):
-    """A write failed for want of space (ENOSPC, or EDQUOT: over quota); names the file."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-@contextmanager
-def naming_a_full_disk(path: Path) -> Iterator[None]:
-    """Re-raise a write's ENOSPC / EDQUOT as a DiskFullError that names `path` and says what to do."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise DiskFullError(e.errno, f"{path}: {os.strerror(e.errno)}; free some space and run the same "
-                                     "command again (whatever was written completely is kept)") from e
+from exit_loop.errors import DataError, naming_a_full_disk
 
 
 def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
@@ -99,14 +76,16 @@ def _create_temp(path: Path) -> tuple[int, str]:
 
 
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[str]]:
-    """Open a temporary file beside `path` for writing; on success fsync and rename it over
-    `path`, on failure remove it. Readers see the old file or the whole new one, never half."""
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path` for writing (`mode` "w" for text, "wb" for bytes); on
+    success fsync and rename it over `path`, on failure remove it. Readers see the old file or the
+    whole new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
     try:
-        with naming_a_full_disk(path), os.fdopen(fd, "w", encoding="utf-8") as f:
+        encoding = None if "b" in mode else "utf-8"
+        with naming_a_full_disk(path), os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -122,6 +101,12 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path) as f:
         f.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
     return Path(path)
 
 
@@ -196,3 +181,9 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, stage: str, timings: dict[str, Any], **fields: Any) -> Path:
+    """A stage's `manifest.json`, written last (its existence marks the stage done):
+    {"stage": ..., **fields, "timings": ...}."""
+    return write_json(Path(directory) / "manifest.json", {"stage": stage, **fields, "timings": timings})

@@ -1,8 +1,11 @@
-"""Prompts and the canonical response.
+"""Prompts and the canonical response: each writer beside its checker.
 
-The student prompt (`r1_zero`) is what every stored row carries as `prompt`; the teacher may be
-asked differently (`chat`, `reasoning`), but what it writes is normalised to the canonical
-response `{reasoning} </think> <answer>{answer}</answer>` before it is stored.
+The student prompt (`r1_zero`) is what every stored row carries as `prompt` (`student_prompt`;
+`question_of` reads the question back out of it); the teacher may be asked differently (`chat`,
+`reasoning`: `teacher_prompt`), but what it writes is normalised to the canonical response
+`{reasoning} </think> <answer>{answer}</answer>` (`canonical_response`, `normalise_response`)
+before it is stored. `format_ok` and `extract_answer` are the checker's side, which every task's
+verdict (`exit_loop.tasks`) starts from; `last_boxed` is the project's one `\\boxed{}` parser.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ CHAT_SYSTEM_PROMPT = (
     "<think> reasoning process here </think> <answer> 42 </answer>. Write nothing after </answer>."
 )
 
+THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
@@ -39,6 +43,17 @@ ANSWER_CLOSE = "</answer>"
 def student_prompt(question: str) -> str:
     """The `r1_zero` prompt: the exact text every stored row carries as `prompt`."""
     return R1_ZERO_PROMPT.format(question=question.strip())
+
+
+_R1_HEAD, _R1_TAIL = R1_ZERO_PROMPT.split("{question}")
+
+
+def question_of(prompt: str) -> str:
+    """The question inside a stored `r1_zero` student prompt (any other prompt is returned as is):
+    the inverse of `student_prompt` for a stripped question."""
+    if prompt.startswith(_R1_HEAD) and prompt.endswith(_R1_TAIL):
+        return prompt[len(_R1_HEAD):len(prompt) - len(_R1_TAIL)]
+    return prompt
 
 
 def canonical_response(reasoning: str, answer: str) -> str:
@@ -70,24 +85,44 @@ def teacher_prompt(question: str, style: PromptStyle, tokenizer: Any = None,
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-_BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces, or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text):
-            c = text[i]
-            if c == "{":
+    """Content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces), stripped; for
+    `\\boxed 5` (no braces) the token after it. None if there is none or it is empty."""
+    best: tuple[int, str] | None = None
+    for cmd in ("\\boxed", "\\fbox"):
+        i = text.rfind(cmd)
+        while i >= 0:
+            content = _braced_after(text, i + len(cmd))
+            if content is not None:
+                if best is None or i > best[0]:
+                    best = (i, content)
+                break
+            i = text.rfind(cmd, 0, i)
+    return None if best is None or not best[1] else best[1]
+
+
+def _braced_after(text: str, i: int) -> str | None:
+    j = i
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "{":
                 depth += 1
-            elif c == "}":
+            elif text[k] == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[start:i]
-            i += 1
+                    return text[j + 1:k].strip()
+        return None  # unbalanced
+    if j > i:  # `\\boxed 5`: the token up to a space, `$` or the end
+        end = j
+        while end < len(text) and text[end] not in " $\n":
+            end += 1
+        return text[j:end].strip() or None
     return None
 
 
@@ -112,13 +147,13 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
     _check_style(style)
     raw = text
     body = text.lstrip()
-    if body.startswith("<think>"):
-        body = body[len("<think>"):]
+    if body.startswith(THINK_OPEN):
+        body = body[len(THINK_OPEN):]
     if body.count(THINK_CLOSE) == 0:
         has_answer = ANSWER_OPEN in body or (style == "reasoning" and last_boxed(body) is not None)
         return Normalised(raw, False, "format" if has_answer else "no_answer")
     reasoning, _, after = body.rpartition(THINK_CLOSE)
-    if "<think>" in reasoning or THINK_CLOSE in reasoning \
+    if THINK_OPEN in reasoning or THINK_CLOSE in reasoning \
             or ANSWER_OPEN in reasoning or ANSWER_CLOSE in reasoning:
         # answer tags before </think> would ride along into a "canonical" response that the
         # verifier (one answer pair, after </think>) then rejects as format
@@ -135,3 +170,51 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
     if not answer.strip():  # an empty answer is no answer (as the verifier classes it)
         return Normalised(raw, False, "no_answer")
     return Normalised(canonical_response(reasoning, answer), True)
+
+
+# --------------------------------------------------------------------------- the checker's side
+
+def _last_answer_span(response: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last complete answer pair, or None.
+
+    Pairs are matched as a left-to-right lazy scan would (`<answer>(.*?)</answer>`): a closing tag
+    closes the first opening tag after the previous closing tag. Works backwards with str.rfind, so
+    the common case is a couple of C-speed scans and nothing is quadratic.
+    """
+    end = response.rfind(ANSWER_CLOSE)
+    while end >= 0:
+        prev = response.rfind(ANSWER_CLOSE, 0, end)
+        lo = prev + len(ANSWER_CLOSE) if prev >= 0 else 0
+        start = response.find(ANSWER_OPEN, lo, end)
+        if start >= 0:
+            return start + len(ANSWER_OPEN), end
+        end = prev  # an orphan closing tag: try the one before
+    return None
+
+
+def extract_answer(response: str) -> str | None:
+    """Content of the last complete `<answer>...</answer>`, stripped; None if there is none."""
+    if not isinstance(response, str):
+        return None
+    span = _last_answer_span(response)
+    return None if span is None else response[span[0]:span[1]].strip()
+
+
+def format_ok(response: str) -> bool:
+    """True for the canonical response `{reasoning} </think> <answer>{answer}</answer>`:
+
+    exactly one `</think>`, non-empty reasoning before it (with no `<think>`: the prompt carries
+    the opening tag), exactly one space and then `<answer>`, exactly one answer pair holding a
+    non-empty answer, and nothing after `</answer>` but whitespace. Whitespace before `</think>`
+    and inside the answer tags is not checked.
+    """
+    if not isinstance(response, str):
+        return False
+    if response.count(THINK_CLOSE) != 1 or response.count(ANSWER_OPEN) != 1 \
+            or response.count(ANSWER_CLOSE) != 1 or THINK_OPEN in response:
+        return False
+    reasoning, _, after = response.partition(THINK_CLOSE)
+    if not reasoning.strip() or not after.startswith(" " + ANSWER_OPEN):
+        return False
+    answer, sep, tail = after[1 + len(ANSWER_OPEN):].partition(ANSWER_CLOSE)
+    return bool(sep) and bool(answer.strip()) and not tail.strip()

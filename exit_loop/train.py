@@ -62,7 +62,7 @@ from typing import Any
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
-from exit_loop.prompts import CHAT_SYSTEM_PROMPT, R1_ZERO_PROMPT
+from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
 
 REQUIRED_KEYS = ("prompt", "response")
 LORA_LEARNING_RATE = 1e-4
@@ -297,16 +297,6 @@ def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
-
-
-_R1_HEAD, _R1_TAIL = R1_ZERO_PROMPT.split("{question}")
-
-
-def question_of(prompt: str) -> str:
-    """The question inside a stored `r1_zero` student prompt (any other prompt is returned as is)."""
-    if prompt.startswith(_R1_HEAD) and prompt.endswith(_R1_TAIL):
-        return prompt[len(_R1_HEAD):len(prompt) - len(_R1_TAIL)]
-    return prompt
 
 
 def to_trl_rows(rows: list[dict[str, str]], use_chat_template: bool) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The HF sampler's decode attention (`gqa_decode`, exit_loop.attention) on CPU: the grouped
+"""The HF sampler's decode attention (`gqa_decode`, exit_loop.sample.graph) on CPU: the grouped
 matmul path against a float64 reference, the KV limit the CUDA-graph decoder sets per graph, and
 the compiled version it runs when the decoding step is compiled."""
 
@@ -8,7 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from exit_loop import attention as A  # noqa: E402
+from exit_loop.sample.graph import DecodeAttention  # noqa: E402
+
+A = DecodeAttention()
 
 
 def _case(b=3, h=12, hk=2, d=16, slots=40, seed=0):
@@ -83,9 +85,9 @@ def test_compiled_core_matches_the_reference():
     m4 = visible[:, None, None, :]
     with A.decode_compiled(True):
         out, _ = A.decode_attention_forward(None, q, k, v, m4)
-        assert A._compiled is not None, A._compile_failed  # it ran compiled, not the fallback
+        assert A.compiled_core is not None, A.compile_failed  # it ran compiled, not the fallback
         with A.decode_kv_limit(20):
             short, _ = A.decode_attention_forward(None, q, k, v, m4)
-    assert A._compiled is None
+    assert A.compiled_core is None
     assert _rel(out, _reference(q, k, v, visible)) < 1e-5
     assert _rel(short, _reference(q, k[:, :, :20], v[:, :, :20], visible[:, :20])) < 1e-5

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exit_loop.jsonl import AppendLog, DiskFullError, read_jsonl, write_jsonl
+from exit_loop.errors import DiskFullError
+from exit_loop.jsonl import AppendLog, read_jsonl, write_jsonl
 from exit_loop.prompts import canonical_response, student_prompt
 
 TIMEOUT_S = 120  # any command that takes longer than this has hung
@@ -284,7 +285,7 @@ def test_full_disk_mid_stream_keeps_every_complete_sample(small_disk):
 
 
 def test_disk_full_error_is_only_for_enospc(tmp_path):
-    from exit_loop.jsonl import naming_a_full_disk
+    from exit_loop.errors import naming_a_full_disk
 
     with pytest.raises(PermissionError):
         with naming_a_full_disk(tmp_path / "x"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exit_loop.baseline import BaselineConfig, baseline_data, baseline_row, solution_reasoning
+from exit_loop.baseline import BaselineConfig, baseline_data, baseline_row
 from exit_loop.jsonl import read_jsonl
-from exit_loop.problems import DataConfig, Problem
+from exit_loop.tasks import DataConfig, Problem
+from exit_loop.tasks.gsm8k import solution_reasoning
 from exit_loop.prompts import student_prompt
 
 
@@ -29,7 +30,7 @@ def test_first_gsm8k_row_exactly(tmp_path, gsm8k_train: Path):
 
 
 def test_annotations_removed_and_answer_tagged(gsm8k_train: Path):
-    from exit_loop.problems import load_problems
+    from exit_loop.tasks import load_problems
 
     for p in load_problems(DataConfig(dataset=str(gsm8k_train), num_examples=200)):
         r = baseline_row(p)["response"]

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import pytest
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, parse_override, to_dict
-from exit_loop.generate import GenerateConfig, parse_args
-from exit_loop.problems import DataConfig
+from exit_loop.pipeline.generate import GenerateConfig, parse_args
 from exit_loop.sample import SampleConfig
+from exit_loop.tasks import DataConfig
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -383,8 +383,8 @@ def test_importing_the_cli_and_generate_does_not_import_vllm_or_torch():
         "import exit_loop.cli\n"
         "assert 'vllm' not in sys.modules, 'exit_loop.cli imported vllm'\n"
         "assert 'torch' not in sys.modules, 'exit_loop.cli imported torch'\n"
-        "import exit_loop.generate\n"
-        "assert 'vllm' not in sys.modules, 'exit_loop.generate imported vllm'\n"
+        "import exit_loop.pipeline.generate\n"
+        "assert 'vllm' not in sys.modules, 'exit_loop.pipeline.generate imported vllm'\n"
     )
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
@@ -442,8 +442,8 @@ def test_dump_leaves_out_derived_fields_so_it_loads_back(tmp_path):
 def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
     """Setting one key of a section whose default is not its class's default (eval.data is
     DataConfig(split="test")) keeps the others: eval must not quietly read the training split."""
-    from exit_loop.loop import ExperimentConfig
-    from exit_loop.quickstart import QuickstartConfig
+    from exit_loop.pipeline.quickstart import QuickstartConfig
+    from exit_loop.pipeline.run import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, None, ["student=x", "eval.data.dataset=t.jsonl"])
     assert (cfg.eval.data.dataset, cfg.eval.data.split) == ("t.jsonl", "test")

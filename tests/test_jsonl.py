@@ -9,9 +9,9 @@ import stat
 
 import pytest
 
+from exit_loop.errors import DataError
 from exit_loop.jsonl import (
     AppendLog,
-    DataError,
     atomic_write_text,
     iter_jsonl,
     iter_jsonl_numbered,

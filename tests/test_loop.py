@@ -17,8 +17,9 @@ import yaml
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import read_jsonl, write_jsonl
-from exit_loop.loop import ExperimentConfig, Run, check_config_change, select_questions
-from exit_loop.problems import Problem
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change
+from exit_loop.pipeline.stages import select_questions
+from exit_loop.tasks import Problem
 
 ROUNDS = 2
 

@@ -193,8 +193,8 @@ def test_gpu_defaults_train_the_same_examples_per_step_as_the_cpu_recipe(tmp_pat
 @pytest.fixture(scope="module")
 def arith_student(tmp_path_factory):
     """The quickstart's task and random student (its tokenizer packs about two examples in 256)."""
-    from exit_loop.arith_task import ArithTaskConfig, write_task
-    from exit_loop.quickstart import tokenizer_texts
+    from exit_loop.tasks.arith import ArithTaskConfig, write_task
+    from exit_loop.pipeline.quickstart import tokenizer_texts
     from exit_loop.tiny_model import create_tiny_model
 
     work = tmp_path_factory.mktemp("arith")
@@ -212,7 +212,7 @@ def test_a_real_training_batch_trains_each_example_as_if_alone(tmp_path, tiny_mo
     examples run alone: per-example logits and the gradient of the summed loss. GPU only: on a
     CPU the same batch takes the `sdpa` fallback the tests above already cover, at 30 s a case."""
     from exit_loop.baseline import baseline_row
-    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.tasks import DataConfig, load_problems
     from exit_loop.train import TrainConfig, build_trainer, sft_config
 
     device, packing = "cuda", scale.endswith("packed")

@@ -1,4 +1,4 @@
-"""Unit tests for GSM8K problem loading (exit_loop/problems.py): local JSONL only, no network."""
+"""Unit tests for GSM8K problem loading (exit_loop/tasks/): local JSONL only, no network."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from exit_loop import problems as problems_mod
+from exit_loop.tasks import problem as problems_mod
 from exit_loop.config import ConfigError, load_config
-from exit_loop.jsonl import DataError
-from exit_loop.problems import DataConfig, Problem, ground_truth_from_answer, load_problems, problem_index
+from exit_loop.errors import DataError
+from exit_loop.tasks import DataConfig, Problem, load_problems, problem_index
+from exit_loop.tasks.gsm8k import ground_truth_from_answer
 
 
 def write_rows(path: Path, rows: list[dict], extra_lines: dict[int, str] | None = None) -> Path:
@@ -147,12 +148,12 @@ def test_missing_keys_and_missing_file(tmp_path):
 def test_hub_rows_with_missing_keys_name_the_row(monkeypatch):
     # the hub itself cannot be reached here; only the rows it would return are stood in for
     good = [{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "#### 1,000"}]
-    monkeypatch.setattr(problems_mod, "_rows_from_hub", lambda cfg: good)
-    ps = problems_mod.load_problems(DataConfig(dataset="openai/gsm8k", split="test"))
+    monkeypatch.setattr(problems_mod, "rows_from_hub", lambda cfg: good)
+    ps = load_problems(DataConfig(dataset="openai/gsm8k", split="test"))
     assert ps == [Problem("test-0", "q", "3", "#### 3"), Problem("test-1", "r", "1000", "#### 1,000")]
-    monkeypatch.setattr(problems_mod, "_rows_from_hub", lambda cfg: good[:1] + [{"question": "q"}])
+    monkeypatch.setattr(problems_mod, "rows_from_hub", lambda cfg: good[:1] + [{"question": "q"}])
     with pytest.raises(DataError, match=r"openai/gsm8k\[train\]\[1\].*'answer'"):
-        problems_mod.load_problems(DataConfig(dataset="openai/gsm8k"))
+        load_problems(DataConfig(dataset="openai/gsm8k"))
 
 
 def test_data_config_validation():

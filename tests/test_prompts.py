@@ -10,12 +10,13 @@ from exit_loop.prompts import (
     R1_ZERO_PROMPT,
     Normalised,
     canonical_response,
+    format_ok,
     last_boxed,
     normalise_response,
+    question_of,
     student_prompt,
     teacher_prompt,
 )
-from exit_loop.verify import format_ok
 
 # Copied from DESIGN.md ("Student prompt"): one newline after each line, none after `<think>`.
 DESIGN_PROMPT = """A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.
@@ -189,3 +190,12 @@ def test_unknown_style_is_refused_not_guessed(style, chat_tokenizer):
         teacher_prompt(QUESTION, style, chat_tokenizer)
     with pytest.raises(ValueError, match="'r1_zero', 'chat', 'reasoning'"):
         normalise_response(f"{R} </think> <answer>72</answer>", style)
+
+
+@pytest.mark.parametrize("question", ["How many?", "Line one.\nLine two: 3 + 4 = ?", "A {brace} and $5.",
+                                      "User: a question that names the roles\nAssistant: <think>"])
+def test_question_of_is_the_inverse_of_student_prompt(question):
+    """`train --data sft_r1_correct.jsonl` has only the prompt: the question comes back out of it."""
+    assert question_of(student_prompt(question)) == question
+    assert question_of(student_prompt(f"  {question} \n")) == question  # the prompt strips it
+    assert question_of("a free-form prompt") == "a free-form prompt"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from exit_loop.arith_task import ArithTaskConfig, generate, make_problem, write_task
+from exit_loop.tasks.arith import ArithTaskConfig, generate, make_problem, write_task
 from exit_loop.baseline import baseline_row
 from exit_loop.config import ConfigError, load_config
-from exit_loop.loop import ExperimentConfig
-from exit_loop.problems import DataConfig, load_problems
-from exit_loop.quickstart import DEFAULT_CONFIG, Paths, split_overrides
+from exit_loop.pipeline.quickstart import DEFAULT_CONFIG, Paths, split_overrides
+from exit_loop.pipeline.run import ExperimentConfig
+from exit_loop.tasks import DataConfig, load_problems
 from exit_loop.verify import verify_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _solve(question: str) -> int:
     """Recompute a generated question's answer from its words alone."""
     import re
 
-    from exit_loop.arith_task import ADD_VERBS, SUB_VERBS, number_word
+    from exit_loop.tasks.arith import ADD_VERBS, SUB_VERBS, number_word
 
     value = {number_word(n): n for n in range(100)}
     verbs = "|".join(["has", *ADD_VERBS, *SUB_VERBS])

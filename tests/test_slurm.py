@@ -19,7 +19,7 @@ import yaml
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import read_jsonl
-from exit_loop.slurm import ACTIVE, Book, _ranges, _shell_word, command, job_states, plan
+from exit_loop.pipeline.slurm import ACTIVE, Book, array_ranges, command, job_states, plan, shell_word
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -63,12 +63,12 @@ def exit_config(tmp: Path, name: str, model: Path | str, gsm8k_dir: Path, rounds
 
 
 def test_ranges_and_shell_words():
-    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert _ranges([3]) == "3"
-    assert _shell_word("sample.shard_id={shard}") == 'sample.shard_id="$SLURM_ARRAY_TASK_ID"'
-    assert _shell_word("{shard}") == '"$SLURM_ARRAY_TASK_ID"'
-    assert _shell_word("a b") == "'a b'"
-    assert _shell_word("") == "''"
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_ranges([3]) == "3"
+    assert shell_word("sample.shard_id={shard}") == 'sample.shard_id="$SLURM_ARRAY_TASK_ID"'
+    assert shell_word("{shard}") == '"$SLURM_ARRAY_TASK_ID"'
+    assert shell_word("a b") == "'a b'"
+    assert shell_word("") == "''"
 
 
 def test_dry_run_prints_every_stage_chained_and_submits_nothing(tmp_path: Path, capsys, gsm8k_dir: Path):
@@ -127,7 +127,7 @@ def test_generation_config_is_detected(tmp_path: Path, gsm8k_dir: Path):
 
 
 def test_unquoted_time_is_refused_with_the_reason(tmp_path: Path):
-    from exit_loop.generate import GenerateConfig
+    from exit_loop.pipeline.generate import GenerateConfig
 
     path = tmp_path / "g.yaml"
     path.write_text("slurm:\n  time: 12:00:00\n")

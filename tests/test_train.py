@@ -48,7 +48,7 @@ def one_thread():
 def gsm8k_split(tmp_path_factory, gsm8k_train: Path) -> Path:
     """16 GSM8K problems in the split format (prompt = student prompt, canonical response)."""
     from exit_loop.baseline import baseline_row
-    from exit_loop.problems import DataConfig, load_problems
+    from exit_loop.tasks import DataConfig, load_problems
 
     problems = load_problems(DataConfig(dataset=str(gsm8k_train), num_examples=16))
     return write_jsonl(tmp_path_factory.mktemp("data") / "split.jsonl", [baseline_row(p) for p in problems])

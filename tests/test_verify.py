@@ -8,19 +8,12 @@ from fractions import Fraction
 
 import pytest
 
-from exit_loop.jsonl import DataError, read_jsonl
-from exit_loop.verify import (
-    FAILURES,
-    Verdict,
-    VerifyConfig,
-    extract_answer,
-    format_ok,
-    parse_number,
-    run,
-    verify_gsm8k,
-    verify_row,
-    verify_rows,
-)
+from exit_loop.errors import DataError
+from exit_loop.jsonl import read_jsonl
+from exit_loop.prompts import extract_answer, format_ok
+from exit_loop.tasks import FAILURES, Verdict
+from exit_loop.tasks.gsm8k import parse_number, verify_gsm8k
+from exit_loop.verify import VerifyConfig, run, verify_row, verify_rows
 
 
 def resp(answer: str, reasoning: str = "Natalia sold 48/2 = 24 clips, 48+24 = 72 in all.") -> str:

@@ -12,9 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exit_loop.math_pool import DEFAULT_TIMEOUT_S, WALL_FACTOR, MathPool, shared_pool
-from exit_loop.verify import (FAILURES, Verdict, extract_answer, format_ok, parse_number, verify_gsm8k,
-                              verify_math, verify_row)
+from exit_loop.prompts import extract_answer, format_ok
+from exit_loop.tasks import FAILURES, Verdict
+from exit_loop.tasks.gsm8k import parse_number, verify_gsm8k
+from exit_loop.tasks.math import verify_math
+from exit_loop.tasks.math_pool import DEFAULT_TIMEOUT_S, WALL_FACTOR, MathPool, shared_pool
+from exit_loop.verify import verify_row
 
 LIMIT_S = 2.0
 

@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from exit_loop.config import ConfigError, load_config
-from exit_loop.jsonl import DataError, read_jsonl
-from exit_loop.math_pool import TIMEOUT, WALL_FACTOR, MathPool
-from exit_loop.problems import DataConfig, last_boxed_answer, load_problems
-from exit_loop.verify import VerifyConfig, run, verify_math, verify_row, verify_rows
+from exit_loop.errors import DataError
+from exit_loop.jsonl import read_jsonl
+from exit_loop.prompts import last_boxed as last_boxed_answer
+from exit_loop.tasks import DataConfig, load_problems
+from exit_loop.tasks.math import verify_math
+from exit_loop.tasks.math_pool import TIMEOUT, WALL_FACTOR, MathPool
+from exit_loop.verify import VerifyConfig, run, verify_row, verify_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 3,000-element tuple: math-verify's ANTLR parser needs seconds for it
@@ -305,7 +308,7 @@ def test_task_from_a_config_file(tmp_path):
 
 
 def test_generate_config_carries_the_task():
-    from exit_loop.generate import GenerateConfig
+    from exit_loop.pipeline.generate import GenerateConfig
 
     cfg = load_config(GenerateConfig, None, ["data.task=math", "data.dataset=math.jsonl"])
     assert cfg.data.task == "math"
@@ -367,7 +370,7 @@ def test_math_loader_errors_name_file_and_line(tmp_path):
 
 
 def test_math_loader_from_the_hub(monkeypatch):
-    from exit_loop import problems as problems_mod
+    from exit_loop.tasks import problem as problems_mod
 
     calls = []
 
@@ -375,7 +378,7 @@ def test_math_loader_from_the_hub(monkeypatch):
         calls.append((cfg.dataset, cfg.subset, cfg.split))
         return [{"problem": "p", "solution": r"$\boxed{\dfrac{3}{4}}$", "answer": r"\frac{3}{4}"}]
 
-    monkeypatch.setattr(problems_mod, "_rows_from_hub", fake_hub)
+    monkeypatch.setattr(problems_mod, "rows_from_hub", fake_hub)
     ps = load_problems(DataConfig(dataset="HuggingFaceH4/MATH-500", subset="default", split="test",
                                   task="math"))
     assert calls == [("HuggingFaceH4/MATH-500", "default", "test")]

@@ -1,7 +1,7 @@
 """A procedurally generated arithmetic word-problem task in GSM8K's format, for the offline
 quickstart and tests: small enough that a two-layer transformer learns it from its own traces.
 
-    python -m exit_loop.arith_task --out_dir data/quickstart num_train=512 num_test=200 max_steps=3
+    python -m exit_loop.tasks.arith --out_dir data/quickstart num_train=512 num_test=200 max_steps=3
 
 Each question chains `steps` additions or subtractions of a small count to a starting count:
 
@@ -12,7 +12,7 @@ The question spells its numbers as words and the solution works in digits: one `
 `a-b=c`) line per step and the final `#### N` line. (Words are single tokens for the tiny
 student's tokenizer, which splits digits one by one; each count then sits right after its verb,
 which a two-layer model learns to read much sooner.) The normal GSM8K
-loader (`exit_loop.problems`) reads the files and `exit-loop baseline-data` turns them into
+loader (`exit_loop.tasks.load_problems`, task `gsm8k`) reads the files and `exit-loop baseline-data` turns them into
 canonical prompt/response rows. Difficulty: `min_steps`/`max_steps` (how many operations),
 `max_operand` (the largest count added or taken away) and `max_start` (the largest starting
 count); every running total stays in [0, max_total]. The train and test splits come from one
@@ -124,7 +124,7 @@ def write_task(cfg: ArithTaskConfig, out_dir: str | Path) -> Path:
 
 
 def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m exit_loop.arith_task", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m exit_loop.tasks.arith", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="where train.jsonl and test.jsonl go")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="ArithTaskConfig keys, e.g. max_steps=2")

@@ -8,7 +8,7 @@ time limit that works from any thread.
 
 math-verify's own timeout is `signal.alarm`, which works only on a process's main thread and
 cannot stop a long C-level computation. Here every check runs in a worker process, forked from a
-forkserver that has math-verify imported and warmed up (`exit_loop.math_warmup`), so a new worker
+forkserver that has math-verify imported and warmed up (`exit_loop.tasks.math_warmup`), so a new worker
 is ready in milliseconds. The parent only reads pipes. Each answer may use `timeout_s` seconds
 of the worker's CPU time, and at most WALL_FACTOR times that in wall-clock time (so a crowded
 machine slows a check down without turning a right answer into a timeout, yet nothing waits for
@@ -118,7 +118,7 @@ def warm_up() -> None:
 
 def _worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    warm_up()  # next to nothing if the forkserver did it (exit_loop.math_warmup)
+    warm_up()  # next to nothing if the forkserver did it (exit_loop.tasks.math_warmup)
     try:
         conn.send((None, time.process_time()))  # ready
     except (BrokenPipeError, OSError):
@@ -209,7 +209,7 @@ def _context() -> Any:
     # ~0.5 s import of math-verify and sympy and the parser's warm-up. ("__main__" is
     # multiprocessing's default; Python 3.11's forkserver ignores it, so each worker imports a
     # script's main module itself, as spawned processes do.)
-    ctx.set_forkserver_preload(["__main__", "exit_loop.math_warmup"])
+    ctx.set_forkserver_preload(["__main__", "exit_loop.tasks.math_warmup"])
     return ctx
 
 
@@ -270,6 +270,10 @@ class MathPool:
             w.kill()
         self._slots[i] = None  # started again when next needed
         self.restarts += timed_out
+
+    def live_workers(self) -> list[Any]:
+        """The worker processes running now (each with `proc` and `cpu_now()`), for benchmarks."""
+        return [w for w in self._slots if w is not None]
 
     # -- work
 

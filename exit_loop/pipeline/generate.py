@@ -9,26 +9,28 @@ Writes into `output_dir` (default `data/gsm8k/`): `samples.jsonl` (raw samples, 
 with shards `samples/shard-KKKKK-of-NNNNN.jsonl`), `sft_r1_all.jsonl`, `sft_r1_correct.jsonl`,
 `summary.json`, the resolved `config.yaml`, and `manifest.json` last. Running the same command
 again generates only the (problem, sample) pairs that are missing.
+
+A generation is the one-round case of an ExIt run's stages (`exit_loop.pipeline.stages`): the same
+sampling (`draw`), merge of shards (`merge_shards`), verifier (`label`) and filter
+(`write_splits`), only laid out flat in one directory, with no verified rows kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from exit_loop.config import dump_yaml, load_config, to_dict
-from exit_loop.filter import FilterConfig, format_summary, write_splits
-from exit_loop.jsonl import (DataError, atomic_write_text, iter_jsonl, iter_jsonl_numbered, sha256_file,
-                             write_json, write_jsonl)
-from exit_loop.problems import DataConfig, load_problems, problem_index
-from exit_loop.sample import (SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style,
-                              sample)
-from exit_loop.slurm import SlurmConfig
-from exit_loop.verify import verify_rows
+from exit_loop.errors import DataError
+from exit_loop.filter import FilterConfig, write_splits
+from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
+from exit_loop.pipeline.resources import SlurmConfig
+from exit_loop.pipeline.run import shard_path
+from exit_loop.pipeline.stages import draw, label, merge_shards
+from exit_loop.sample import SampleConfig, check_model_path, check_sampling_keys, resolve_prompt_style
+from exit_loop.tasks import DataConfig, load_problems
 
 
 @dataclass
@@ -40,12 +42,9 @@ class GenerateConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `exit-loop slurm submit` resources
 
 
-def samples_path(cfg: GenerateConfig) -> Path:
-    out = Path(cfg.output_dir)
-    s = cfg.sample
-    if s.num_shards == 1:
-        return out / "samples.jsonl"
-    return out / "samples" / f"shard-{s.shard_id:05d}-of-{s.num_shards:05d}.jsonl"
+def shard_file(cfg: GenerateConfig, shard: int) -> Path:
+    """Where shard `shard` of a sharded generation goes: `<output_dir>/samples/shard-…`."""
+    return shard_path(Path(cfg.output_dir) / "samples", shard, cfg.sample.num_shards)
 
 
 def check_existing_samples(path: Path, cfg: SampleConfig) -> None:
@@ -65,23 +64,16 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
     """Verify the merged samples, write the splits, the summary and (last) the manifest."""
     out = Path(cfg.output_dir)
     t0 = time.monotonic()
-    fcfg = FilterConfig(**{**to_dict(cfg.filter), "output_dir": str(out), "input": str(samples_file)})
-    rows = verify_rows(iter_jsonl(samples_file, required=("prompt", "response", "ground_truth")),
-                       task=cfg.data.task)
-    write_splits(rows, fcfg)
+    fcfg = replace(cfg.filter, output_dir=str(out), input=str(samples_file))
+    summary = write_splits(label(samples_file, cfg.data.task), fcfg)
     timings["verify_filter_s"] = round(time.monotonic() - t0, 3)
-    summary = json.loads((out / "summary.json").read_text())
-    print(format_summary(summary), flush=True)
-    manifest = {
-        "stage": "generate",
-        "inputs": {"dataset": cfg.data.dataset, "split": cfg.data.split, "model": cfg.sample.model_name},
-        "config": to_dict(cfg),
-        "counts": {k: summary[k] for k in ("traces", "correct_traces", "questions", "questions_solved",
-                                            "correct_split_rows")},
-        "files": {p.name: sha256_file(p) for p in (samples_file, out / fcfg.all_name, out / fcfg.correct_name)},
-        "timings": timings,
-    }
-    write_json(out / "manifest.json", manifest)
+    write_manifest(
+        out, "generate", timings,
+        inputs={"dataset": cfg.data.dataset, "split": cfg.data.split, "model": cfg.sample.model_name},
+        config=to_dict(cfg),
+        counts={k: summary[k] for k in ("traces", "correct_traces", "questions", "questions_solved",
+                                        "correct_split_rows")},
+        files={p.name: sha256_file(p) for p in (samples_file, out / fcfg.all_name, out / fcfg.correct_name)})
     print(f"generate: wrote {out / fcfg.all_name} and {out / fcfg.correct_name}", flush=True)
     return out
 
@@ -99,44 +91,27 @@ def generate(cfg: GenerateConfig) -> Path:
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     t0 = time.monotonic()
     problems = load_problems(cfg.data)
-    path = samples_path(cfg)
-    check_existing_samples(path, cfg.sample)
+    sharded = cfg.sample.num_shards > 1
+    check_existing_samples(shard_file(cfg, cfg.sample.shard_id) if sharded else out / "samples.jsonl", cfg.sample)
     timings = {"load_problems_s": round(time.monotonic() - t0, 3)}
     t1 = time.monotonic()
-    sample(cfg.sample, problems, path)
+    draw(cfg.sample, problems, out / "samples.jsonl", lambda i: shard_file(cfg, i),
+         shard=cfg.sample.shard_id if sharded else None)
     timings["sample_s"] = round(time.monotonic() - t1, 3)
-    if cfg.sample.num_shards > 1:
-        print(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> {path}; "
-              f"when every shard is done run `exit-loop merge` with the same config", flush=True)
+    if sharded:
+        print(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> "
+              f"{shard_file(cfg, cfg.sample.shard_id)}; when every shard is done run `exit-loop merge` "
+              "with the same config", flush=True)
         return out
-    return finish(cfg, path, timings)
+    return finish(cfg, out / "samples.jsonl", timings)
 
 
 def merge(cfg: GenerateConfig) -> Path:
     """Put every shard's samples together (ordered by problem, then sample), verify, filter."""
-    out = Path(cfg.output_dir)
     n = cfg.sample.num_shards
-    expected = {p.id for p in load_problems(cfg.data)}
-    by_pair: dict[tuple[str, int], dict[str, Any]] = {}
-    missing_shards = []
-    for k in range(n):
-        path = out / "samples" / f"shard-{k:05d}-of-{n:05d}.jsonl"
-        if not path.exists():
-            missing_shards.append(k)
-            continue
-        for row in iter_jsonl(path, required=("problem_id", "sample_index", "response")):
-            by_pair.setdefault((row["problem_id"], row["sample_index"]), row)
-    if missing_shards:
-        raise DataError(f"{out / 'samples'}: shard(s) {missing_shards} of {n} missing; run them first")
-    want = len(expected) * cfg.sample.num_samples
-    have = sum(1 for (pid, k) in by_pair if pid in expected and k < cfg.sample.num_samples)
-    if have < want:
-        raise DataError(f"{out / 'samples'}: {have} of {want} samples present; rerun the unfinished shards")
-    rows = [by_pair[key] for key in sorted(by_pair, key=lambda t: (problem_index(t[0]), t[1]))
-            if key[0] in expected and key[1] < cfg.sample.num_samples]
-    merged = write_jsonl(out / "samples.jsonl", rows)
-    print(f"merge: {len(rows)} samples from {n} shards -> {merged}", flush=True)
-    return finish(cfg, merged, {})
+    sampled = merge_shards([shard_file(cfg, i) for i in range(n)], load_problems(cfg.data),
+                           cfg.sample.num_samples, Path(cfg.output_dir) / "samples.jsonl")
+    return finish(cfg, sampled.path, {})
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,14 +1,14 @@
 """The offline quickstart: expert iteration visibly working on a CPU in minutes, no GPU, no hub.
 
     make quickstart                       # installs the CPU build, then runs the line below
-    exit-loop quickstart                  # or: python -m exit_loop.quickstart
+    exit-loop quickstart                  # or: python -m exit_loop.pipeline.quickstart
     exit-loop quickstart rounds=2 data.num_examples=128 task.num_test=100   # a smaller run
 
 From the repository root, in one process, each step skipped when its output is already there
 (so running it again resumes, or just prints where the report is):
 
 1. task: a procedurally generated arithmetic word-problem task in GSM8K's format
-   (`exit_loop.arith_task`), seeded train/test splits written where the config's
+   (`exit_loop.tasks.arith`), seeded train/test splits written where the config's
    `data.dataset` and `eval.data.dataset` point (`data/quickstart/`).
 2. student: a byte-level BPE tokenizer trained on the task's text and a random two-layer Qwen2
    model (`exit_loop.tiny_model`, in `data/quickstart/tiny_init/`), warm-started by SFT
@@ -17,7 +17,7 @@ From the repository root, in one process, each step skipped when its output is a
    unreliably. The other 1,792 training questions are expert iteration's, with no gold solution
    (only the verifier's verdict on the student's own answers). The result is the config's
    `student` (`data/quickstart/student/ckpt`; `warmup.json` beside it has the checks).
-3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.loop`): a `filtered` arm trained
+3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.pipeline.loop`): a `filtered` arm trained
    on its correct traces and an `unfiltered` arm trained on all of them, held-out accuracy every
    round. The config sets `isolate: false` and this command keeps vLLM's engine in this process
    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so nothing is imported or started twice.
@@ -34,6 +34,8 @@ experiment config (`rounds=2`, `sample.num_samples=8`, `runs_dir=/tmp/runs`, ...
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 import time
@@ -41,9 +43,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exit_loop.arith_task import ArithTaskConfig, write_task
-from exit_loop.config import ConfigError, load_config, to_dict
+from exit_loop.baseline import baseline_row
+from exit_loop.compare import compare
+from exit_loop.config import changed_keys, load_config, to_dict
+from exit_loop.errors import ConfigError
 from exit_loop.jsonl import write_json, write_jsonl
+from exit_loop.pipeline.loop import run_loop
+from exit_loop.pipeline.run import ExperimentConfig
+from exit_loop.prompts import student_prompt
+from exit_loop.tasks import DataConfig, load_problems
+from exit_loop.tasks.arith import ArithTaskConfig, write_task
+from exit_loop.tasks.gsm8k import verify_gsm8k
+from exit_loop.tiny_model import create_tiny_model
+from exit_loop.train import TrainConfig, train
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -101,9 +115,6 @@ class WarmupConfig:
 def greedy_accuracy(model, tokenizer, problems: list, max_new_tokens: int = 48) -> float:
     """Share of `problems` the model answers right, greedy, as the verifier labels its text."""
     import torch
-
-    from exit_loop.prompts import student_prompt
-    from exit_loop.verify import verify_gsm8k
 
     was_training = model.training
     model.eval()
@@ -175,11 +186,8 @@ class Paths:
 def make_task(cfg: ArithTaskConfig, paths: Paths) -> None:
     manifest = paths.data_dir / "manifest.json"
     if manifest.exists():
-        import json
-
-        old = json.loads(manifest.read_text()).get("config")
-        if old != to_dict(cfg):
-            diff = sorted(k for k in set(old or {}) | set(to_dict(cfg)) if (old or {}).get(k) != to_dict(cfg).get(k))
+        diff = changed_keys(json.loads(manifest.read_text()).get("config") or {}, cfg)
+        if diff:
             raise ConfigError(f"{paths.data_dir} holds a task made with other settings (task.{', task.'.join(diff)}); "
                               "remove the directory (its student too) or point data.dataset elsewhere")
         print(f"quickstart: task data in {paths.data_dir} (already there)", flush=True)
@@ -192,19 +200,11 @@ def make_task(cfg: ArithTaskConfig, paths: Paths) -> None:
 def tokenizer_texts(train_jsonl: Path) -> list[str]:
     """What the tokenizer learns from: every training question as a student prompt, with its gold
     canonical response."""
-    from exit_loop.baseline import baseline_row
-    from exit_loop.problems import DataConfig, load_problems
-
     rows = [baseline_row(p) for p in load_problems(DataConfig(dataset=str(train_jsonl), split="train"))]
     return [f"{r['prompt']} {r['response']}" for r in rows]
 
 
 def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
-    from exit_loop.baseline import baseline_row
-    from exit_loop.problems import DataConfig, load_problems
-    from exit_loop.tiny_model import create_tiny_model
-    from exit_loop.train import TrainConfig, train
-
     if (paths.student.parent / "manifest.json").exists():
         print(f"quickstart: student in {paths.student} (already there)", flush=True)
         return
@@ -235,9 +235,9 @@ def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
     print(f"quickstart: warm-started the student on {len(problems)} gold solutions -> {paths.student} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
     if reached is None or reached < w.target_accuracy:
-        print(f"quickstart: warning: the warm start ended at {w.max_steps} steps below its target "
-              f"({reached if reached is not None else 'never checked'}); expert iteration may gain little "
-              "from this student (raise warmup.max_steps or change tiny.seed)", file=sys.stderr, flush=True)
+        log.warning("quickstart: the warm start ended at %s steps below its target (%s); expert iteration "
+                    "may gain little from this student (raise warmup.max_steps or change tiny.seed)",
+                    w.max_steps, reached if reached is not None else "never checked")
 
 
 def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
@@ -245,9 +245,6 @@ def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
     """Make the task and the student if missing, run the loop, compare; returns the report's dir."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from exit_loop.compare import compare
-    from exit_loop.loop import ExperimentConfig, run_loop
-
     t0 = time.monotonic()
     exp = load_config(ExperimentConfig, config_file, list(overrides))  # fails here on a bad key
     paths = Paths.of(exp)

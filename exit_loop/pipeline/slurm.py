@@ -14,7 +14,7 @@ array over shards, task 0 also evaluating, then `merge`), `verify`, `filter`, `t
 the one before, round after round. Generation: `generate` (an array over shards), then `merge`
 (merge, verify, filter). Job names are `<experiment>-r<k>-<stage>`; scripts, logs and the job ids
 (`jobs.json`) go to `<run dir>/slurm/`. Resources per stage come from the config's `slurm:`
-section (SlurmConfig below).
+section (`SlurmConfig`, exit_loop.pipeline.resources).
 
 Every job is submitted with --requeue (SLURM puts a preempted job back in the queue) and
 --signal=B:USR1@slurm.signal_s (near its time limit the job requeues itself); either way the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shlex
@@ -38,62 +39,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from exit_loop.config import ConfigError, dump_yaml, load_config, read_yaml, to_dict
-from exit_loop.jsonl import DataError, atomic_write_text, write_json
+from exit_loop.config import check_unchanged, dump_yaml, load_config, read_yaml
+from exit_loop.errors import ConfigError, DataError, SlurmError
+from exit_loop.jsonl import atomic_write_text, write_json
+from exit_loop.pipeline.generate import GenerateConfig, shard_file
+from exit_loop.pipeline.resources import SlurmConfig
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
+from exit_loop.pipeline.stages import round_questions
+from exit_loop.sample import check_model_path, select_shard
+from exit_loop.tasks import Problem, load_problems
 
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class Resources:
-    """One stage's #SBATCH resources; a key left unset takes the `slurm:` section's own value."""
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus: int | None = None       # --gpus-per-node
-    cpus: int | None = None       # --cpus-per-task
-    mem: str | int | None = None  # --mem, e.g. 64G (0: all of the node's memory)
-    time: str | int | None = None  # --time, e.g. "12:00:00" (quoted), "1-00:00:00"
-    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. "--constraint=h100"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.time, int):
-            raise ValueError(f"time: got the number {self.time}; YAML reads an unquoted 12:00:00 as "
-                             "a number of seconds: quote it (time: '12:00:00')")
-
-
-@dataclass
-class SlurmConfig(Resources):
-    """The `slurm:` section: defaults for every job (the Resources keys), per-stage sections that
-    override them, and what every job script runs first. Unset GPUs: sample.tensor_parallel_size
-    for rollout jobs, 1 for train, none for the rest."""
-    rollout: Resources = field(default_factory=Resources)  # jobs that sample: eval + sample, generate
-    merge: Resources = field(default_factory=Resources)    # shards -> one file (generation: + verify, filter)
-    verify: Resources = field(default_factory=Resources)
-    filter: Resources = field(default_factory=Resources)
-    train: Resources = field(default_factory=Resources)    # >1 GPU: accelerate launch unless train.launcher
-    signal_s: int = 180           # USR1 this long before the time limit: the job requeues itself
-    env: dict[str, str] = field(default_factory=dict)      # exported in every job
-    setup: list[str] = field(default_factory=list)         # shell lines every job runs first (module load …)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.signal_s < 0:
-            raise ValueError(f"signal_s must be >= 0, got {self.signal_s}")
-
-    def resources(self, section: str, gpus: int) -> Resources:
-        """The section's resources over the defaults; `gpus` where neither sets them."""
-        sec: Resources = getattr(self, section)
-        out = {f.name: getattr(sec, f.name) if getattr(sec, f.name) is not None else getattr(self, f.name)
-               for f in fields(Resources) if f.name != "extra"}
-        if out["gpus"] is None:
-            out["gpus"] = gpus
-        return Resources(**out, extra=[*self.extra, *sec.extra])
-
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- jobs
 
@@ -127,11 +87,9 @@ def _shard_pairs(path: Path) -> set[tuple[str, int]]:
     return pairs
 
 
-def _incomplete(paths: list[Path], problems: Callable[[], list[Any]], num_samples: int) -> list[int]:
+def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], num_samples: int) -> list[int]:
     """Shards (index into `paths`) still missing a (problem, sample) pair; the problems are only
     loaded when some shard file exists."""
-    from exit_loop.sample import select_shard
-
     if not any(p.exists() for p in paths):
         return list(range(len(paths)))
     probs = problems()
@@ -143,44 +101,54 @@ def _incomplete(paths: list[Path], problems: Callable[[], list[Any]], num_sample
     return out
 
 
-def exit_jobs(run: Any) -> list[Job]:
-    """Every stage of every arm and round of an ExIt run (`loop.Run`), in submission order."""
-    from exit_loop.loop import _stage_cmd, select_questions
-    from exit_loop.problems import load_problems
+def sharded_sampling(key: str, name: str, argv: list[str], merge_key: str, merge_name: str,
+                     merge_argv: list[str], after: list[str], todo: Callable[[], list[int]],
+                     merged: Callable[[], bool], gpus: int) -> list[Job]:
+    """Sharded sampling as SLURM runs it: an array job over the shards still `todo` (its task id
+    in place of SHARD in `argv`), then the merge job after it."""
+    return [Job(key, name, "rollout", argv, after, lambda: not todo(), todo, gpus),
+            Job(merge_key, merge_name, "merge", merge_argv, [key], merged)]
 
+
+def exit_jobs(run: Run) -> list[Job]:
+    """Every stage of every arm and round of an ExIt run, in submission order."""
     cfg = run.cfg
     n = cfg.sample.num_shards
     samples = {arm: a.split != "original" for arm, a in cfg.arms.items()}
     jobs: list[Job] = []
 
-    def add(arm: str, k: int, stage: str, after: str | None, done: Callable[[], bool], owner: str = "",
-            shards: Callable[[], list[int]] | None = None) -> str:
-        owner = owner or arm
-        key = f"{owner}/r{k}/{stage}"
+    def job(arm: str, k: int, stage: str, owner: str, shard: bool = False) -> tuple[str, str, list[str]]:
+        """(key, job name, argv) of a stage."""
         prefix = cfg.experiment if owner == "shared" or not run.multi else f"{cfg.experiment}-{arm}"
         launcher = cfg.train.launcher if stage == "train" else ""
         train_gpus = cfg.slurm.resources("train", 1).gpus or 0
         if stage == "train" and not launcher and train_gpus > 1:
             launcher = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --multi_gpu "
                         f"--num_processes {train_gpus} --main_process_port {PORT}")
-        argv = _stage_cmd(run.root, stage, arm, k, launcher) + (["--shard", SHARD] if shards else [])
+        argv = stage_cmd(run.root, stage, arm, k, launcher) + (["--shard", SHARD] if shard else [])
+        return f"{owner}/r{k}/{stage}", f"{prefix}-r{k}-{stage}", argv
+
+    def add(arm: str, k: int, stage: str, after: str | None, done: Callable[[], bool], owner: str = "") -> str:
+        key, name, argv = job(arm, k, stage, owner or arm)
         gpus = {"rollout": cfg.sample.tensor_parallel_size, "train": 1}.get(stage, 0)
-        jobs.append(Job(key, f"{prefix}-r{k}-{stage}", stage, argv, [after] if after else [], done,
-                        shards, gpus))
+        jobs.append(Job(key, name, stage, argv, [after] if after else [], done, None, gpus))
         return key
 
     def rollout(arm: str, k: int, after: str | None, owner: str = "") -> str:
         sampling = samples[arm] and k < cfg.rounds
         if sampling and n > 1:
-            def shards() -> list[int]:
-                todo = [] if run.done(arm, k, "eval") else [0]
+            def todo() -> list[int]:
+                shards = [] if run.done(arm, k, "eval") else [0]
                 if not run.done(arm, k, "sample"):
                     paths = [run.sample_shard(arm, k, i) for i in range(n)]
-                    todo += _incomplete(paths, lambda: select_questions(run, arm, k, load_problems(cfg.data)),
-                                        cfg.sample.num_samples)
-                return sorted(set(todo))
-            key = add(arm, k, "rollout", after, lambda: not shards(), owner, shards)
-            return add(arm, k, "merge", key, lambda: run.done(arm, k, "sample"), owner)
+                    shards += unfinished_shards(paths, lambda: round_questions(run, arm, k), cfg.sample.num_samples)
+                return sorted(set(shards))
+            key, name, argv = job(arm, k, "rollout", owner or arm, shard=True)
+            merge_key, merge_name, merge_argv = job(arm, k, "merge", owner or arm)
+            jobs.extend(sharded_sampling(key, name, argv, merge_key, merge_name, merge_argv,
+                                         [after] if after else [], todo, lambda: run.done(arm, k, "sample"),
+                                         cfg.sample.tensor_parallel_size))
+            return merge_key
         return add(arm, k, "rollout", after,
                    lambda: run.done(arm, k, "eval") and (not sampling or run.done(arm, k, "sample")), owner)
 
@@ -204,13 +172,12 @@ def exit_jobs(run: Any) -> list[Job]:
     return jobs
 
 
-def generate_jobs(cfg: Any, config_file: Path) -> list[Job]:
-    """A generation (`generate.GenerateConfig`): one job, or an array over shards and a merge."""
-    from exit_loop.problems import load_problems
-
+def generate_jobs(cfg: GenerateConfig, config_file: Path) -> list[Job]:
+    """A generation: one job, or an array over shards and a merge."""
     out = Path(cfg.output_dir)
     name = out.resolve().name
     base = [sys.executable, "-m", "exit_loop.cli"]
+    config = ["--config", str(config_file)]
     n = cfg.sample.num_shards
     gpus = cfg.sample.tensor_parallel_size
 
@@ -218,32 +185,28 @@ def generate_jobs(cfg: Any, config_file: Path) -> list[Job]:
         return (out / "manifest.json").exists()
 
     if n == 1:
-        return [Job("generate", f"{name}-r0-generate", "rollout", [*base, "generate", "--config", str(config_file)],
-                    [], done, None, gpus)]
+        return [Job("generate", f"{name}-r0-generate", "rollout", [*base, "generate", *config], [], done, None, gpus)]
 
-    def shards() -> list[int]:
+    def todo() -> list[int]:
         if done():
             return []
-        paths = [out / "samples" / f"shard-{i:05d}-of-{n:05d}.jsonl" for i in range(n)]
-        return _incomplete(paths, lambda: load_problems(cfg.data), cfg.sample.num_samples)
+        paths = [shard_file(cfg, i) for i in range(n)]
+        return unfinished_shards(paths, lambda: load_problems(cfg.data), cfg.sample.num_samples)
 
-    return [Job("generate", f"{name}-r0-generate", "rollout",
-                [*base, "generate", "--config", str(config_file), f"sample.shard_id={SHARD}"],
-                [], lambda: not shards(), shards, gpus),
-            Job("merge", f"{name}-r0-merge", "merge", [*base, "merge", "--config", str(config_file)],
-                ["generate"], done)]
+    return sharded_sampling("generate", f"{name}-r0-generate", [*base, "generate", *config, f"sample.shard_id={SHARD}"],
+                            "merge", f"{name}-r0-merge", [*base, "merge", *config], [], todo, done, gpus)
 
 
 # --------------------------------------------------------------------------- scripts
 
 
-def _shell_word(arg: str) -> str:
+def shell_word(arg: str) -> str:
     """Quote `arg` for bash, with SHARD and PORT left for the shell to expand."""
     parts = re.split(r"(\{shard\}|\{port\})", arg)
     return "".join(_SHELL.get(p) or (shlex.quote(p) if p else "") for p in parts) or "''"
 
 
-def _ranges(tasks: list[int]) -> str:
+def array_ranges(tasks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5' (sbatch --array)."""
     out, start = [], None
     for i, t in enumerate(tasks):
@@ -270,7 +233,7 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
              "#SBATCH --requeue",
              f"#SBATCH --signal=B:USR1@{cfg.signal_s}"]
     if tasks is not None:
-        lines.append(f"#SBATCH --array={_ranges(tasks)}")
+        lines.append(f"#SBATCH --array={array_ranges(tasks)}")
     for flag, value in (("partition", r.partition), ("account", r.account), ("qos", r.qos),
                         ("gpus-per-node", r.gpus or None), ("cpus-per-task", r.cpus), ("mem", r.mem),
                         ("time", r.time)):
@@ -280,7 +243,7 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
     lines += ["set -uo pipefail"]
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in cfg.env.items()]
     lines += cfg.setup
-    command = " ".join(_shell_word(a) for a in job.argv)
+    command = " ".join(shell_word(a) for a in job.argv)
     lines += [
         'echo "exit-loop: $SLURM_JOB_NAME job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (task '
         '$SLURM_ARRAY_TASK_ID)} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
@@ -298,10 +261,6 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
 
 
 # --------------------------------------------------------------------------- SLURM
-
-
-class SlurmError(RuntimeError):
-    """sbatch, squeue or scancel failed; the message has their own words."""
 
 
 ACTIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
@@ -423,7 +382,7 @@ def submit_jobs(jobs: list[Job], cfg: SlurmConfig, slurm_dir: Path, dry_run: boo
             continue
         deps = [w for a in job.after for w in waits[a]]
         script = render(job, cfg, slurm_dir, tasks)
-        array = f" [array {_ranges(tasks)}]" if tasks is not None else ""
+        array = f" [array {array_ranges(tasks)}]" if tasks is not None else ""
         if dry_run:  # dependents name the job instead of its id
             jid = f"<{job.name}>"
             print(f"# ---- {job.name}\n{script}")
@@ -448,7 +407,7 @@ def status_lines(jobs: list[Job], slurm_dir: Path) -> list[str]:
     try:
         states = job_states(book.ids())
     except SlurmError as e:
-        print(f"exit-loop slurm status: {e}; showing what the manifests say", file=sys.stderr)
+        log.warning("slurm status: %s; showing what the manifests say", e)
         states = {}
     width = max((len(j.name) for j in jobs), default=0)
     lines = []
@@ -487,7 +446,7 @@ def status_lines(jobs: list[Job], slurm_dir: Path) -> list[str]:
         elif word == "unknown":
             detail += " (no longer known to squeue, and sacct is unavailable)"
         if job.shards is not None and word not in ("done", "not submitted"):
-            detail += f"; shards left: {_ranges(job.shards()) or 'none'}"
+            detail += f"; shards left: {array_ranges(job.shards()) or 'none'}"
         lines.append(f"{job.name:<{width}}  {word:<13} {detail}".rstrip())
     return lines
 
@@ -495,25 +454,10 @@ def status_lines(jobs: list[Job], slurm_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- configs
 
 
-def _is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
-    from exit_loop.generate import GenerateConfig
-
+def is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
+    """Whether a config (its YAML data and overrides) holds only `exit-loop generate` keys."""
     keys = set(data) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
     return keys <= {f.name for f in fields(GenerateConfig)}
-
-
-def _check_same(old_path: Path, new: Any, allow: bool) -> None:
-    """A generation config may not change under finished shards (the slurm section may)."""
-    from exit_loop.loop import _flatten
-
-    if not old_path.exists():
-        return
-    old, _ = read_yaml(old_path)
-    a, b = _flatten(old), _flatten(to_dict(new))
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("slurm."))
-    if changed and not allow:
-        raise ConfigError(f"{old_path}: this generation was submitted with another config; differing "
-                          f"keys: {', '.join(changed)}. Use another output_dir, or --allow_config_change")
 
 
 def plan(config: str, overrides: list[str], allow_change: bool = False,
@@ -525,21 +469,17 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         gen_file = src / "slurm" / "config.yaml"
         src = gen_file if gen_file.exists() else src / "config.yaml"
     data, _ = read_yaml(src)
-    if _is_generation(data, overrides):
-        from exit_loop.generate import GenerateConfig
-
+    if is_generation(data, overrides):
         gcfg = load_config(GenerateConfig, src, overrides)
         if gcfg.sample.shard_id != 0:
             raise ConfigError("sample.shard_id: leave it unset; each array task sets its own")
         slurm_dir = Path(gcfg.output_dir) / "slurm"
         cfg_file = slurm_dir / "config.yaml"
-        _check_same(cfg_file, gcfg, allow_change)
+        check_unchanged(cfg_file, gcfg, allow_change, "generation was submitted",
+                        "Use another output_dir, or --allow_config_change", ignore=("slurm",))
         if write:
             atomic_write_text(cfg_file, dump_yaml(gcfg))
         return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
-    from exit_loop.loop import ExperimentConfig, Run, check_config_change
-    from exit_loop.sample import check_model_path
-
     ecfg = load_config(ExperimentConfig, src, overrides)
     check_model_path(ecfg.student)
     if ecfg.teacher:
@@ -616,18 +556,14 @@ def command(argv: list[str]) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
         a.overrides += rest
-    try:
-        if a.what == "submit":
-            jobs, cfg, slurm_dir = plan(a.config, a.overrides, a.allow_config_change, write=not a.dry_run)
-            submit_jobs(jobs, cfg, slurm_dir, a.dry_run)
-            if not a.dry_run:
-                print(f"exit-loop slurm status {slurm_dir.parent}")
-        elif a.what == "status":
-            jobs, slurm_dir = status_jobs(a.run_dir)
-            print("\n".join(status_lines(jobs, slurm_dir)))
-        elif a.what == "gpus":
-            print(gpus_for_model(a.model, a.gpu_memory_gb, a.max_gpus))
-    except SlurmError as e:
-        print(f"exit-loop slurm: error: {e}", file=sys.stderr)
-        return 1
+    if a.what == "submit":
+        jobs, cfg, slurm_dir = plan(a.config, a.overrides, a.allow_config_change, write=not a.dry_run)
+        submit_jobs(jobs, cfg, slurm_dir, a.dry_run)
+        if not a.dry_run:
+            print(f"exit-loop slurm status {slurm_dir.parent}")
+    elif a.what == "status":
+        jobs, slurm_dir = status_jobs(a.run_dir)
+        print("\n".join(status_lines(jobs, slurm_dir)))
+    elif a.what == "gpus":
+        print(gpus_for_model(a.model, a.gpu_memory_gb, a.max_gpus))
     return 0

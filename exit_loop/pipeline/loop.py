@@ -1,0 +1,206 @@
+"""Multi-round expert iteration: evaluate, sample, verify, filter, train, round after round.
+
+    exit-loop run configs/exit_gsm8k_qwen2.5-math-1.5b.yaml
+    exit-loop run configs/compare_filtered_unfiltered.yaml rounds=4     # continue a finished run
+
+Round k of an arm: `eval` scores the policy on the held-out set, `sample` draws G traces per
+question from it (round 0: from the teacher if one is set), `verify` labels them, `filter` writes
+the splits, `train` fine-tunes (from the base student or the last checkpoint) and its `ckpt/` is
+the next round's policy. After the last round, `round_R/eval/` scores the final checkpoint.
+
+On disk (`runs/<experiment>/`): the resolved `config.yaml`, `run.json` (timings), and
+`round_00/ … round_R/`, one directory per stage, each finished by its `manifest.json`. With more
+than one arm each arm has its own directory (`runs/<experiment>/<arm>/round_00/…`), and what all
+arms share (round 0's eval, samples and labels) is made once in `shared/` and linked.
+
+With `sample.num_shards` > 1 the samples are drawn per shard (`sample/shards/shard-KKKKK-of-
+NNNNN.jsonl`) and merged into `sample/samples.jsonl`; `exit-loop stage rollout --shard I` draws one
+shard (shard 0 also evaluates; a SLURM array task each) and `exit-loop stage merge` merges them.
+
+This module only sequences: the stages are `exit_loop.pipeline.stages`, the run directory and its
+config `exit_loop.pipeline.run`.
+
+Resume: running the same command again skips every stage whose manifest exists. A changed config
+is refused, naming the keys that differ (`--allow_config_change` overrides; `rounds` may grow).
+Heavy stages (eval + sample, which share one inference engine, and train) run in their own
+process, so GPU memory is returned between them and a crash never takes the loop's state with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from exit_loop.config import dump_yaml, load_config
+from exit_loop.errors import ConfigError, DataError, StageFailed
+from exit_loop.jsonl import atomic_write_text, write_json
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
+from exit_loop.pipeline.stages import run_stage
+from exit_loop.sample import check_model_path
+from exit_loop.tasks import load_problems
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = defaultdict(float)
+
+    def add(self, key: str, seconds: float) -> None:
+        self.t[key] += seconds
+
+
+def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
+    if not run.cfg.isolate:
+        run_stage(run, name, arm, k)
+        return
+    cmd = stage_cmd(run.root, name, arm, k, launcher)
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise StageFailed(f"stage {name} of {arm} round {k} failed (exit {res.returncode}): "
+                           f"{shlex.join(cmd)}")
+
+
+def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
+    """Run (or resume) every arm's rounds; returns the experiment directory."""
+    run = Run(cfg)
+    check_model_path(cfg.student)
+    if cfg.teacher:
+        check_model_path(cfg.teacher)
+    for data in (cfg.data, cfg.eval.data):  # a bad or empty data set fails now, not rounds later
+        load_problems(data)
+    check_config_change(run, allow_config_change)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
+    t_start = time.monotonic()
+    for arm in cfg.arms:
+        timer = Timer()
+        t_arm = time.monotonic()
+        run.arm_dir(arm).mkdir(parents=True, exist_ok=True)
+        for k in range(cfg.rounds + 1):
+            last = k == cfg.rounds
+            todo_rollout = not run.done(arm, k, "eval") or (
+                not last and cfg.arms[arm].split != "original" and not run.done(arm, k, "sample"))
+            if todo_rollout:
+                before = {s: run.done(arm, k, s) for s in ("eval", "sample")}
+                t0 = time.monotonic()
+                _launch(run, "rollout", arm, k)
+                timer.add("rollout_s", time.monotonic() - t0)
+                for s in ("eval", "sample"):
+                    if not before[s]:
+                        timer.add(f"{s}_s", _stage_wall(run.real_dir(arm, k, s)))
+            for stage in ("eval", "sample", "verify"):
+                run.link(arm, k, stage)
+            if last:
+                break
+            if cfg.arms[arm].split != "original" and not run.done(arm, k, "verify"):
+                t0 = time.monotonic()
+                run_stage(run, "verify", arm, k)
+                timer.add("verify_s", time.monotonic() - t0)
+            if not run.done(arm, k, "filter"):
+                t0 = time.monotonic()
+                run_stage(run, "filter", arm, k)
+                timer.add("filter_s", time.monotonic() - t0)
+            if not run.done(arm, k, "train"):
+                t0 = time.monotonic()
+                _launch(run, "train", arm, k, cfg.train.launcher)
+                timer.add("train_process_s", time.monotonic() - t0)
+                timer.add("train_s", _stage_wall(run.stage_dir(arm, k, "train")))
+            print(f"== {cfg.experiment}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
+        write_run_json(run, arm, timer, time.monotonic() - t_arm)
+    print(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.root}", flush=True)
+    return run.root
+
+
+def summary_line(run: Run, arm: str, k: int) -> str:
+    parts = []
+    e = run.stage_dir(arm, k, "eval") / "eval.json"
+    if e.exists():
+        parts.append(f"held-out accuracy {json.loads(e.read_text())['accuracy']:.1%}")
+    s = run.stage_dir(arm, k, "filter") / "summary.json"
+    if s.exists():
+        sm = json.loads(s.read_text())
+        if sm.get("traces"):
+            parts.append(f"trace accuracy {sm['trace_accuracy']:.1%}, {sm['correct_split_rows']} correct rows")
+    return "; ".join(parts)
+
+
+def _stage_wall(stage_dir: Path) -> float:
+    """A finished stage's own wall time (engine start and model loading included) from its manifest."""
+    m = stage_dir / "manifest.json"
+    if not m.exists():
+        return 0.0
+    data = json.loads(m.read_text())
+    return float(data.get("timings", {}).get("wall_s") or data.get("wall_time_s") or 0.0)
+
+
+def write_run_json(run: Run, arm: str, timer: Timer, total: float) -> None:
+    """Where this invocation's time went. Sampling, training and evaluation are timed inside their
+    stages (engine start and model loading included); everything else — starting stage processes,
+    verify, filter, bookkeeping — is the loop's overhead."""
+    t = timer.t
+    work = t["eval_s"] + t["sample_s"] + t["train_s"]
+    timings = {key: round(t[key], 3) for key in ("eval_s", "sample_s", "train_s", "verify_s", "filter_s",
+                                                  "rollout_process_s", "train_process_s")}
+    timings["rollout_process_s"] = round(t["rollout_s"], 3)
+    timings["overhead_s"] = round(total - work, 3)
+    timings["total_s"] = round(total, 3)
+    timings["overhead_share"] = round(timings["overhead_s"] / total, 4) if total else 0.0
+    write_json(run.arm_dir(arm) / "run.json", {"experiment": run.cfg.experiment, "arm": arm,
+                                              "rounds": run.cfg.rounds, "timings": timings})
+    print(f"run: {arm}: {total:.1f}s in all; eval {t['eval_s']:.1f}s, sample {t['sample_s']:.1f}s, "
+          f"train {t['train_s']:.1f}s; loop overhead {timings['overhead_s']:.1f}s "
+          f"({timings['overhead_share']:.1%}: stage processes starting, verify "
+          f"{t['verify_s']:.1f}s, filter {t['filter_s']:.1f}s)", flush=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise DataError(f"{run_dir}: no config.yaml; not a run directory")
+    return load_config(ExperimentConfig, path)
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="exit-loop run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML (configs/exit_*.yaml), or an existing run dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=4 sample.num_samples=8")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="continue a run whose config differs from the one it was made with")
+    a = p.parse_args(argv)
+    src = Path(a.config)
+    cfg_file = src / "config.yaml" if src.is_dir() else src
+    run_loop(load_config(ExperimentConfig, cfg_file, a.overrides), a.allow_config_change)
+    return 0
+
+
+def stage_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="exit-loop stage",
+                                description="Run one stage of a run (what `exit-loop run` and the "
+                                            "SLURM jobs call); skipped when its manifest exists.")
+    p.add_argument("name", choices=["rollout", "merge", "verify", "filter", "train"])
+    p.add_argument("run_dir")
+    p.add_argument("--arm", required=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--shard", type=int, help="rollout: draw only this shard of sample.num_shards "
+                   "(shard 0 also evaluates); `merge` then puts the shards together")
+    a = p.parse_args(argv)
+    cfg = load_run_config(Path(a.run_dir))
+    if a.arm not in cfg.arms:
+        raise ConfigError(f"--arm {a.arm!r}: not an arm of this run; arms: {', '.join(cfg.arms)}")
+    run = Run(cfg)
+    run_stage(run, a.name, a.arm, a.round, a.shard)
+    # Everything is written (atomically, fsynced) and engines are closed: skip the interpreter's
+    # slow teardown of torch/vLLM modules, which would only add to the loop's overhead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

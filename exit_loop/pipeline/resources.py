@@ -1,0 +1,60 @@
+"""The `slurm:` config section (`SlurmConfig`): the #SBATCH resources of every job and per stage.
+A leaf: run and generation configs hold one; `exit_loop.pipeline.slurm` reads it.
+
+    slurm:
+      partition: gpu
+      time: '12:00:00'        # quoted: YAML reads an unquoted 12:00:00 as seconds
+      rollout: {gpus: 4}
+      train: {gpus: 8, mem: 0}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class Resources:
+    """One stage's #SBATCH resources; a key left unset takes the `slurm:` section's own value."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus: int | None = None       # --gpus-per-node
+    cpus: int | None = None       # --cpus-per-task
+    mem: str | int | None = None  # --mem, e.g. 64G (0: all of the node's memory)
+    time: str | int | None = None  # --time, e.g. "12:00:00" (quoted), "1-00:00:00"
+    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. "--constraint=h100"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time, int):
+            raise ValueError(f"time: got the number {self.time}; YAML reads an unquoted 12:00:00 as "
+                             "a number of seconds: quote it (time: '12:00:00')")
+
+
+@dataclass
+class SlurmConfig(Resources):
+    """The `slurm:` section: defaults for every job (the Resources keys), per-stage sections that
+    override them, and what every job script runs first. Unset GPUs: sample.tensor_parallel_size
+    for rollout jobs, 1 for train, none for the rest."""
+    rollout: Resources = field(default_factory=Resources)  # jobs that sample: eval + sample, generate
+    merge: Resources = field(default_factory=Resources)    # shards -> one file (generation: + verify, filter)
+    verify: Resources = field(default_factory=Resources)
+    filter: Resources = field(default_factory=Resources)
+    train: Resources = field(default_factory=Resources)    # >1 GPU: accelerate launch unless train.launcher
+    signal_s: int = 180           # USR1 this long before the time limit: the job requeues itself
+    env: dict[str, str] = field(default_factory=dict)      # exported in every job
+    setup: list[str] = field(default_factory=list)         # shell lines every job runs first (module load …)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.signal_s < 0:
+            raise ValueError(f"signal_s must be >= 0, got {self.signal_s}")
+
+    def resources(self, section: str, gpus: int) -> Resources:
+        """The section's resources over the defaults; `gpus` where neither sets them."""
+        sec: Resources = getattr(self, section)
+        out = {f.name: getattr(sec, f.name) if getattr(sec, f.name) is not None else getattr(self, f.name)
+               for f in fields(Resources) if f.name != "extra"}
+        if out["gpus"] is None:
+            out["gpus"] = gpus
+        return Resources(**out, extra=[*self.extra, *sec.extra])

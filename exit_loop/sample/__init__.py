@@ -1,0 +1,137 @@
+"""The sampler stage: R1-style traces for each problem, streamed to JSONL as they finish.
+
+    exit-loop generate --model_name Qwen/Qwen2.5-32B-Instruct --num_examples 100 --num_samples 4
+
+    from exit_loop.sample import SampleConfig, sample, start_backend
+    sampled = sample(SampleConfig(model_name=path, num_samples=4), problems, "samples.jsonl")
+
+Two backends behind one interface (`generate(requests, on_done, cfg)`, `tokenizer()`, `close()`):
+`vllm` (`exit_loop.sample.vllm`: the offline `LLM` engine, each request's samples written the
+moment it finishes) and `hf` (`exit_loop.sample.hf`: transformers, batched, left padding,
+length-sorted; on a GPU through the CUDA-graph decoder of `exit_loop.sample.graph`). `auto` uses
+vLLM and falls back to HF, with a warning that says why, when vLLM cannot be imported or its
+engine fails to start. `exit_loop.sample.request` holds what they share (`SampleConfig`,
+`Request`, `Completion`).
+
+Resume: the samples file is append-only; on start, rows already there are read back (a line torn
+by a crash is dropped) and only the missing (problem, sample) pairs are generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from exit_loop.jsonl import AppendLog
+from exit_loop.prompts import normalise_response, student_prompt, teacher_prompt
+from exit_loop.sample.hf import HFBackend
+from exit_loop.sample.request import (Completion, Request, SampleConfig, check_model_path, check_sampling_keys,
+                                      pending_requests, resolve_prompt_style, select_shard)
+from exit_loop.sample.vllm import VLLMBackend
+from exit_loop.tasks import Problem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HFBackend", "SampleConfig", "Sampled", "VLLMBackend", "check_model_path", "check_sampling_keys",
+           "resolve_prompt_style", "sample", "select_shard", "start_backend"]
+
+
+def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
+    """Start the configured backend; `auto` tries vLLM first and says why it falls back."""
+    if cfg.backend == "hf":
+        return HFBackend(cfg)
+    if cfg.backend == "vllm":
+        return VLLMBackend(cfg)
+    try:
+        return VLLMBackend(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to start vLLM means: use HF
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]  # all lines: the first may not say which
+        log.warning("vLLM unavailable (%s); falling back to the HF backend", reason)
+        return HFBackend(cfg)
+
+
+def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: str) -> dict[str, Any]:
+    norm = normalise_response(c.text, cfg.prompt_style)
+    row: dict[str, Any] = {
+        "problem_id": req.problem.id,
+        "sample_index": k,
+        "prompt": student_prompt(req.problem.question),
+        "response": norm.response,
+        "ground_truth": req.problem.ground_truth,
+        "question": req.problem.question,
+        "model": cfg.model_name,
+        "round": cfg.round,
+        "backend": backend,
+        "prompt_style": cfg.prompt_style,
+        "num_tokens": c.num_tokens,
+        "finish_reason": c.finish_reason,
+    }
+    if cfg.prompt_style != "r1_zero":
+        row["raw_output"] = c.text
+    return row
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What a `sample` call leaves in its file: every row there, old and new."""
+    path: Path
+    samples: int
+    tokens: int
+
+
+def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
+           backend: VLLMBackend | HFBackend | None = None) -> Sampled:
+    """Sample `cfg.num_samples` traces for each problem of this shard into `out_path` (JSONL),
+    resuming from what is there (the file exists afterwards, empty if there was nothing to do).
+    Returns the path with the file's sample and token counts, so no caller reads it back."""
+    from tqdm.auto import tqdm
+
+    if cfg.prompt_style == "auto":
+        cfg = replace(cfg, prompt_style=resolve_prompt_style(cfg.model_name))
+    out_path = Path(out_path)
+    problems = select_shard(problems, cfg.num_shards, cfg.shard_id)
+    with AppendLog(out_path) as sink:
+        done = {(r["problem_id"], r["sample_index"]) for r in sink.rows}
+        counts = [len(sink.rows), sum(r.get("num_tokens", 0) for r in sink.rows)]
+        total = len(problems) * cfg.num_samples
+        todo_problems = [p for p in problems if any((p.id, k) not in done for k in range(cfg.num_samples))]
+        if not todo_problems:
+            if problems:
+                print(f"sample: {out_path} already complete ({len(done)} samples)", flush=True)
+            return Sampled(out_path, *counts)
+        owned = backend is None
+        backend = backend or start_backend(cfg)
+        style, system = cfg.prompt_style, cfg.system_prompt
+        tok = backend.tokenizer() if style != "r1_zero" else None
+        requests = pending_requests(todo_problems, done, cfg.num_samples,
+                                    lambda p: teacher_prompt(p.question, style, tok, system))
+        bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
+                   dynamic_ncols=True, mininterval=1.0)
+        last_sync = time.monotonic()
+
+        def on_done(req: Request, comps: list[Completion]) -> None:
+            nonlocal last_sync
+            sink.write(sample_row(cfg, req, k, c, backend.name) for k, c in zip(req.sample_indices, comps))
+            counts[0] += len(comps)
+            counts[1] += sum(c.num_tokens for c in comps)
+            bar.update(len(comps))
+            if time.monotonic() - last_sync > 5.0:
+                sink.sync()
+                last_sync = time.monotonic()
+
+        t0 = time.monotonic()
+        try:
+            backend.generate(requests, on_done, cfg)
+        finally:
+            if owned:
+                backend.close()
+        bar.close()
+        n_new = sum(len(r.sample_indices) for r in requests)
+        dt = time.monotonic() - t0
+        print(f"sample: {n_new} new samples in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} samples/s) "
+              f"-> {out_path}", flush=True)
+    return Sampled(out_path, *counts)

@@ -1,0 +1,136 @@
+"""What the sampler's stage hands a backend and gets back: `SampleConfig` (the `sample:` config
+section), a `Request` (one prompt and the sample indices still to draw for it) and a
+`Completion` (one drawn text); plus the checks that run before any engine starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from exit_loop.errors import ConfigError
+from exit_loop.prompts import PromptStyle
+from exit_loop.tasks import Problem
+
+Backend = Literal["auto", "vllm", "hf"]
+
+
+@dataclass
+class SampleConfig:
+    model_name: str = "Qwen/Qwen2.5-Math-1.5B"
+    backend: Backend = "auto"
+    prompt_style: PromptStyle | Literal["auto"] = "auto"  # auto: chosen from the model name
+    system_prompt: str | None = None       # overrides the default instruction for chat/reasoning
+    num_samples: int = 1                   # samples per problem (vLLM's `n`)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: list[str] | None = None          # default: ["</answer>"] unless prompt_style=reasoning
+    seed: int = 0
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # vLLM's share of GPU memory; unset: 0.9 (CPU: 0.4)
+    max_model_len: int | None = None
+    gpu_device: str | None = None          # e.g. cuda:0; pins the engine to that GPU
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)  # further vllm.SamplingParams keys
+    engine: dict[str, Any] = field(default_factory=dict)    # further vllm.LLM keyword arguments
+    hf_batch_size: int = 64
+    hf_compile: bool = True                # GPU decoding: torch.compile the step before graph capture
+    hf_kv_bucket: int = 64                 # GPU decoding: attention reads the cache in steps of this many slots
+    num_shards: int = 1
+    shard_id: int = 0
+    round: int = 0                         # provenance, set by the loop
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id must be in [0, num_shards={self.num_shards}), got {self.shard_id}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is not None:
+            return self.stop
+        style = resolve_prompt_style(self.model_name) if self.prompt_style == "auto" else self.prompt_style
+        return [] if style == "reasoning" else ["</answer>"]
+
+
+@dataclass
+class Request:
+    """One prompt and the sample indices still to be drawn for it."""
+    problem: Problem
+    prompt: str                    # what the model is given (teacher prompt)
+    sample_indices: list[int]
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str             # 'stop' or 'length'
+
+
+OnDone = Callable[[Request, list[Completion]], None]
+
+
+def resolve_prompt_style(model_name: str) -> PromptStyle:
+    """`auto`: R1-family and other reasoning models get `reasoning`, instruct/chat models `chat`,
+    everything else (base models, local checkpoints of students) `r1_zero`."""
+    name = model_name.rstrip("/").rsplit("/", 1)[-1]
+    low = name.lower()
+    if re.search(r"(^|[-_])r1([-_]|$)", low) or "qwq" in low or "reasoner" in low:
+        return "reasoning"
+    if re.search(r"instruct|chat|(^|[-_])it($|[-_])", low):
+        return "chat"
+    return "r1_zero"
+
+
+def check_model_path(model_name: str) -> None:
+    """Fail before any engine starts if `model_name` is a local path that does not exist."""
+    p = Path(model_name).expanduser()
+    looks_local = model_name.startswith(("/", "./", "../", "~")) or model_name.count("/") > 1
+    if looks_local and not p.exists():
+        raise FileNotFoundError(f"model path {model_name} does not exist")
+    if p.exists() and p.is_dir() and not (p / "config.json").exists():
+        raise FileNotFoundError(f"model path {model_name} has no config.json: not a model directory")
+
+
+def check_sampling_keys(cfg: SampleConfig) -> None:
+    """Unknown `sample.sampling` keys fail before any engine starts (checked against vLLM's
+    SamplingParams when vLLM is importable; the HF backend takes generate() keyword names)."""
+    if not cfg.sampling:
+        return
+    try:
+        from vllm import SamplingParams
+    except Exception:  # noqa: BLE001 - no vLLM here: the HF backend will check its own keys
+        return
+    fields = set(getattr(SamplingParams, "__struct_fields__", ()))
+    unknown = sorted(k for k in cfg.sampling if fields and k not in fields)
+    if unknown:
+        valid = ", ".join(sorted(f for f in fields if not f.startswith("_")))
+        raise ConfigError(f"unknown config key(s) {', '.join('sample.sampling.' + k for k in unknown)}; "
+                          f"valid vllm.SamplingParams keys: {valid}")
+
+
+def select_shard(problems: Sequence[Problem], num_shards: int, shard_id: int) -> list[Problem]:
+    """Problems i with i % num_shards == shard_id: deterministic, balanced, order kept."""
+    return [p for i, p in enumerate(problems) if i % num_shards == shard_id]
+
+
+def pending_requests(problems: Sequence[Problem], done: set[tuple[str, int]], num_samples: int,
+                     prompt_of: Callable[[Problem], str]) -> list[Request]:
+    out = []
+    for p in problems:
+        missing = [k for k in range(num_samples) if (p.id, k) not in done]
+        if missing:
+            out.append(Request(p, prompt_of(p), missing))
+    return out

@@ -1,0 +1,92 @@
+"""The vLLM backend: the offline `LLM` engine; every pending prompt is enqueued at once and the
+engine is stepped until done, handing over each request's samples the moment it finishes (so a
+crash loses only unfinished requests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from exit_loop.sample.request import Completion, OnDone, Request, SampleConfig
+
+
+class VLLMBackend:
+    def __init__(self, cfg: SampleConfig):
+        import vllm  # noqa: F401  (ImportError here means: fall back)
+        from vllm import LLM
+
+        if cfg.gpu_device and cfg.gpu_device.startswith("cuda:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device.split(":", 1)[1]
+        util = cfg.gpu_memory_utilization
+        if util is None:  # on the CPU build it is the share of RAM vLLM insists is free at start
+            import torch
+
+            util = 0.9 if torch.cuda.is_available() else 0.4
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model_name,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=util,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            enforce_eager=cfg.enforce_eager,
+        )
+        if cfg.max_model_len is not None:
+            kwargs["max_model_len"] = cfg.max_model_len
+        kwargs.update(cfg.engine)
+        self.cfg = cfg
+        self.llm = LLM(**kwargs)
+        self.name = "vllm"
+
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def close(self) -> None:
+        """Stop the engine's processes now (rather than at interpreter exit)."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def sampling_params(self, n: int, cfg: SampleConfig | None = None):
+        from vllm import SamplingParams
+
+        cfg = cfg or self.cfg
+        params: dict[str, Any] = dict(
+            n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+            stop=cfg.stop_strings or None, include_stop_str_in_output=True,
+        )
+        params.update(cfg.sampling)
+        return SamplingParams(**params)
+
+    def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
+        """Generate every request; `cfg` may change sampling settings (not engine settings)."""
+        if not requests:
+            return
+        # greedy decoding gives every sample the same text: vLLM wants n=1 there, so draw once
+        greedy = (cfg or self.cfg).temperature == 0
+        params = [self.sampling_params(1 if greedy else len(r.sample_indices), cfg) for r in requests]
+        prompts = [r.prompt for r in requests]
+        if not hasattr(self.llm, "enqueue"):  # older vLLM: one call, results at the end
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for req, out in zip(requests, outputs):
+                on_done(req, completions(out, len(req.sample_indices)))
+            return
+        # The same work as LLM.generate (enqueue everything, step the engine), but each request
+        # is handed over the moment it finishes, so a crash loses only unfinished requests.
+        # enqueue returns internal ids ("<n>-<random>"); outputs carry the external "<n>"
+        ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        by_id = {rid.split("-", 1)[0]: req for rid, req in zip(ids, requests)}
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    req = by_id.pop(out.request_id.split("-", 1)[0])
+                    on_done(req, completions(out, len(req.sample_indices)))
+
+
+def completions(out: Any, n: int) -> list[Completion]:
+    """A finished vLLM request's outputs as Completions, in sample order."""
+    outs = sorted(out.outputs, key=lambda o: o.index)
+    comps = [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in outs]
+    return comps * n if len(comps) == 1 else comps  # one greedy draw stands for all n

@@ -1,0 +1,118 @@
+"""What every task shares: where its rows come from (`DataConfig`: a hub data set or a local JSONL
+file), a `Problem` (a stable id, the question, the ground truth, the data set's own solution),
+and a `Verdict` (what a task's checker says of one response).
+
+Each problem's id is `<split>-<index>` (index in the source file). A task module
+(`exit_loop.tasks.gsm8k`, `exit_loop.tasks.math`) turns source rows into problems and labels
+responses; `exit_loop.tasks.load_problems` picks the task from `DataConfig.task`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from exit_loop.errors import DataError
+from exit_loop.jsonl import iter_jsonl_numbered
+from exit_loop.prompts import extract_answer, format_ok
+
+DEFAULT_DATASET = "openai/gsm8k"
+FAILURES = ("none", "no_answer", "format", "truncated", "wrong", "timeout")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = DEFAULT_DATASET   # hub id or path to a local JSONL file
+    subset: str = "main"             # hub config name (ignored for local files)
+    split: str = "train"
+    num_examples: int | None = None  # first N (or a random N with `shuffle`)
+    shuffle: bool = False            # take a seeded random subset instead of the first N
+    seed: int = 0
+    task: Literal["gsm8k", "math"] = "gsm8k"  # row format and answer checker: GSM8K or MATH
+
+    def __post_init__(self) -> None:
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(f"num_examples must be at least 1, got {self.num_examples}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    ground_truth: str
+    solution: str  # the data set's own worked solution (for baseline data)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    predicted: str | None   # the extracted answer text (stripped), None if no <answer> tag
+    is_correct: bool
+    format_ok: bool
+    failure: str            # one of FAILURES
+
+
+def is_local(dataset: str) -> bool:
+    return dataset.endswith((".jsonl", ".json")) or Path(dataset).exists() or dataset.startswith(("/", "./", "../", "~"))
+
+
+def rows_from_hub(cfg: DataConfig) -> list[dict[str, Any]]:
+    import datasets  # slow import; only when the hub is used
+
+    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+    return [dict(r) for r in ds]
+
+
+def source_rows(cfg: DataConfig, required: tuple[str, ...] = ()
+                ) -> tuple[list[dict[str, Any]], Callable[[int], str], str]:
+    """The data set's rows, a function naming row i's place (file:line or hub row) for errors,
+    and the split name used in problem ids."""
+    if is_local(cfg.dataset):
+        path = Path(cfg.dataset).expanduser()
+        numbered = list(iter_jsonl_numbered(path, required=required))
+        return ([row for _, row in numbered], lambda i: f"{path}:{numbered[i][0]}",
+                cfg.split if cfg.split else path.stem)
+    return rows_from_hub(cfg), lambda i: f"{cfg.dataset}[{cfg.split}][{i}]", cfg.split
+
+
+def problem_index(problem_id: str) -> int:
+    return int(problem_id.rsplit("-", 1)[1])
+
+
+def subset(problems: list[Problem], cfg: DataConfig) -> list[Problem]:
+    """The first `cfg.num_examples` problems, or with `cfg.shuffle` a seeded random subset in
+    source order."""
+    if not problems:
+        raise DataError(f"{cfg.dataset}: no problems found")
+    if cfg.num_examples is not None:
+        if cfg.shuffle:
+            rng = random.Random(cfg.seed)
+            problems = sorted(rng.sample(problems, min(cfg.num_examples, len(problems))),
+                              key=lambda p: problem_index(p.id))
+        else:
+            problems = problems[: cfg.num_examples]
+    return problems
+
+
+def read_response(response: Any, ground_truth: Any) -> tuple[str | None, bool, str | None, str | None]:
+    """What every task's verdict starts from: (the predicted answer, whether the response has the
+    canonical form, the failure its form alone decides (`no_answer`, `format`) or None, the ground
+    truth as text or None). Never raises."""
+    if not isinstance(response, str):
+        response = "" if response is None else str(response)
+    if ground_truth is not None and not isinstance(ground_truth, str):
+        ground_truth = str(ground_truth)
+    predicted = extract_answer(response)
+    ok = format_ok(response)
+    failure = "no_answer" if not predicted else None if ok else "format"
+    return predicted, ok, failure, ground_truth
+
+
+def verdict(predicted: str | None, ok: bool, failure: str, finish_reason: str | None) -> Verdict:
+    """The Verdict for `failure`; a response cut at max_tokens that is not correct is `truncated`."""
+    correct = failure == "none"
+    if not correct and finish_reason == "length":
+        failure = "truncated"
+    return Verdict(predicted=predicted, is_correct=correct, format_ok=ok, failure=failure)
