@@ -22,7 +22,7 @@ from exit_loop.config import load_config, to_dict
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
-from exit_loop.tasks import DataConfig, load_problems
+from exit_loop.tasks import DataConfig, count_failures, load_problems
 from exit_loop.tasks.gsm8k import parse_number
 from exit_loop.verify import verify_rows
 
@@ -58,7 +58,7 @@ def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int)
         "accuracy": round(sum(r["is_correct"] for r in greedy) / n, 4),
         "format_error_rate": round(sum(not r["format_ok"] for r in greedy) / n, 4),
         "mean_response_tokens": round(sum(r.get("num_tokens", 0) for r in greedy) / n, 2),
-        "failures": dict(sorted(Counter(r["failure"] for r in greedy).items())),
+        "failures": count_failures(r["failure"] for r in greedy),
         "k": k or None, "pass@k": None, "maj@k": None,
     }
     if k and sampled:

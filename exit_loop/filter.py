@@ -26,6 +26,7 @@ from typing import Any
 from exit_loop.config import load_config
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
+from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
 PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "finish_reason",
@@ -107,7 +108,7 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
         "question_coverage": round(len(solved) / len(questions), 4) if questions else None,
         "mean_tokens_correct": _mean(tokens_ok),
         "mean_tokens_incorrect": _mean(tokens_bad),
-        "failures": dict(sorted(failures.items())),
+        "failures": count_failures(failures.elements()),
         "correct_split_rows": len(correct),
         "dropped_from_correct": dict(dropped),
     }

@@ -11,13 +11,13 @@ row is the input row plus four keys:
 - `format_ok`: whether the response has the canonical form (`exit_loop.prompts.format_ok`);
 - `is_correct`: canonical form *and* the predicted answer equals the ground truth;
 - `failure`: one of FAILURES, chosen in this order: `truncated` (finish_reason "length" and not
-  correct), `no_answer` (no complete, non-empty answer tag), `format`, `timeout` (math only),
-  `wrong`, else `none`.
+  correct), `no_answer` (no complete, non-empty answer tag), `format`, `ambiguous` (the answer
+  names more than one value or hedges: never correct), `timeout` (math only), `wrong`, else `none`.
 
 `task` picks the verdict, which lives with the task (`exit_loop.tasks`):
 
-- `gsm8k` (`exit_loop.tasks.gsm8k`): numbers compared as exact rationals after a light, fast
-  normalisation (`parse_number`); no `eval`, no sympy.
+- `gsm8k` (`exit_loop.tasks.gsm8k`): the answer must name exactly one number (`read_answer`),
+  compared as an exact rational after a light, fast normalisation; no `eval`, no sympy.
 - `math` (`exit_loop.tasks.math`): MATH-style answers through math-verify, in worker processes
   (`exit_loop.tasks.math_pool`), each check under a hard limit: `math_timeout_s` seconds of CPU
   time, and 3x that of wall-clock time; a check over either is killed and the row's failure is

@@ -23,7 +23,8 @@ def test_metrics_numbers():
     assert m["format_error_rate"] == round(1 / 3, 4)
     assert m["mean_response_tokens"] == round(50 / 3, 2)
     assert m["pass@k"] == round(2 / 3, 4) and m["maj@k"] == round(1 / 3, 4)
-    assert m["failures"] == {"format": 1, "none": 1, "wrong": 1}
+    assert m["failures"] == {"none": 1, "no_answer": 0, "format": 1, "truncated": 0, "ambiguous": 0,
+                             "wrong": 1, "timeout": 0}
 
 
 def test_greedy_only_has_no_pass_at_k():

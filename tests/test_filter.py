@@ -11,6 +11,7 @@ from exit_loop.config import ConfigError
 from exit_loop.filter import ALL_KEYS, PROVENANCE_KEYS, FilterConfig, command, filter_rows, write_splits
 from exit_loop.jsonl import DataError, read_jsonl, write_jsonl
 from exit_loop.prompts import student_prompt
+from exit_loop.tasks import FAILURES
 
 HEAD = ["prompt", "response", "ground_truth", "predicted", "is_correct"]
 
@@ -145,8 +146,9 @@ def test_summary_numbers():
     assert s["question_coverage"] == pytest.approx(0.6667)
     assert s["mean_tokens_correct"] == 20.0          # (10 + 10 + 20 + 40) / 4
     assert s["mean_tokens_incorrect"] == 37.5        # (30 + 100 + 5 + 15) / 4
-    assert s["failures"] == {"format": 1, "no_answer": 1, "none": 4, "truncated": 1, "wrong": 1}
-    assert list(s["failures"]) == sorted(s["failures"])
+    assert s["failures"] == {"none": 4, "no_answer": 1, "format": 1, "truncated": 1, "ambiguous": 0,
+                             "wrong": 1, "timeout": 0}
+    assert list(s["failures"]) == list(FAILURES)  # every class, zeros included, in one order
 
 
 def test_summary_without_failure_or_token_keys():
@@ -155,7 +157,7 @@ def test_summary_without_failure_or_token_keys():
             {"prompt": "p2", "response": "c", "is_correct": False}]
     _, correct, s = filter_rows(rows, FilterConfig())
     assert correct == [{"prompt": "p1", "response": "a"}]
-    assert s["failures"] == {"none": 1, "wrong": 2}
+    assert {k: v for k, v in s["failures"].items() if v} == {"none": 1, "wrong": 2}
     assert s["questions"] == 2 and s["questions_solved"] == 1   # questions told apart by prompt
     assert s["mean_tokens_correct"] is None and s["mean_tokens_incorrect"] is None
 

@@ -12,7 +12,7 @@ from exit_loop.errors import DataError
 from exit_loop.jsonl import read_jsonl
 from exit_loop.prompts import extract_answer, format_ok
 from exit_loop.tasks import FAILURES, Verdict
-from exit_loop.tasks.gsm8k import parse_number, verify_gsm8k
+from exit_loop.tasks.gsm8k import parse_number, read_answer, verify_gsm8k
 from exit_loop.verify import VerifyConfig, run, verify_row, verify_rows
 
 
@@ -56,15 +56,11 @@ NORMALISATION = [
     ("1,234,567", 1234567, 1234),
     ("$1,234.50", Fraction(246900, 200), 1234),
     ("It costs 1,234, which is a lot", 1234, 234),
-    ("3, 4", 4, 34),
-    ("3,4", 4, 34),
-    ("1,2345", 2345, 12345),
     # unit words after the number
     ("18 apples", 18, 1),
     ("5 hours", 5, 1),
     ("12 cm", 12, 1),
     ("12 cm^2", 12, 2),
-    ("12 cm2", 12, 2),
     # trailing zeros after the decimal point
     ("18.0", 18, Fraction(180)),
     ("18.00", 18, Fraction(1800)),
@@ -92,11 +88,27 @@ NORMALISATION = [
     # negatives: ASCII and unicode minus; a hyphen between numbers is not a sign
     ("\u22125", -5, 5),
     ("The change is \u22125 degrees", -5, 5),
-    ("5-3", 3, -3),
-    # sentences: the last number
+    # one number in a sentence; an equation names the value after its last "="
     ("The answer is 18.", 18, 1),
-    ("She has 3 boxes of 6 eggs, so 18 eggs", 18, 6),
+    ("She has 18 eggs left.", 18, 1),
     ("18 / 2 = 9", 9, 18),
+    ("x = 18", 18, 1),
+    ("3 + 15 = 18", 18, 15),
+    # scientific notation
+    (r"1.8 \times 10^{1}", 18, 1),
+    ("1.8 × 10^1", 18, 1),
+    ("1.8e1", 18, 1),
+    ("2.5 * 10^-3", Fraction(1, 400), Fraction(25, 10)),
+]
+
+# Answers that name more than one number, hedge, or hold a malformed one: `ambiguous`, never a
+# value (the last-number rule read each of these as its last number).
+AMBIGUOUS_ANSWERS = [
+    "17 or 18", "17-18", "17 - 18", "17 to 18", "between 17 and 18", "17, 18", "3, 4", "3,4", "17; 18",
+    "20 - 2", "2 × 9", "18 = 20 - 2", "18 18", "x = 17 or x = 18", "18 (or maybe 17)", "about 18",
+    "approximately 18", "18 or so", "at least 18", "~18", "18 ± 1", r"\boxed{17}\boxed{18}",
+    "She has 3 boxes of 6 eggs, so 18 eggs", "5-3", "1,0000", "1,2345", "1.2.3", "12 cm2", "3:30",
+    "1e400", "18/0", "10^3", "not 17 but 18", "a" * 5000 + " 18",
 ]
 
 
@@ -114,10 +126,22 @@ def test_parse_number_none(text):
     assert parse_number(text) is None
 
 
-def test_parse_number_half_a_number_in_a_long_tail_is_not_read():
-    # the tail cut must not turn a huge number into a small one
+@pytest.mark.parametrize("text", AMBIGUOUS_ANSWERS)
+def test_an_answer_naming_more_than_one_number_is_ambiguous(text):
+    assert read_answer(text) == "ambiguous"
+    assert parse_number(text) is None
+    v = verify_gsm8k(resp(text), "18")
+    assert v.failure == "ambiguous" and not v.is_correct
+    assert verify_gsm8k(resp(text), "17").failure == "ambiguous"
+
+
+def test_no_number_is_wrong_not_ambiguous():
+    assert read_answer("eighteen") == "wrong"
+    assert verify_gsm8k(resp("eighteen"), "18").failure == "wrong"
+
+
+def test_a_long_text_is_not_read_as_its_last_number():
     assert parse_number("x " + "1" + "0" * 2000 + "42") is None
-    assert parse_number("a" * 5000 + " 42") == 42
 
 
 def test_parse_number_huge_integer_does_not_raise():
@@ -184,7 +208,8 @@ def test_format_ok_negative(response):
     (resp("The answer is 72."), "72", None, "none", "The answer is 72."),
     (resp("1,234"), "1234", None, "none", "1,234"),
     (resp("71"), "72", "stop", "wrong", "71"),
-    (resp("7,2"), "72", None, "wrong", "7,2"),
+    (resp("7,2"), "72", None, "ambiguous", "7,2"),                 # malformed grouping
+    (resp("70 + 2"), "72", None, "ambiguous", "70 + 2"),           # unevaluated arithmetic
     (resp("seventy-two"), "72", None, "wrong", "seventy-two"),    # unparseable prediction
     (resp("72"), "seventy-two", None, "wrong", "72"),             # unparseable ground truth
     (resp("72"), None, None, "wrong", "72"),                      # no ground truth
@@ -210,7 +235,7 @@ def test_verify_gsm8k_failures(response, truth, finish, failure, predicted):
 def test_every_gsm8k_failure_class_is_reachable():
     seen = {verify_gsm8k(r, "72", f).failure for r, f in [
         (resp("72"), None), (resp("1"), None), ("r </think>", None),
-        ("r </think><answer>72</answer>", None), (resp("1"), "length")]}
+        ("r </think><answer>72</answer>", None), (resp("1"), "length"), (resp("71 or 72"), None)]}
     assert seen == set(FAILURES) - {"timeout"}  # timeout belongs to the math-verify path
 
 

@@ -17,11 +17,11 @@ tasks share (DataConfig, Problem, Verdict).
 from __future__ import annotations
 
 from exit_loop.tasks import gsm8k, math
-from exit_loop.tasks.problem import FAILURES, DataConfig, Problem, Verdict, problem_index, subset
+from exit_loop.tasks.problem import FAILURES, DataConfig, count_failures, Problem, Verdict, problem_index, subset
 
 TASKS = ("gsm8k", "math")
 
-__all__ = ["FAILURES", "TASKS", "DataConfig", "Problem", "Verdict", "load_problems", "problem_index"]
+__all__ = ["FAILURES", "TASKS", "count_failures", "DataConfig", "Problem", "Verdict", "load_problems", "problem_index"]
 
 
 def load_problems(cfg: DataConfig) -> list[Problem]:

@@ -6,10 +6,11 @@ thousands separators removed; the worked solution (calculator annotations `<<48/
 `#### N` line removed) is the baseline's reasoning.
 
 The verdict (`verify_gsm8k`): the last complete `<answer>…</answer>` of a canonical response
-(`exit_loop.prompts.format_ok`), compared with the ground truth as exact rationals
-(`fractions.Fraction`) after a light, fast normalisation (`parse_number`); no `eval`, no sympy.
-Failure classes, in this order: `truncated` (finish_reason "length" and not correct),
-`no_answer`, `format`, `wrong`, else `none`. It never raises on a string.
+(`exit_loop.prompts.format_ok`) must name exactly one number (`read_answer`), which is compared
+with the ground truth as an exact rational (`fractions.Fraction`); no `eval`, no sympy. Failure
+classes, in this order: `truncated` (finish_reason "length" and not correct), `no_answer`,
+`format`, `ambiguous` (the answer names more than one number, hedges, or holds a malformed one:
+never correct), `wrong`, else `none`. It never raises on a string.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from functools import lru_cache
 from exit_loop.errors import DataError
 from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, source_rows, verdict
 
-MAX_NUMBER_TEXT = 1000  # parse_number looks at the last this-many characters only
-_NUMBER_CHARS = "0123456789.,"
+MAX_NUMBER_TEXT = 1000  # a longer answer is not one value: ambiguous
 _CALCULATOR = re.compile(r"<<.*?>>")
 
 
@@ -69,6 +69,7 @@ def load(cfg: DataConfig) -> list[Problem]:
 
 # --------------------------------------------------------------------------- numbers
 
+AMBIGUOUS = "ambiguous"
 _FAST = re.compile(r"-?\d+(?:\.\d+)?", re.ASCII)
 # \frac{a}{b}, \dfrac{a}{b}, \tfrac{a}{b}, \frac34; a digit just before is kept apart (mixed number)
 _FRAC = re.compile(r"(\d?)\\[dt]?frac\s*(?:\{([^{}]*)\}\s*\{([^{}]*)\}|(\d)(\d))", re.ASCII)
@@ -79,7 +80,11 @@ _CURRENCY_WORD = re.compile(
     r"(?<![a-z])(?:dollars?|usd|us|euros?|eur|pounds?|gbp|rupees?|inr|rs|yen|jpy)(?![a-z])\.?",
     re.IGNORECASE | re.ASCII)
 _UNIT_POWER = re.compile(r"(?<=[A-Za-z])\^\d+", re.ASCII)  # cm^2 -> cm
-_MIXED = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)", re.ASCII)
+# scientific notation, read before LaTeX is stripped: 1.8 \times 10^{1}, 1.8 × 10^1, 1.8e1
+_SCIENTIFIC = re.compile(
+    r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×|·|\*)\s*10\s*\^\s*\{?\s*([+-]?\d{1,2})\s*\}?"
+    r"|(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]?\d{1,2})(?![\w.])")
+_MIXED = re.compile(r"(?<![\w./-])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", re.ASCII)
 # One number: a minus only where it cannot be subtraction or a hyphen; digits with comma groups of
 # exactly three ("1,234,567", never "3, 4" or "3,4"); optional decimals; an optional "/ denominator".
 # A number glued to a letter, a dot or a slash ("cm2", "x/2") is not taken.
@@ -89,6 +94,18 @@ _NUMBER = re.compile(
     r"(?:\s*/\s*(\d+(?:\.\d+)?))?",
     re.ASCII,
 )
+_LEAD = re.compile(r"^\s*(?:the\s+(?:final\s+)?answer\s+is|(?:final\s+)?answer)\s*[:=]?\s*", re.IGNORECASE)
+# words and signs that hedge or bound a value instead of naming it
+_HEDGE = re.compile(
+    r"(?<![a-z])(?:or|either|maybe|perhaps|possibly|probably|between|approx(?:imately)?|about|around|"
+    r"roughly|nearly|almost|at\s+(?:least|most)|more\s+than|less\s+than|up\s+to|not)(?![a-z])|[≈~±]|\+/-",
+    re.IGNORECASE)
+
+
+def _scientific_repl(m: re.Match[str]) -> str:
+    mantissa, exponent = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    value = Fraction(mantissa) * Fraction(10) ** int(exponent)
+    return f" {value.numerator}/{value.denominator} " if value.denominator != 1 else f" {value.numerator} "
 
 
 def _frac_repl(m: re.Match[str]) -> str:
@@ -97,12 +114,9 @@ def _frac_repl(m: re.Match[str]) -> str:
 
 
 def _clean(text: str) -> str:
-    s = text
-    if len(s) > MAX_NUMBER_TEXT:  # only the tail matters (the last number); never half a number
-        s = s[-MAX_NUMBER_TEXT:]
-        if text[-MAX_NUMBER_TEXT - 1] in _NUMBER_CHARS:
-            s = s.lstrip(_NUMBER_CHARS)
-    s = s.replace("\u2212", "-")  # unicode minus
+    s = text.replace("\u2212", "-")  # unicode minus
+    if "10" in s or "e" in s or "E" in s:
+        s = _SCIENTIFIC.sub(_scientific_repl, s)
     if "\\" in s:
         if "frac" in s:
             s = _FRAC.sub(_frac_repl, s)
@@ -114,60 +128,76 @@ def _clean(text: str) -> str:
     return _CURRENCY_WORD.sub(" ", s).strip()
 
 
-def _ratio(num: str, den: str | None, neg: bool) -> Fraction | None:
-    value = Fraction(num.replace(",", ""))
-    if den is not None:
-        d = Fraction(den)
-        if d == 0:
-            return None
-        value /= d
-    return -value if neg else value
-
-
-def _parse(text: str) -> Fraction | None:
+def _read(text: str) -> Fraction | str:
+    """The one value `text` names, or AMBIGUOUS, or "wrong" (no number at all)."""
     s = text.strip()
     if _FAST.fullmatch(s):  # the common case: a bare integer or decimal
         return Fraction(s)
-    s = _clean(s)
-    m = _MIXED.fullmatch(s)
-    if m:
+    if len(s) > MAX_NUMBER_TEXT:
+        return AMBIGUOUS  # a page of text is not an answer that names one value
+    s = _LEAD.sub("", _clean(s))
+    if _HEDGE.search(s):
+        return AMBIGUOUS
+    if "=" in s:  # an equation names the value after its last "=" (3 + 15 = 18; x = 18)
+        s = s.rsplit("=", 1)[1]
+    values: list[Fraction | None] = []
+
+    def mixed(m: re.Match[str]) -> str:
         den = int(m[4])
-        if den == 0:
-            return None
-        value = int(m[2]) + Fraction(int(m[3]), den)
-        return -value if m[1] else value
-    last = None
-    for last in _NUMBER.finditer(s):
-        pass
-    if last is None:
-        return None
-    return _ratio(last[2], last[3], last[1] is not None)
+        value = int(m[2]) + Fraction(int(m[3]), den) if den else None
+        values.append(-value if value is not None and m[1] else value)
+        return " "
+
+    def number(m: re.Match[str]) -> str:
+        value: Fraction | None = Fraction(m[2].replace(",", ""))
+        if m[3] is not None:
+            den = Fraction(m[3])
+            value = value / den if den else None
+        values.append(-value if value is not None and m[1] else value)
+        return " "
+
+    rest = _NUMBER.sub(number, _MIXED.sub(mixed, s) if "/" in s else s)
+    if not values:
+        return "wrong"
+    if len(values) > 1 or values[0] is None or any(c.isdigit() for c in rest):
+        return AMBIGUOUS  # two numbers, an unevaluated expression, a malformed or glued number
+    return values[0]
 
 
-_parse_short = lru_cache(maxsize=1 << 16)(_parse)
+_read_short = lru_cache(maxsize=1 << 16)(_read)
 
 
 def clear_number_cache() -> None:
-    """Forget the parsed short texts (`parse_number` caches them), e.g. between benchmark runs."""
-    _parse_short.cache_clear()
+    """Forget the read short texts (`read_answer` caches them), e.g. between benchmark runs."""
+    _read_short.cache_clear()
+
+
+def read_answer(text: str) -> Fraction | str:
+    """The value an answer names, as an exact Fraction, if it names exactly one; else AMBIGUOUS
+    (more than one number, a hedge, a malformed number) or "wrong" (no number). Never raises.
+
+    After a clean-up (`\\boxed{}`, `\\(`...`\\)`, `$`...`$`, `\\text{}`, `\\!`, `\\,`, currency
+    signs and words, thousands commas in groups of three, `%`, unit words, "The answer is"), one
+    number is: an integer or decimal (`.5`, `0.50`, `-5`, `\u22125`), a fraction (`3/4`,
+    `\\frac{3}{4}`, `\\dfrac34`), a mixed number (`2 1/2`, `2\\frac{1}{2}`), scientific notation
+    (`1.8 \\times 10^{1}`, `1.8e1`), or an equation whose text after the last `=` is one number
+    (`x = 18`, `3 + 15 = 18`). Alternatives ("17 or 18"), ranges, lists, unevaluated arithmetic
+    (`20 - 2`), a number written twice, hedges ("about 18") and malformed numbers (`1,0000`,
+    `1.2.3`) are AMBIGUOUS: never correct. A false positive is a reward the student learns to
+    collect, so when in doubt this says no.
+    """
+    if not isinstance(text, str):
+        return "wrong"
+    try:
+        return _read_short(text) if len(text) <= 64 else _read(text)
+    except (ValueError, ZeroDivisionError, OverflowError):  # e.g. an integer past int-from-str limits
+        return AMBIGUOUS
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The numeric value of an answer or ground truth as an exact Fraction, or None.
-
-    Strips LaTeX (`\\boxed{}`, `\\(`...`\\)`, `$`...`$`, `\\text{}`, `\\!`, `\\,`), currency signs
-    and words, thousands commas (groups of three only), `%` and unit words; reads integers,
-    decimals (`.5`, `0.50`), negatives (`-5`, `\u22125`), fractions (`3/4`, `\\frac{3}{4}`,
-    `\\dfrac34`) and mixed numbers (`2 1/2`, `2\\frac{1}{2}`). Text that is not a bare number
-    ("The answer is 18.") gives its last number. Never raises.
-    """
-    if not isinstance(text, str):
-        return None
-    try:
-        return _parse_short(text) if len(text) <= 64 else _parse(text)
-    except (ValueError, ZeroDivisionError, OverflowError):  # e.g. an integer past int-from-str limits
-        return None
-
+    """The value of an answer or ground truth that names exactly one number (`read_answer`), else None."""
+    value = read_answer(text)
+    return value if isinstance(value, Fraction) else None
 
 
 # --------------------------------------------------------------------------- the verdict
@@ -177,6 +207,9 @@ def verify_gsm8k(response: str, ground_truth: str, finish_reason: str | None = N
     predicted, ok, failure, truth = read_response(response, ground_truth)
     if failure is None:
         truth_value = parse_number(truth) if truth is not None else None
-        value = parse_number(predicted)  # type: ignore[arg-type] - not None when failure is None
-        failure = "none" if truth_value is not None and value is not None and value == truth_value else "wrong"
+        value = read_answer(predicted)  # type: ignore[arg-type] - not None when failure is None
+        if value == AMBIGUOUS:
+            failure = AMBIGUOUS
+        else:
+            failure = "none" if truth_value is not None and value == truth_value else "wrong"
     return verdict(predicted, ok, failure, finish_reason)

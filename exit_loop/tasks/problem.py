@@ -10,7 +10,8 @@ responses; `exit_loop.tasks.load_problems` picks the task from `DataConfig.task`
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,14 @@ from exit_loop.jsonl import iter_jsonl_numbered
 from exit_loop.prompts import extract_answer, format_ok
 
 DEFAULT_DATASET = "openai/gsm8k"
-FAILURES = ("none", "no_answer", "format", "truncated", "wrong", "timeout")
+FAILURES = ("none", "no_answer", "format", "truncated", "ambiguous", "wrong", "timeout")
+
+
+def count_failures(failures: Iterable[str]) -> dict[str, int]:
+    """How many of each failure class, every class of FAILURES listed (zero included) in that
+    order, then any other label seen, so a summary always shows e.g. its `ambiguous` count."""
+    counts = Counter(failures)
+    return {**{f: counts.pop(f, 0) for f in FAILURES}, **dict(sorted(counts.items()))}
 
 
 @dataclass
