@@ -72,7 +72,7 @@ def load(cfg: DataConfig) -> list[Problem]:
 AMBIGUOUS = "ambiguous"
 _FAST = re.compile(r"-?\d+(?:\.\d+)?", re.ASCII)
 # \frac{a}{b}, \dfrac{a}{b}, \tfrac{a}{b}, \frac34; a digit just before is kept apart (mixed number)
-_FRAC = re.compile(r"(\d?)\\[dt]?frac\s*(?:\{([^{}]*)\}\s*\{([^{}]*)\}|(\d)(\d))", re.ASCII)
+_FRAC = re.compile(r"(\d?)\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))", re.ASCII)
 _LATEX_SPACE = re.compile(r"\\[!,;:> ]")                 # \! \, \; ... : remove (1\,234 -> 1234)
 _LATEX_CMD = re.compile(r"\\(?:[A-Za-z]+|[()\[\]])")      # \boxed \text \left \( \] ... : a space
 _DELETE = str.maketrans({c: None for c in "{}$€£¥₹%\\"})
@@ -84,7 +84,11 @@ _UNIT_POWER = re.compile(r"(?<=[A-Za-z])\^\d+", re.ASCII)  # cm^2 -> cm
 _SCIENTIFIC = re.compile(
     r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×|·|\*)\s*10\s*\^\s*\{?\s*([+-]?\d{1,2})\s*\}?"
     r"|(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]?\d{1,2})(?![\w.])")
-_MIXED = re.compile(r"(?<![\w./-])(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w./])", re.ASCII)
+_MIXED = re.compile(r"(?<![\w./-])(-?)(\d+)[ \t]+(\d+)\s*/\s*(\d+)(?![\w/]|\.\d)", re.ASCII)
+# a scale word multiplies the number before it: "18 million" is 18000000
+_SCALE = re.compile(r"(\d+(?:\.\d+)?)\s*(thousand|million|billion|trillion)(?![a-z])", re.IGNORECASE | re.ASCII)
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_LIST = re.compile(r"[,;]\s|;")  # a list separator before an equation's last "=": "x = 17, y = 18"
 # One number: a minus only where it cannot be subtraction or a hyphen; digits with comma groups of
 # exactly three ("1,234,567", never "3, 4" or "3,4"); optional decimals; an optional "/ denominator".
 # A number glued to a letter, a dot or a slash ("cm2", "x/2") is not taken.
@@ -102,6 +106,17 @@ _HEDGE = re.compile(
     re.IGNORECASE)
 
 
+def is_hedged(text: str) -> bool:
+    """Whether an answer hedges or bounds its value in words or signs ("17 or 18", "about 18",
+    "at least 18", "~18", "18 ± 1"): such an answer names no one value."""
+    return _HEDGE.search(text) is not None
+
+
+def _scale_repl(m: re.Match[str]) -> str:
+    value = Fraction(m[1]) * _SCALES[m[2].lower()]
+    return f" {value.numerator}/{value.denominator} " if value.denominator != 1 else f" {value.numerator} "
+
+
 def _scientific_repl(m: re.Match[str]) -> str:
     mantissa, exponent = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
     value = Fraction(mantissa) * Fraction(10) ** int(exponent)
@@ -109,7 +124,7 @@ def _scientific_repl(m: re.Match[str]) -> str:
 
 
 def _frac_repl(m: re.Match[str]) -> str:
-    num, den = (m[2], m[3]) if m[2] is not None else (m[4], m[5])
+    num, den = m[2] if m[2] is not None else m[3], m[4] if m[4] is not None else m[5]
     return (m[1] + " " if m[1] else "") + num.strip() + "/" + den.strip()
 
 
@@ -123,6 +138,8 @@ def _clean(text: str) -> str:
         s = _LATEX_SPACE.sub("", s)
         s = _LATEX_CMD.sub(" ", s)
     s = s.translate(_DELETE)
+    if "illion" in s or "housand" in s:
+        s = _SCALE.sub(_scale_repl, s)
     if "^" in s:
         s = _UNIT_POWER.sub("", s)
     return _CURRENCY_WORD.sub(" ", s).strip()
@@ -136,15 +153,18 @@ def _read(text: str) -> Fraction | str:
     if len(s) > MAX_NUMBER_TEXT:
         return AMBIGUOUS  # a page of text is not an answer that names one value
     s = _LEAD.sub("", _clean(s))
-    if _HEDGE.search(s):
+    if is_hedged(s):
         return AMBIGUOUS
     if "=" in s:  # an equation names the value after its last "=" (3 + 15 = 18; x = 18)
-        s = s.rsplit("=", 1)[1]
+        lhs, s = s.rsplit("=", 1)
+        if _LIST.search(lhs):
+            return AMBIGUOUS  # several equations: "x = 17, y = 18"
     values: list[Fraction | None] = []
 
     def mixed(m: re.Match[str]) -> str:
         den = int(m[4])
-        value = int(m[2]) + Fraction(int(m[3]), den) if den else None
+        # an improper fractional part ("11 6/6") is no mixed number anyone writes: not read
+        value = int(m[2]) + Fraction(int(m[3]), den) if 0 <= int(m[3]) < den else None
         values.append(-value if value is not None and m[1] else value)
         return " "
 

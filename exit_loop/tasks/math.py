@@ -17,16 +17,25 @@ identical to the ground truth is correct (math-verify agrees, unless it cannot p
 from __future__ import annotations
 
 import re
+from decimal import Decimal, localcontext
+from fractions import Fraction
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from exit_loop.errors import DataError
 from exit_loop.prompts import last_boxed
-from exit_loop.tasks.math_pool import TIMEOUT, MathPool, shared_pool
+from exit_loop.tasks.gsm8k import AMBIGUOUS, is_hedged, read_answer
+from exit_loop.tasks.math_pool import REL_TOL, TIMEOUT, MathPool, decimal_literal, shared_pool
 from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, source_rows, verdict
 
 _INTEGER = re.compile(r"-?\d{1,15}", re.ASCII)
+_DECIMAL_LITERAL = decimal_literal()
+# what a plain number may hold once its LaTeX is set aside: digits, signs, separators, braces
+_LATEX_NUMBER = re.compile(r"\\(?:[dt]?frac|times|cdot|boxed|[!,;: %]|\$)|[$%]")
+_SCALE_WORD = re.compile(r"(?<=[\d\s])(?:thousand|million|billion|trillion)(?![a-z])", re.IGNORECASE)
+_ELLIPSIS = re.compile(r"\\l?dots|\\cdots|\.\.\.")
+_PLAIN = re.compile(r"[\d\s.,/{}^+\-×·*eE]*\d[\d\s.,/{}^+\-×·*eE]*", re.ASCII)
 
 
 def load(cfg: DataConfig) -> list[Problem]:
@@ -57,6 +66,12 @@ class MathCheck:
     format_ok: bool
     gold: str
     finish_reason: str | None
+    predicted_text: str | None = None  # what math-verify reads in place of `predicted`, if not it
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """(gold, predicted) as math-verify gets them."""
+        return self.gold, self.predicted_text or self.predicted
 
 
 def precheck(response: str, ground_truth: str | None, finish_reason: str | None) -> Verdict | MathCheck:
@@ -68,11 +83,47 @@ def precheck(response: str, ground_truth: str | None, finish_reason: str | None)
             failure = "wrong"
         elif predicted == gold:
             failure = "none"
-        elif _INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(gold):  # type: ignore[arg-type]
-            failure = "none" if int(predicted) == int(gold) else "wrong"  # type: ignore[arg-type]
+        elif is_hedged(predicted) or predicted.count("\\boxed") > 1:  # type: ignore[union-attr]
+            failure = AMBIGUOUS  # "3 or 5", "about 2", two boxed values: no one answer
+        elif _ELLIPSIS.search(predicted + gold):  # type: ignore[operator]
+            failure = "wrong"  # "1, 3, 5, \\ldots": a pattern, not a value; only the same text counts
         else:
-            return MathCheck(predicted, ok, gold, finish_reason)  # type: ignore[arg-type]
+            value, truth_value = (_plain_number(x) for x in (predicted, gold))
+            if value is not None and truth_value is not None:
+                decimal = _DECIMAL_LITERAL.search(predicted) or _DECIMAL_LITERAL.search(gold)  # type: ignore[arg-type]
+                same = value == truth_value or bool(decimal) and abs(value - truth_value) <= REL_TOL * max(
+                    abs(value), abs(truth_value))
+                failure = "none" if same else "wrong"
+            else:
+                if value is not None:  # math-verify reads no 1.8e1 and no 2 1/2: give it the value
+                    predicted_text = _as_text(value, bool(_DECIMAL_LITERAL.search(predicted)))  # type: ignore[arg-type]
+                    return MathCheck(predicted, ok, gold, finish_reason, predicted_text)
+                return MathCheck(predicted, ok, gold, finish_reason)  # type: ignore[arg-type]
     return verdict(predicted, ok, failure, finish_reason)
+
+
+def _as_text(value: Fraction, decimal: bool) -> str:
+    """`value` as math-verify reads it: a decimal literal where the answer was one (so the
+    relative tolerance applies), else an exact integer or `\\frac{p}{q}`."""
+    if decimal:
+        if value.denominator == 1:
+            return f"{value.numerator}.0"
+        with localcontext() as ctx:
+            ctx.prec = 60
+            return format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    return str(value.numerator) if value.denominator == 1 else f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+def _plain_number(text: str) -> Fraction | None:
+    """The exact value of an answer written as a plain number (integer, decimal, fraction, mixed
+    number, scientific notation, in LaTeX or not), else None (math-verify decides). Exact, where
+    math-verify rounds to 6 decimals; and it reads `2\\frac{1}{2}` as 5/2, not 1."""
+    if _INTEGER.fullmatch(text):
+        return Fraction(int(text))
+    if not _PLAIN.fullmatch(_SCALE_WORD.sub(" ", _LATEX_NUMBER.sub(" ", text))):
+        return None
+    value = read_answer(text)
+    return value if isinstance(value, Fraction) else None
 
 
 def checked(job: MathCheck, result: bool | str | None) -> Verdict:
@@ -88,7 +139,7 @@ def verify_math(response: str, ground_truth: str | None, finish_reason: str | No
     pre = precheck(response, ground_truth, finish_reason)
     if isinstance(pre, Verdict):
         return pre
-    return checked(pre, (pool or shared_pool()).check(pre.gold, pre.predicted))
+    return checked(pre, (pool or shared_pool()).check(*pre.pair))
 
 
 def verify_rows_math(rows: Iterable[dict[str, Any]], pool: MathPool
@@ -97,7 +148,7 @@ def verify_rows_math(rows: Iterable[dict[str, Any]], pool: MathPool
     def jobs() -> Iterator[tuple[tuple[dict[str, Any], Verdict | MathCheck], tuple[str, str] | None]]:
         for row in rows:
             pre = precheck(row.get("response"), row.get("ground_truth"), row.get("finish_reason"))
-            yield (row, pre), (None if isinstance(pre, Verdict) else (pre.gold, pre.predicted))
+            yield (row, pre), (None if isinstance(pre, Verdict) else pre.pair)
 
     for (row, pre), result in pool.imap(jobs()):
         yield row, pre if isinstance(pre, Verdict) else checked(pre, result)

@@ -75,11 +75,81 @@ def _parse(answer: str) -> list[Any]:
     return parse(_as_latex(answer), parsing_timeout=None)  # type: ignore[arg-type] - the pool times out
 
 
+_DECIMAL_LITERAL = re.compile(r"\d\.\d|(?<![\d.])\.\d|\d[eE][+-]?\d")
+REL_TOL = 1e-9  # numbers where one side is a decimal literal: equal within this share of the larger
+
+
+def decimal_literal() -> re.Pattern[str]:
+    """What marks a decimal literal in an answer (`0.5`, `.5`, `1e-10`): the relative tolerance's cue."""
+    return _DECIMAL_LITERAL
+
+
+def _value(x: Any) -> Any:
+    """What an answer states: the right side of `x = 5`, the set of `x \\in [1, 2]`."""
+    import sympy
+
+    if isinstance(x, sympy.Eq):
+        return x.rhs
+    if isinstance(x, sympy.Contains):
+        return x.args[1]
+    return x
+
+
+def _kind(x: Any) -> str:
+    import sympy
+
+    for kind in ("FiniteSet", "Tuple", "Interval", "Union", "Matrix"):
+        if type(x).__name__ == kind or isinstance(x, getattr(sympy, kind, ())):
+            return kind
+    return "expr" if isinstance(x, sympy.Expr) else type(x).__name__
+
+
+def _exact_enough(gold: str, predicted: str, g: list[Any], p: list[Any]) -> bool:
+    """Where math-verify called two numbers equal, hold it to the project's rule: exact forms
+    (rationals, radicals, pi, powers) must be equal exactly; a relative tolerance applies only
+    when one side is a decimal literal. math-verify itself rounds both to 6 decimals, so that
+    2^{-61} equals 2^{-60} and 0.0000001 equals 0.0000002 for it. Other shapes (tuples, sets,
+    intervals, expressions with symbols) keep math-verify's verdict, unless the two are of
+    different kinds (a set against a tuple or a number)."""
+    import sympy
+
+    a, b = (_value(x[0]) if x else None for x in (g, p))
+    if _kind(a) != _kind(b):
+        return False  # a set for a pair, a list for one number: not the same answer
+    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+        return True
+    if _DECIMAL_LITERAL.search(gold) or _DECIMAL_LITERAL.search(predicted):
+        return _relatively_close(a, b)
+    return bool(sympy.simplify(a - b) == 0)
+
+
+def _relatively_close(a: Any, b: Any) -> bool:
+    import sympy
+
+    diff, scale = (sympy.N(x, 60) for x in (abs(a - b), sympy.Max(abs(a), abs(b))))
+    return bool(diff == 0 or diff <= REL_TOL * scale)
+
+
+def _decimal_close(gold: str, predicted: str, g: list[Any], p: list[Any]) -> bool:
+    """Where math-verify said no: a decimal literal within REL_TOL of an exact number is still
+    the number (math-verify misses `4.656612873077393e-10` for 2^{-31})."""
+    import sympy
+
+    if not (_DECIMAL_LITERAL.search(gold) or _DECIMAL_LITERAL.search(predicted)) or not (g and p):
+        return False
+    a, b = _value(g[0]), _value(p[0])
+    return (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and bool(a.is_number) and bool(b.is_number)
+            and _relatively_close(a, b))
+
+
 def _check(gold: str, predicted: str, parse: Any) -> bool:
     from math_verify import verify
 
     try:
-        return bool(verify(parse(gold), parse(predicted), timeout_seconds=None))
+        g, p = parse(gold), parse(predicted)
+        if verify(g, p, timeout_seconds=None):
+            return _exact_enough(gold, predicted, g, p)
+        return _decimal_close(gold, predicted, g, p)
     except Exception:  # math-verify catches its own errors; this is belt and braces
         return False
 
