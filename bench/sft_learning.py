@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -36,16 +35,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95% Wilson score interval of k successes in n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -82,6 +71,7 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, seed: int, wor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from exit_loop.pipeline.quickstart import greedy_accuracy, stop_at_accuracy
+    from exit_loop.stats import wilson
     from exit_loop.train import TrainConfig, train
 
     q, gold, check, test = inputs

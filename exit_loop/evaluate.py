@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
 from exit_loop.tasks import DataConfig, count_failures, load_problems
 from exit_loop.tasks.gsm8k import parse_number
+from exit_loop.tasks.math_pool import shared_pool
 from exit_loop.verify import verify_rows
 
 
@@ -48,8 +50,10 @@ def _labelled(path: Path, task: str) -> list[dict[str, Any]]:
     return list(verify_rows(iter_jsonl(path, required=("problem_id", "response", "ground_truth")), task=task))
 
 
-def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """eval.json's numbers from labelled rows (pure)."""
+def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int,
+            same: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
+    """eval.json's numbers from labelled rows (pure). `same(a, b)`: whether two answers are the
+    same value, for maj@k (None: GSM8K's exact numbers)."""
     if not greedy:
         raise DataError("eval: no greedy generations to score")
     n = len(greedy)
@@ -68,26 +72,41 @@ def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int)
         passed = voted = 0
         for rows in by_q.values():
             passed += any(r["is_correct"] for r in rows)
-            voted += majority_correct(rows)
+            voted += majority_correct(rows, same)
         out["pass@k"] = round(passed / len(by_q), 4)
         out["maj@k"] = round(voted / len(by_q), 4)
     return out
 
 
-def majority_correct(rows: list[dict[str, Any]]) -> bool:
-    """Majority vote over well-formed answers, grouped by numeric value where the answer is a
-    number (else by its text); ties go to the earliest sample. Correct if the winner's first row
-    was verified correct."""
-    groups: dict[Any, list[dict[str, Any]]] = {}
+def majority_correct(rows: list[dict[str, Any]], same: Callable[[str, str], bool] | None = None) -> bool:
+    """Majority vote over well-formed answers that name a value (`ambiguous` ones get no vote);
+    ties go to the earliest sample. Correct if the winner's first row was verified correct.
+
+    Answers are grouped by `same(a, b)` against each group's first answer (MATH: math-verify's
+    equivalence, so `2`, `2\\pi`, `\\sqrt{2}` and `(1,2)` stay apart); without it by their exact
+    value where they name one number (GSM8K), else by their text."""
+    groups: list[tuple[Any, list[dict[str, Any]]]] = []
     for r in sorted(rows, key=lambda r: r.get("sample_index", 0)):
-        if not (r.get("format_ok") and r.get("predicted")):
+        if not (r.get("format_ok") and r.get("predicted")) or r.get("failure") == "ambiguous":
             continue
-        key = parse_number(r["predicted"])
-        groups.setdefault(key if key is not None else r["predicted"].strip(), []).append(r)
+        text = r["predicted"].strip()
+        key: Any = text if same is not None else parse_number(text)
+        key = text if key is None else key
+        for first, members in groups:
+            if (same(first, key) if same is not None else first == key):
+                members.append(r)
+                break
+        else:
+            groups.append((key, [r]))
     if not groups:
         return False
-    winner = max(groups.values(), key=len)  # max keeps the first of equals: the earliest answer
+    winner = max((members for _, members in groups), key=len)  # max keeps the first of equals
     return bool(winner[0]["is_correct"])
+
+
+def math_equivalent(a: str, b: str) -> bool:
+    """Whether math-verify (in the shared pool, under its time limit) calls two answers equal."""
+    return a == b or shared_pool().check(a, b) is True
 
 
 def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
@@ -113,7 +132,8 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
             backend.close()
     sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.k else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
-              **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k)}
+              **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k,
+                        math_equivalent if cfg.data.task == "math" else None)}
     write_json(out / "eval.json", result)
     write_manifest(out, "eval", {"wall_s": round(time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""

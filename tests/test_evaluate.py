@@ -46,3 +46,22 @@ def test_no_generations_is_a_clear_error():
 def test_k_of_one_is_refused():
     with pytest.raises(ValueError, match="k must be 0"):
         EvalConfig(k=1)
+
+
+def test_maj_at_k_groups_math_answers_by_equivalence_not_by_their_last_number():
+    """2, 2\\pi, \\sqrt{2} and (1,2) are four values (the GSM8K number parser once put them in one
+    group); \\frac{1}{2} and 0.5 are one."""
+    from exit_loop.evaluate import majority_correct, math_equivalent
+
+    def r(i, answer, ok):
+        return {"sample_index": i, "format_ok": True, "predicted": answer, "is_correct": ok, "failure": "none" if ok else "wrong"}
+
+    rows = [r(0, "2", False), r(1, r"2\pi", True), r(2, r"\sqrt{2}", False), r(3, "(1,2)", False),
+            r(4, r"2\pi", True)]
+    assert majority_correct(rows, math_equivalent)      # 2\pi twice wins
+    assert not majority_correct(rows[:4] + [r(4, "2.0", False)], math_equivalent)  # 2 and 2.0 win
+    half = [r(0, "7", False), r(1, r"\frac{1}{2}", True), r(2, "0.5", True)]
+    assert majority_correct(half, math_equivalent)
+    ambiguous = [r(0, "3 or 4", False) | {"failure": "ambiguous"}, r(1, "3 or 4", False) | {"failure": "ambiguous"},
+                 r(2, "5", True)]
+    assert majority_correct(ambiguous)                  # hedges get no vote

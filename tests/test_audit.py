@@ -1,0 +1,82 @@
+"""`exit-loop audit`: counts per failure class, answer forms, and a seeded sample of accepted
+traces (unusual forms first), on a single file and on a run directory; and the Wilson interval
+it quotes (exit_loop.stats)."""
+
+from __future__ import annotations
+
+import pytest
+
+from exit_loop.audit import answer_form, audit, read_rows
+from exit_loop.cli import main
+from exit_loop.jsonl import write_jsonl
+from exit_loop.stats import wilson
+from exit_loop.verify import verify_row
+
+
+def test_wilson_against_hand_worked_values():
+    # k=0, n=10: centre z^2/(2n)/(1+z^2/n) = 0.19208/1.38415 = 0.13877, half the same: [0, 0.27753]
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.27753, abs=1e-5)
+    # k=140, n=200: z^2/n = 0.0192073; centre (0.7 + 0.0096036) / 1.0192073 = 0.696231;
+    # half 1.959964 * sqrt(0.21/200 + 3.841459/160000) / 1.0192073 = 0.063021 -> [0.63321, 0.75925]
+    lo, hi = wilson(140, 200)
+    assert (lo, hi) == (pytest.approx(0.63321, abs=1e-5), pytest.approx(0.75925, abs=1e-5))
+    assert wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(3, 2)
+
+
+@pytest.mark.parametrize("text,form", [
+    ("18", "integer"), ("1,200", "integer"), ("-3", "negative"), ("0.5", "decimal"), ("3/4", "fraction"),
+    (r"\frac{3}{4}", "fraction"), ("2 1/2", "mixed number"), (r"1.8 \times 10^{1}", "scientific"),
+    ("$18", "with units or currency"), ("18 apples", "with units or currency"), ("x = 18", "equation"),
+    (r"\sqrt{2}", "latex"), ("eighteen", "words"), ("", "empty"), (None, "empty"), ("a" * 60, "long text"),
+])
+def test_answer_forms(text, form):
+    assert answer_form(text) == form
+
+
+def _verified(answers: list[str], truth: str = "18") -> list[dict]:
+    return [verify_row({"problem_id": f"train-{i}", "response": f"r </think> <answer>{a}</answer>",
+                        "ground_truth": truth}) for i, a in enumerate(answers)]
+
+
+def test_audit_counts_and_puts_unusual_accepted_forms_first():
+    rows = _verified(["18"] * 30 + ["$18", "18.0", "x = 18", "17 or 18", "17", "eighteen"])
+    for r in rows:
+        r["_where"] = "f:1"
+    result = audit(rows, n=5, seed=1)
+    assert result["rows"] == 36 and result["accepted"] == 33
+    assert result["failures"]["ambiguous"] == 1 and result["failures"]["wrong"] == 2
+    assert [form for form, _ in result["sample"][:3]] != ["integer"] * 3
+    assert {form for form, _ in result["sample"][:3]} == {"with units or currency", "decimal", "equation"}
+    assert all(r["is_correct"] for _, r in result["sample"])
+    again = audit(rows, n=5, seed=1)
+    assert [r["problem_id"] for _, r in again["sample"]] == [r["problem_id"] for _, r in result["sample"]]
+
+
+def test_audit_a_file_and_a_run_directory(tmp_path, capsys):
+    one = write_jsonl(tmp_path / "gen" / "verified.jsonl", _verified(["18", "$18", "17 or 18"]))
+    assert main(["audit", str(one), "--n", "2"]) == 0
+    text = (tmp_path / "gen" / "audit.md").read_text()
+    assert "| ambiguous | 1 |" in text and "| none | 2 |" in text and "$18" in text
+    assert "audit: wrote" in capsys.readouterr().out
+
+    run = tmp_path / "runs" / "exp"
+    write_jsonl(run / "round_00" / "verify" / "verified.jsonl", _verified(["18", "17"]))
+    write_jsonl(run / "filtered" / "round_01" / "verify" / "verified.jsonl", _verified(["18", "18 18"]))
+    assert main(["audit", str(run), "--seed", "3"]) == 0
+    text = (run / "audit.md").read_text()
+    assert "4 rows, 2 accepted" in text and "round_01" in text
+    assert len(read_rows([one])) == 3
+
+
+def test_audit_errors_name_the_path(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "nowhere")]) != 0
+    assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", str(tmp_path / "empty")]) != 0
+    assert "verified.jsonl" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"response": "x"}])
+    assert main(["audit", str(bad)]) != 0
+    assert "bad.jsonl:1" in capsys.readouterr().err
