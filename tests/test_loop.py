@@ -73,6 +73,10 @@ def check_run(root: Path) -> None:
         verified = read_jsonl(r / "verify" / "verified.jsonl")
         assert len(verified) == 24 and all("is_correct" in v and "failure" in v for v in verified)
         assert len(read_jsonl(r / "filter" / "sft_r1_all.jsonl")) == 24
+        # every failure class is counted, ambiguous included, in the filter summary and the eval
+        summary = json.loads((r / "filter" / "summary.json").read_text())
+        assert summary["failures"]["ambiguous"] == sum(v["failure"] == "ambiguous" for v in verified)
+        assert "ambiguous" in ev["failures"]
         assert (r / "train" / "ckpt" / "model.safetensors").exists()
         # round k+1 samples with round k's checkpoint
         nxt = json.loads((root / f"round_{k + 1:02d}" / "eval" / "eval.json").read_text())
