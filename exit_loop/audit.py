@@ -56,16 +56,10 @@ def answer_form(predicted: Any) -> str:
         return "empty"
     if len(text) > LONG:
         return "long text"
-    if _INTEGER.fullmatch(text):
-        return "integer"
-    if _NEGATIVE.fullmatch(text):
-        return "negative"
-    if _DECIMAL.fullmatch(text):
-        return "decimal"
-    if _MIXED.fullmatch(text):
-        return "mixed number"
-    if _FRACTION.fullmatch(text):
-        return "fraction"
+    for form, pattern in (("integer", _INTEGER), ("negative", _NEGATIVE), ("decimal", _DECIMAL),
+                          ("mixed number", _MIXED), ("fraction", _FRACTION)):
+        if pattern.fullmatch(text):
+            return form
     if _SCIENTIFIC.search(text):
         return "scientific"
     if "=" in text:
