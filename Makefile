@@ -1,7 +1,7 @@
 # make quickstart  installs the CPU build, then runs the offline quickstart: a tiny student improves
 #                  by expert iteration on a generated arithmetic task (no GPU, no hub, < 10 min)
 # make test        installs the CPU build and the test tools, then runs every test tier
-# make test-fast   the unit tier alone (no engine, no SLURM; about 80 s on 2 cores): no install
+# make test-fast   the unit tier alone (no engine, no SLURM; about 65 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
