@@ -3,7 +3,7 @@
 # make test        installs the CPU build and the test tools, then runs every test tier
 # make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
-# make test-fast   the unit tier alone (no engine, no SLURM; about 80 s on 2 cores): no install
+# make test-fast   the unit tier alone (no engine, no SLURM; about 65 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
