@@ -255,7 +255,7 @@ def sft_config(cfg: TrainConfig, gpu: bool | None = None):
 
 
 def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """All rows of all split files, in order, as {"prompt", "response"}; and per file its path,
+    """All rows of all split files, in order, as {"prompt", "response"} (and the `question` an all split carries); per file its path,
     sha256 and row count. Rows with a blank response (a trace where the model wrote nothing, kept
     in an all split) are skipped, with a warning. Raises DataError naming file and line on a bad
     or empty split."""
@@ -275,7 +275,10 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
                 if not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{path}:{lineno}: key '{key}' must be a non-empty string, "
                                     f"got {row[key]!r}")
-            rows.append({"prompt": row["prompt"], "response": row["response"]})
+            kept = {"prompt": row["prompt"], "response": row["response"]}
+            if isinstance(row.get("question"), str) and row["question"].strip():
+                kept["question"] = row["question"]  # an all split carries it: no parsing it back
+            rows.append(kept)
             n += 1
         if blank:
             print(f"train: {path}: skipped {blank} row(s) with a blank response", file=sys.stderr)
@@ -305,7 +308,7 @@ def to_trl_rows(rows: list[dict[str, str]], use_chat_template: bool) -> list[dic
         return [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
     return [{
         "prompt": [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
-                   {"role": "user", "content": question_of(r["prompt"])}],
+                   {"role": "user", "content": r.get("question") or question_of(r["prompt"])}],
         "completion": [{"role": "assistant", "content": f"<think> {r['response']}"}],
     } for r in rows]
 
