@@ -13,6 +13,13 @@ Round k's eval measures the policy that samples in round k: round 0 is the start
 the last round (which holds only eval/) is the final checkpoint. A value a run does not hold is
 null in report.json and a dash in report.md, never estimated.
 
+Every accuracy carries its 95% Wilson interval over the held-out questions (`accuracy_ci95`,
+from each round's `eval/greedy.jsonl`, else from eval.json's n); each pair of arms, at each round
+both evaluated, gets the paired difference on the same questions with a 95% paired-bootstrap
+interval and an exact McNemar p-value (`paired`: `{a, b, round, diff, ci95, p_mcnemar, n}`).
+Arms evaluated on different questions are refused (`--allow_mismatch` pairs them on the
+questions they share).
+
 The report goes to the experiment directory all the runs share, else the first RUN_DIR, unless
 --output_dir says otherwise. Run directories are only read; the report files are the only
 thing written.
@@ -33,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.errors import DataError
-from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, write_json
+from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
+from exit_loop.stats import paired_difference, wilson
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +206,7 @@ def read_run(run: Run) -> dict[str, Any]:
     last = max(max(rounds_dirs), planned if planned is not None else 0)
     rounds = list(range(last + 1))
 
-    arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "mean_response_tokens", "k", "yield",
+    arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
                                                "tokens_generated", "training_tokens")}
     arm["wall_time_s"] = {stage: [] for stage in STAGES}
     for k in rounds:
@@ -215,6 +223,7 @@ def read_run(run: Run) -> dict[str, Any]:
             arm[key].append(_number(_get(ev, key), path, key, fraction=True))
         arm["mean_response_tokens"].append(_number(_get(ev, "mean_response_tokens"), path, "mean_response_tokens"))
         arm["k"].append(_number(_get(ev, "k"), path, "k", integer=True))
+        arm["n"].append(_number(_get(ev, "n"), path, "n", integer=True))
 
         path = d / "filter" / "summary.json"
         summary = _read_json(path)
@@ -250,8 +259,75 @@ def read_run(run: Run) -> dict[str, Any]:
     return arm
 
 
-def build_report(runs: list[Run]) -> dict[str, Any]:
-    return {"arms": {run.arm: read_run(run) for run in runs}, "generated_by": "exit-loop compare"}
+def read_outcomes(run: Run, rounds: list[int]) -> list[dict[str, bool] | None]:
+    """Per round, each held-out question's greedy verdict (`eval/greedy.jsonl`: problem_id ->
+    is_correct), None where the round holds no labelled generations."""
+    rounds_dirs = _round_dirs(run.path)
+    out: list[dict[str, bool] | None] = []
+    for k in rounds:
+        path = rounds_dirs.get(k, run.path / f"round_{k:02d}") / "eval" / "greedy.jsonl"
+        if not path.is_file():
+            out.append(None)
+            continue
+        rows = iter_jsonl_numbered(path, required=("problem_id", "is_correct"))
+        out.append({str(row["problem_id"]): row["is_correct"] is True for _, row in rows})
+    return out
+
+
+def _interval(outcomes: dict[str, bool] | None, accuracy: float | None, n: int | None) -> list[float] | None:
+    """The 95% Wilson interval of a round's accuracy, over its questions."""
+    if outcomes:
+        k, n = sum(outcomes.values()), len(outcomes)
+    elif accuracy is not None and n:
+        k = round(accuracy * n)
+    else:
+        return None
+    return [round(x, 4) for x in wilson(k, n)]
+
+
+def paired_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]],
+                allow_mismatch: bool = False) -> list[dict[str, Any]]:
+    """For each pair of arms (in report order) and each round both evaluated: the paired
+    difference in accuracy on the same questions, its 95% paired-bootstrap interval and the
+    exact McNemar p-value. Arms evaluated on different questions are refused (DataError naming
+    them) unless `allow_mismatch`, which pairs them on the questions they share."""
+    names = list(report["arms"])
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for r, (qa, qb) in enumerate(zip(outcomes[a], outcomes[b])):
+                if not qa or not qb:
+                    continue
+                if set(qa) != set(qb):
+                    only_a, only_b = sorted(set(qa) - set(qb)), sorted(set(qb) - set(qa))
+                    if not allow_mismatch:
+                        raise DataError(
+                            f"arms {a!r} and {b!r} were evaluated on different questions at round {r} "
+                            f"({len(only_a)} only in {a!r}, e.g. {only_a[:3]}; {len(only_b)} only in {b!r}, "
+                            f"e.g. {only_b[:3]}): a paired comparison needs the same questions "
+                            "(--allow_mismatch pairs them on the questions they share)")
+                shared = sorted(set(qa) & set(qb))
+                if not shared:
+                    continue
+                d = paired_difference([qa[q] for q in shared], [qb[q] for q in shared])
+                out.append({"a": a, "b": b, "round": report["arms"][a]["rounds"][r],
+                            "diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
+                            "p_mcnemar": d["p_mcnemar"], "n": d["n"]})
+    return out
+
+
+def build_report(runs: list[Run], allow_mismatch: bool = False) -> dict[str, Any]:
+    arms, outcomes = {}, {}
+    for run in runs:
+        arm = read_run(run)
+        outcomes[run.arm] = read_outcomes(run, arm["rounds"])
+        ns = arm.pop("n")
+        arm["accuracy_ci95"] = [_interval(q, acc, n) for q, acc, n in zip(outcomes[run.arm], arm["accuracy"], ns)]
+        arm["n_questions"] = [len(q) if q else n for q, n in zip(outcomes[run.arm], ns)]
+        arms[run.arm] = arm
+    report: dict[str, Any] = {"arms": arms, "generated_by": "exit-loop compare"}
+    report["paired"] = paired_rows(report, outcomes, allow_mismatch)
+    return report
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -295,9 +371,32 @@ def summary_line(name: str, arm: dict[str, Any]) -> str:
     return f"**{name}**: {text}"
 
 
+def _ci_n(arm: dict[str, Any], i: int) -> str:
+    n = arm.get("n_questions")
+    return str(n[i]) if n and n[i] is not None else "—"
+
+
+def paired_lines(report: dict[str, Any], last_only: bool = False) -> list[str]:
+    """`a − b, round r: +X points [lo, hi], p = …, n = …` for each paired entry (the last round
+    of each pair only, with `last_only`)."""
+    rows = report.get("paired") or []
+    if last_only:
+        last: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:
+            last[(row["a"], row["b"])] = row
+        rows = list(last.values())
+    out = []
+    for row in rows:
+        lo, hi = row["ci95"]
+        p = "—" if row["p_mcnemar"] is None else f"{row['p_mcnemar']:.3g}"
+        out.append(f"{row['a']} − {row['b']}, round {row['round']}: {100 * row['diff']:+.1f} points "
+                   f"[{100 * lo:+.1f}, {100 * hi:+.1f}], p = {p} (McNemar, exact), n = {row['n']}")
+    return out
+
+
 def render_markdown(report: dict[str, Any], plots: list[str], note: str | None = None) -> str:
     k = _k_label(report)
-    head = ["arm", "round", "accuracy %", f"pass@{k} %", f"maj@{k} %", "format errors %",
+    head = ["arm", "round", "accuracy %", "95% CI", "n", f"pass@{k} %", f"maj@{k} %", "format errors %",
             "response tokens", "yield %", "tokens generated", "training tokens",
             *(f"{s} s" for s in STAGES)]
     lines = ["# exit-loop compare", "",
@@ -307,13 +406,21 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for name, arm in report["arms"].items():
         for i, r in enumerate(arm["rounds"]):
-            row = [name, str(r), _pct(arm["accuracy"][i]), _pct(arm["pass@k"][i]), _pct(arm["maj@k"][i]),
+            ci = arm["accuracy_ci95"][i]
+            n = "—" if ci is None else _ci_n(arm, i)
+            row = [name, str(r), _pct(arm["accuracy"][i]), "—" if ci is None else f"[{_pct(ci[0])}, {_pct(ci[1])}]", n,
+                   _pct(arm["pass@k"][i]), _pct(arm["maj@k"][i]),
                    _pct(arm["format_error_rate"][i]), _secs(arm["mean_response_tokens"][i]),
                    _pct(arm["yield"][i]), _int(arm["tokens_generated"][i]), _int(arm["training_tokens"][i]),
                    *(_secs(arm["wall_time_s"][s][i]) for s in STAGES)]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Summary", ""]
     lines += [f"- {summary_line(name, arm)}" for name, arm in report["arms"].items()]
+    if report.get("paired"):
+        lines += ["", "## Paired differences", "",
+                  "Accuracy of a minus accuracy of b on the same questions: 95% paired-bootstrap interval "
+                  "over questions, exact McNemar p-value.", ""]
+        lines += [f"- {line}" for line in paired_lines(report)]
     lines += ["", "## Runs", ""]
     lines += [f"- **{name}**: `{arm['run_dir']}` (experiment `{arm['experiment']}`)"
               for name, arm in report["arms"].items()]
@@ -337,7 +444,12 @@ def _plot(report: dict[str, Any], key: str, scale: float, ylabel: str, title: st
     ax = fig.add_subplot()
     for name, arm in report["arms"].items():
         ys = [math.nan if v is None else v * scale for v in arm[key]]
-        ax.plot(arm["rounds"], ys, marker="o", label=name)
+        line, = ax.plot(arm["rounds"], ys, marker="o", label=name)
+        ci = arm.get(f"{key}_ci95")
+        if ci:  # the 95% interval as a band
+            lo = [math.nan if c is None else c[0] * scale for c in ci]
+            hi = [math.nan if c is None else c[1] * scale for c in ci]
+            ax.fill_between(arm["rounds"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
@@ -351,7 +463,8 @@ def _plot(report: dict[str, Any], key: str, scale: float, ylabel: str, title: st
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
-    _plot(report, "accuracy", 100, "accuracy (%)", "Held-out accuracy (greedy pass@1)", out_dir / "accuracy.png")
+    _plot(report, "accuracy", 100, "accuracy (%)", "Held-out accuracy (greedy pass@1), 95% intervals",
+          out_dir / "accuracy.png")
     _plot(report, "mean_response_tokens", 1, "mean response tokens", "Response length",
           out_dir / "response_length.png")
     return ["accuracy.png", "response_length.png"]
@@ -365,14 +478,15 @@ def default_out_dir(runs: list[Run], run_dirs: list[Path]) -> Path:
     return Path(run_dirs[0])
 
 
-def compare(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+def compare(run_dirs: list[Path], out_dir: Path | None = None, allow_mismatch: bool = False) -> Path:
     """Read the runs, write report.json, the two PNGs and report.md to `out_dir`; return `out_dir`."""
-    return _compare(run_dirs, out_dir)[0]
+    return _compare(run_dirs, out_dir, allow_mismatch)[0]
 
 
-def _compare(run_dirs: list[Path], out_dir: Path | None) -> tuple[Path, dict[str, Any], list[str]]:
+def _compare(run_dirs: list[Path], out_dir: Path | None, allow_mismatch: bool = False
+             ) -> tuple[Path, dict[str, Any], list[str]]:
     runs = find_runs([Path(p) for p in run_dirs])
-    report = build_report(runs)
+    report = build_report(runs, allow_mismatch)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(runs, run_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
@@ -393,9 +507,14 @@ def command(argv: list[str]) -> int:
                    help="a run directory (round_* inside) or an experiment directory (one run per arm)")
     p.add_argument("--output_dir", help="where the report goes (default: the runs' common experiment "
                                         "directory, else the first RUN_DIR)")
+    p.add_argument("--allow_mismatch", action="store_true",
+                   help="pair arms evaluated on different questions on the questions they share")
     a = p.parse_args(argv)
-    out, report, written = _compare([Path(d) for d in a.run_dirs], Path(a.output_dir) if a.output_dir else None)
+    out, report, written = _compare([Path(d) for d in a.run_dirs], Path(a.output_dir) if a.output_dir else None,
+                                    a.allow_mismatch)
     for name, arm in report["arms"].items():
         print(summary_line(name, arm).replace("**", ""))
+    for line in paired_lines(report, last_only=True):
+        print(line)
     print(f"compare: wrote {', '.join(written)} in {out}")
     return 0

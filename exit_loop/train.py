@@ -255,8 +255,8 @@ def sft_config(cfg: TrainConfig, gpu: bool | None = None):
 
 
 def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """All rows of all split files, in order, as {"prompt", "response"} (and the `question` an all split carries); per file its path,
-    sha256 and row count. Rows with a blank response (a trace where the model wrote nothing, kept
+    """All rows of all split files, in order, as {"prompt", "response"} (and the `question` an all
+    split carries); per file its path, sha256 and row count. Rows with a blank response (a trace where the model wrote nothing, kept
     in an all split) are skipped, with a warning. Raises DataError naming file and line on a bad
     or empty split."""
     rows: list[dict[str, str]] = []
