@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from exit_loop.compare import command, compare
-from exit_loop.jsonl import DataError
+from exit_loop.cli import main
+from exit_loop.jsonl import DataError, write_jsonl
+from exit_loop.stats import mcnemar_exact, wilson
 
 STAGE_S = {"sample": 40.0, "verify": 2.0, "filter": 0.5, "train": 50.0, "eval": 10.0}
 REPORT_FILES = {"report.json", "report.md", "accuracy.png", "response_length.png"}
@@ -129,8 +131,9 @@ def test_report_md_has_one_row_per_round_per_arm(two_runs, tmp_path):
     for col in ("pass@4 %", "maj@4 %", "yield %", "tokens generated", "training tokens",
                 "sample s", "verify s", "filter s", "train s", "eval s"):
         assert col in head
-    assert rows[0][7] == "25.0" and rows[2][7] == "—"    # yield; none in the final round
-    assert rows[0][8] == "100,000" and rows[0][9] == "50,000"
+    assert rows[0][9] == "25.0" and rows[2][9] == "—"    # yield; none in the final round
+    assert rows[0][10] == "100,000" and rows[0][11] == "50,000"
+    assert "95% CI" in head and rows[0][3].startswith("[") and rows[0][3].endswith("]")  # its interval
     assert "accuracy 10.0% (round 0) → 40.0% (round 2), +30.0 points" in md
     assert "accuracy 10.0% (round 0) → 12.0% (round 2), +2.0 points" in md
     assert "loop overhead 2.5 s (1.1%)" in md
@@ -284,3 +287,43 @@ def test_malformed_manifest_names_the_file(tmp_path):
     with pytest.raises(DataError, match=r"key 'tokens' is 'many'; expected an integer") as e:
         compare([run], tmp_path / "out")
     assert str(bad) in str(e.value)
+
+
+def _greedy(run: Path, rnd: int, correct: list[bool], ids: list[str] | None = None) -> None:
+    ids = ids or [f"test-{i}" for i in range(len(correct))]
+    write_jsonl(run / f"round_{rnd:02d}" / "eval" / "greedy.jsonl",
+                [{"problem_id": q, "is_correct": c} for q, c in zip(ids, correct)])
+
+
+def test_intervals_and_paired_tests_on_the_same_questions(two_runs, tmp_path, capsys):
+    f, u = two_runs
+    # round 2: filtered right on 40 of 50, unfiltered on 30; 12 questions only filtered gets, 2 the reverse
+    a = [True] * 28 + [True] * 12 + [False] * 2 + [False] * 8
+    b = [True] * 28 + [False] * 12 + [True] * 2 + [False] * 8
+    _greedy(f, 2, a)
+    _greedy(u, 2, b)
+    out = compare([f, u], tmp_path / "report")
+    report = json.loads((out / "report.json").read_text())
+    lo, hi = report["arms"]["filtered"]["accuracy_ci95"][2]
+    assert (lo, hi) == (round(wilson(40, 50)[0], 4), round(wilson(40, 50)[1], 4))
+    [pair] = report["paired"]
+    assert (pair["a"], pair["b"], pair["round"], pair["n"]) == ("filtered", "unfiltered", 2, 50)
+    assert pair["diff"] == 0.2 and pair["p_mcnemar"] == mcnemar_exact(12, 2)  # 2*(1+14+91)/2^14
+    assert pair["ci95"][0] > 0 and pair["ci95"][1] > pair["diff"]   # the interval excludes 0
+    md = (out / "report.md").read_text()
+    assert "filtered − unfiltered, round 2: +20.0 points" in md and "McNemar" in md
+    assert main(["compare", str(f), str(u), "--output_dir", str(tmp_path / "r2")]) == 0
+    assert "filtered − unfiltered, round 2: +20.0 points" in capsys.readouterr().out
+
+
+def test_compare_refuses_arms_evaluated_on_different_questions(two_runs, tmp_path, capsys):
+    f, u = two_runs
+    _greedy(f, 1, [True, False, True])
+    _greedy(u, 1, [True, False, True], ids=["test-0", "test-1", "test-9"])
+    with pytest.raises(DataError, match="different questions at round 1"):
+        compare([f, u], tmp_path / "report")
+    assert main(["compare", str(f), str(u), "--output_dir", str(tmp_path / "r")]) != 0
+    assert "--allow_mismatch" in capsys.readouterr().err
+    out = compare([f, u], tmp_path / "report", allow_mismatch=True)
+    [pair] = json.loads((out / "report.json").read_text())["paired"]
+    assert pair["n"] == 2 and pair["diff"] == 0.0
