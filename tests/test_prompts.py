@@ -70,6 +70,8 @@ GOOD = [
     (f"  <think>{R}</think> <answer>72</answer>", "chat", CANON),
     (f"{R} </think> <answer>72</answer>", "chat", CANON),
     (f"{R}\n</think>\n\nSo she sold \\boxed{{72}} clips.", "reasoning", CANON),       # \boxed after </think>
+    (f"{R}\n</think>\n\nSo she sold \\boxed 72 clips.", "reasoning", CANON),          # \boxed without braces
+    (f"{R}\n</think>\n\nThe answer is $\\boxed 72$", "reasoning", CANON),
     (f"<think>\n{R}\n</think>\n\nThe answer is $\\boxed{{72}}$.", "reasoning", CANON),
     (f"{R} \\boxed{{5}} </think> Final: \\boxed{{72}}", "reasoning",
      f"{R} \\boxed{{5}} </think> <answer>72</answer>"),                              # the box after </think>
