@@ -42,6 +42,7 @@ from typing import Any
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
 from exit_loop.stats import paired_difference, wilson
+from exit_loop.verify import verify_rows
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,9 @@ def read_run(run: Run) -> dict[str, Any]:
 
 
 def read_outcomes(run: Run, rounds: list[int]) -> list[dict[str, bool] | None]:
-    """Per round, each held-out question's greedy verdict (`eval/greedy.jsonl`: problem_id ->
-    is_correct), None where the round holds no labelled generations."""
+    """Per round, each held-out question's greedy verdict (problem_id -> is_correct), from
+    `eval/greedy.jsonl` (labelled by the verifier here, with the eval's task, where its rows carry
+    no verdict); None where the round holds no generations."""
     rounds_dirs = _round_dirs(run.path)
     out: list[dict[str, bool] | None] = []
     for k in rounds:
@@ -269,8 +271,12 @@ def read_outcomes(run: Run, rounds: list[int]) -> list[dict[str, bool] | None]:
         if not path.is_file():
             out.append(None)
             continue
-        rows = iter_jsonl_numbered(path, required=("problem_id", "is_correct"))
-        out.append({str(row["problem_id"]): row["is_correct"] is True for _, row in rows})
+        rows = [row for _, row in iter_jsonl_numbered(path, required=("problem_id",))]
+        if rows and any("is_correct" not in row for row in rows):  # raw generations: label them
+            manifest = _read_json(path.parent / "manifest.json")
+            task = _get(manifest, "config", "data", "task") or "gsm8k"
+            rows = list(verify_rows(rows, task=task))
+        out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
     return out
 
 
