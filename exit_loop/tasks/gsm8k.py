@@ -211,7 +211,7 @@ def read_answer(text: str) -> Fraction | str:
     try:
         return _read_short(text) if len(text) <= 64 else _read(text)
     except (ValueError, ZeroDivisionError, OverflowError):  # e.g. an integer past int-from-str limits
-        return AMBIGUOUS
+        return "wrong" if _FAST.fullmatch(text.strip()) else AMBIGUOUS  # one (absurd) number: wrong
 
 
 def parse_number(text: str) -> Fraction | None:
