@@ -9,28 +9,29 @@ the project's one boxed parser).
 The verdict (`verify_math`): MATH-style answers (LaTeX, `\\boxed{}`, fractions, intervals, sets,
 expressions) through math-verify, in worker processes (`exit_loop.tasks.math_pool`), each check
 under a hard limit: `timeout_s` seconds of CPU time, and 3x that of wall-clock time; a check over
-either is killed and the failure is `timeout`. Two shortcuts skip the workers (`precheck`): two
-integers of at most 15 digits are compared as integers (as math-verify would), and answer text
-identical to the ground truth is correct (math-verify agrees, unless it cannot parse the text).
+either is killed and the failure is `timeout`. What needs no math-verify is decided in the parent
+(`precheck`): answer text identical to the ground truth is correct; hedges and several boxed
+values are `ambiguous`; two plain numbers (integers, decimals, fractions, mixed numbers,
+scientific notation) are compared exactly, or within a relative 1e-9 where one is a decimal
+literal (math-verify rounds to 6 decimals).
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal, localcontext
-from fractions import Fraction
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from fractions import Fraction
 from typing import Any
 
 from exit_loop.errors import DataError
 from exit_loop.prompts import last_boxed
 from exit_loop.tasks.gsm8k import AMBIGUOUS, is_hedged, read_answer
-from exit_loop.tasks.math_pool import REL_TOL, TIMEOUT, MathPool, decimal_literal, shared_pool
+from exit_loop.tasks.math_pool import DECIMAL_LITERAL, REL_TOL, TIMEOUT, MathPool, shared_pool
 from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, source_rows, verdict
 
 _INTEGER = re.compile(r"-?\d{1,15}", re.ASCII)
-_DECIMAL_LITERAL = decimal_literal()
 # what a plain number may hold once its LaTeX is set aside: digits, signs, separators, braces
 _LATEX_NUMBER = re.compile(r"\\(?:[dt]?frac|times|cdot|boxed|[!,;: %]|\$)|[$%]")
 _SCALE_WORD = re.compile(r"(?<=[\d\s])(?:thousand|million|billion|trillion)(?![a-z])", re.IGNORECASE)
@@ -89,17 +90,20 @@ def precheck(response: str, ground_truth: str | None, finish_reason: str | None)
             failure = "wrong"  # "1, 3, 5, \\ldots": a pattern, not a value; only the same text counts
         else:
             value, truth_value = (_plain_number(x) for x in (predicted, gold))
+            decimal = DECIMAL_LITERAL.search(predicted) is not None  # type: ignore[arg-type]
             if value is not None and truth_value is not None:
-                decimal = _DECIMAL_LITERAL.search(predicted) or _DECIMAL_LITERAL.search(gold)  # type: ignore[arg-type]
-                same = value == truth_value or bool(decimal) and abs(value - truth_value) <= REL_TOL * max(
-                    abs(value), abs(truth_value))
-                failure = "none" if same else "wrong"
-            else:
-                if value is not None:  # math-verify reads no 1.8e1 and no 2 1/2: give it the value
-                    predicted_text = _as_text(value, bool(_DECIMAL_LITERAL.search(predicted)))  # type: ignore[arg-type]
-                    return MathCheck(predicted, ok, gold, finish_reason, predicted_text)
-                return MathCheck(predicted, ok, gold, finish_reason)  # type: ignore[arg-type]
+                failure = "none" if _same_number(value, truth_value, decimal or bool(DECIMAL_LITERAL.search(gold))) \
+                    else "wrong"
+            else:  # math-verify reads no 1.8e1 and no 2 1/2: where the answer is a plain number, give it the value
+                text = _as_text(value, decimal) if value is not None else None
+                return MathCheck(predicted, ok, gold, finish_reason, text)  # type: ignore[arg-type]
     return verdict(predicted, ok, failure, finish_reason)
+
+
+def _same_number(a: Fraction, b: Fraction, decimal: bool) -> bool:
+    """Exactly equal, or within REL_TOL of the larger where one side is a decimal literal (the
+    rule math_pool applies to what math-verify parses)."""
+    return a == b or decimal and abs(a - b) <= REL_TOL * max(abs(a), abs(b))
 
 
 def _as_text(value: Fraction, decimal: bool) -> str:

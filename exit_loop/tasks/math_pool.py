@@ -75,13 +75,9 @@ def _parse(answer: str) -> list[Any]:
     return parse(_as_latex(answer), parsing_timeout=None)  # type: ignore[arg-type] - the pool times out
 
 
-_DECIMAL_LITERAL = re.compile(r"\d\.\d|(?<![\d.])\.\d|\d[eE][+-]?\d")
+# what marks a decimal literal in an answer (`0.5`, `.5`, `1e-10`): the relative tolerance's cue
+DECIMAL_LITERAL = re.compile(r"\d\.\d|(?<![\d.])\.\d|\d[eE][+-]?\d")
 REL_TOL = 1e-9  # numbers where one side is a decimal literal: equal within this share of the larger
-
-
-def decimal_literal() -> re.Pattern[str]:
-    """What marks a decimal literal in an answer (`0.5`, `.5`, `1e-10`): the relative tolerance's cue."""
-    return _DECIMAL_LITERAL
 
 
 def _value(x: Any) -> Any:
@@ -118,7 +114,7 @@ def _exact_enough(gold: str, predicted: str, g: list[Any], p: list[Any]) -> bool
         return False  # a set for a pair, a list for one number: not the same answer
     if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
         return True
-    if _DECIMAL_LITERAL.search(gold) or _DECIMAL_LITERAL.search(predicted):
+    if DECIMAL_LITERAL.search(gold) or DECIMAL_LITERAL.search(predicted):
         return _relatively_close(a, b)
     return bool(sympy.simplify(a - b) == 0)
 
@@ -135,7 +131,7 @@ def _decimal_close(gold: str, predicted: str, g: list[Any], p: list[Any]) -> boo
     the number (math-verify misses `4.656612873077393e-10` for 2^{-31})."""
     import sympy
 
-    if not (_DECIMAL_LITERAL.search(gold) or _DECIMAL_LITERAL.search(predicted)) or not (g and p):
+    if not (DECIMAL_LITERAL.search(gold) or DECIMAL_LITERAL.search(predicted)) or not (g and p):
         return False
     a, b = _value(g[0]), _value(p[0])
     return (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and bool(a.is_number) and bool(b.is_number)
