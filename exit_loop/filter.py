@@ -29,7 +29,7 @@ from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
 from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
-PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "finish_reason",
+PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "teacher_num_tokens", "prompt_tokens", "finish_reason",
                    "failure", "format_ok", "backend", "prompt_style", "question", "raw_output")
 
 

@@ -137,7 +137,9 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
     """Turn a teacher's raw output into the canonical response.
 
     - `r1_zero`: the output continues after the prompt's `<think>`; it must hold `</think>` and
-      then `<answer>…</answer>`. Spacing around the tags is made canonical, and anything after the
+      then `<answer>…</answer>`. The whitespace written right after the prompt's `<think>` is kept
+      (the stored prompt is exactly what was sampled from, so training sees the tokens that were
+      sampled); from the end of the reasoning on, spacing is made canonical, and anything after the
       last `</answer>` is dropped (the sampler stops there).
     - `chat`: as `r1_zero`, with an opening `<think>` allowed (and removed).
     - `reasoning`: the model thinks in `<think>…</think>` (the opening tag is often in the
@@ -147,8 +149,11 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
     _check_style(style)
     raw = text
     body = text.lstrip()
+    lead = ""
     if body.startswith(THINK_OPEN):
         body = body[len(THINK_OPEN):]
+    elif style == "r1_zero":  # the continuation of the stored prompt: its first whitespace stays
+        lead = text[:len(text) - len(body)]
     if body.count(THINK_CLOSE) == 0:
         has_answer = ANSWER_OPEN in body or (style == "reasoning" and last_boxed(body) is not None)
         return Normalised(raw, False, "format" if has_answer else "no_answer")
@@ -169,7 +174,7 @@ def normalise_response(text: str, style: PromptStyle) -> Normalised:
         return Normalised(raw, False, "format")
     if not answer.strip():  # an empty answer is no answer (as the verifier classes it)
         return Normalised(raw, False, "no_answer")
-    return Normalised(canonical_response(reasoning, answer), True)
+    return Normalised(lead + canonical_response(reasoning, answer), True)
 
 
 # --------------------------------------------------------------------------- the checker's side

@@ -25,13 +25,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
-    """A byte-level BPE tokenizer (GPT-2/Qwen style) wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenizer pattern (its tokenizer.json): punctuation runs take the newlines after
+# them, so `>` + `\n` is one pre-token and BPE can merge across the end of `<think>`.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, qwen2_like: bool = False):
+    """A byte-level BPE tokenizer (GPT-2/Qwen style) wrapped as a transformers fast tokenizer.
+
+    Default: the think/answer tags are single tokens (added after training), which keeps a tiny
+    model's job easy. `qwen2_like`: built as Qwen2's is (its pre-tokenizer pattern, no tag among
+    the added tokens), so the tags are ordinary text that merges with what follows them, as in a
+    real student's tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen2_like:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -41,7 +57,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
-    fast.add_tokens(TAG_TOKENS)  # ordinary (not special) tokens: decoding keeps them
+    if not qwen2_like:
+        fast.add_tokens(TAG_TOKENS)  # ordinary (not special) tokens: decoding keeps them
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 2048
     return fast

@@ -14,18 +14,20 @@ What it does:
 - Data: every row of every `--data` file needs `prompt` and `response` (the stored student
   prompt and the canonical response); the files are concatenated (accumulation across rounds),
   then `num_examples` rows are drawn at random with `seed` (data-size sweeps; all rows, with a
-  warning, when there are fewer). Rows become TRL
-  prompt-completion rows, `{"prompt": ..., "completion": ...}`, so TRL computes the loss on the
-  completion only. TRL appends the tokenizer's EOS token to each completion and keeps it in the
-  labels; padding is added by the collator with label -100 *after* the labels are built, so a
-  pad token equal to EOS never masks the EOS away. `train` checks the first prepared example
-  before training: its labels must end in EOS.
-- `use_chat_template=true` (instruct students): the prompt becomes the chat the sampler's `chat`
-  style sends (system prompt, the question as the user turn) and the completion the assistant
-  turn `<think> {response}`; the template's own end-of-turn token ends it (set
-  `sft.eos_token=<|im_end|>` where that differs from the tokenizer's EOS). `train` fails if the
-  rendered assistant turn lost `<think>`/`</think>` (some R1 templates strip the reasoning) or
-  holds no EOS.
+  warning, when there are fewer). Each row is tokenised here, not by TRL: the prompt's ids exactly
+  as the sampler fed them (`exit_loop.tokens.encode_prompt`: one special-token policy), then the
+  response tokenised on its own, then EOS, with a completion mask, so the loss is on the response
+  and EOS only and the student trains in the context it sampled in (TRL would tokenise prompt +
+  response as one string, and a byte-level BPE merges `<think>` with a following newline). A row
+  longer than `max_length` tokens is dropped, not cut (a cut trace loses its answer and EOS); a
+  row the sampler cut at max_tokens (the all split's `finish_reason`) is dropped too, or with
+  `truncated=no_eos` trained without EOS; both are counted in the manifest (`dropped`). `train`
+  checks the prepared examples before training: their labels must end in EOS.
+- `use_chat_template=true` (instruct students): the prompt is the chat the sampler's `chat` style
+  sends (system prompt, the question as the user turn, the generation prompt) and the completion
+  `<think> {response}` and the EOS (set `sft.eos_token=<|im_end|>` where the template's end of
+  turn differs from the tokenizer's EOS). The assistant turn is never rendered through the
+  template, so a template that strips the reasoning (some R1 templates) cannot strip it here.
 - `sft`: any `trl.SFTConfig` field, passed through on top of `SFT_DEFAULTS` (bf16 only where the
   GPU has it; a LoRA run gets learning rate 1e-4 instead of 1e-5 unless set). The SFTConfig is
   built before anything is loaded: an unknown key or a value of the wrong type fails naming it.
@@ -56,13 +58,15 @@ import sys
 import time
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
-from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
+from exit_loop.prompts import question_of, teacher_prompt
+from exit_loop.tokens import encode_completion, encode_prompt, without_bos
 
 REQUIRED_KEYS = ("prompt", "response")
 LORA_LEARNING_RATE = 1e-4
@@ -141,6 +145,8 @@ class TrainConfig:
     num_examples: int | None = None       # a seeded random subset of this many rows (None: all)
     seed: int = 0                         # subsampling and training
     use_chat_template: bool = False       # instruct students: train through the chat template
+    system_prompt: str | None = None      # chat template: the system message the sampler sends (None: its default)
+    truncated: Literal["drop", "no_eos"] = "drop"  # rows the sampler cut at max_tokens: dropped, or trained without EOS
     speed_defaults: bool = True           # on a GPU, gpu_sft_defaults() under `sft` (false: TRL's plain recipe)
     trust_remote_code: bool = False
     peft: LoraSettings = field(default_factory=LoraSettings)
@@ -275,9 +281,13 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
                 if not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{path}:{lineno}: key '{key}' must be a non-empty string, "
                                     f"got {row[key]!r}")
-            kept = {"prompt": row["prompt"], "response": row["response"]}
+            kept = {"prompt": row["prompt"], "response": row["response"], "source": f"{path}:{lineno}"}
             if isinstance(row.get("question"), str) and row["question"].strip():
                 kept["question"] = row["question"]  # an all split carries it: no parsing it back
+            if row.get("finish_reason") == "length":
+                kept["finish_reason"] = "length"    # the all split says the sampler cut it short
+            if isinstance(row.get("prompt_tokens"), int):
+                kept["prompt_tokens"] = row["prompt_tokens"]  # the student's own sample: its context's length
             rows.append(kept)
             n += 1
         if blank:
@@ -302,15 +312,58 @@ def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict
     return [rows[i] for i in keep]
 
 
-def to_trl_rows(rows: list[dict[str, str]], use_chat_template: bool) -> list[dict[str, Any]]:
-    """Our rows as TRL prompt-completion rows: plain text, or conversational for the chat path."""
-    if not use_chat_template:
-        return [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
-    return [{
-        "prompt": [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
-                   {"role": "user", "content": r.get("question") or question_of(r["prompt"])}],
-        "completion": [{"role": "assistant", "content": f"<think> {r['response']}"}],
-    } for r in rows]
+def prompt_and_completion(row: dict[str, str], cfg: TrainConfig, tokenizer: Any) -> tuple[str, str]:
+    """The text the student was prompted with when it sampled, and the text it is to write: the
+    stored `r1_zero` prompt and response, or, through the chat template, the chat the sampler's
+    `chat` style sends and `<think> {response}`."""
+    if not cfg.use_chat_template:
+        return row["prompt"], row["response"]
+    question = row.get("question") or question_of(row["prompt"])
+    return teacher_prompt(question, "chat", tokenizer, cfg.system_prompt), f"<think> {row['response']}"
+
+
+def tokenize_rows(rows: list[dict[str, str]], cfg: TrainConfig, tokenizer: Any, eos_id: int,
+                  max_length: int | None) -> tuple[list[dict[str, list[int]]], Counter]:
+    """Our rows as TRL's pre-tokenised rows (`input_ids`, `completion_mask`): the prompt's ids as
+    the sampler fed them (`exit_loop.tokens.encode_prompt`), then the response tokenised on its
+    own, then EOS. Tokenising prompt + response as one string (what TRL does with text) can merge
+    the prompt's last token with the response's first (`<think>` + newline in a byte-level BPE),
+    moving the boundary: the student would train on a context it never sampled in.
+
+    Rows are dropped, not cut, and counted (the Counter's keys): `too_long` (more than
+    `max_length` tokens with the EOS: a cut would train a trace with its answer and EOS cut off)
+    and `truncated` (the sampler hit max_tokens, per the all split's `finish_reason`: an EOS
+    would teach stopping mid-reasoning; `cfg.truncated="no_eos"` trains them without one).
+    Raises DataError naming the row whose text does not survive tokenisation."""
+    out: list[dict[str, list[int]]] = []
+    dropped: Counter = Counter()
+    for i, row in enumerate(rows):
+        cut_short = row.get("finish_reason") == "length"
+        if cut_short and cfg.truncated == "drop":
+            dropped["truncated"] += 1
+            continue
+        prompt, completion = prompt_and_completion(row, cfg, tokenizer)
+        p_ids = encode_prompt(tokenizer, prompt)
+        c_ids = encode_completion(tokenizer, completion)
+        for what, text, ids in (("prompt", prompt, without_bos(tokenizer, p_ids)), ("response", completion, c_ids)):
+            back = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            if back != text:
+                where = row.get("source", f"row {i}")
+                raise DataError(
+                    f"{where}: the {what} does not survive {cfg.model}'s tokenizer (its ids decode to "
+                    f"{back[:80]!r}..., not {text[:80]!r}...): the ids trained on would not be the ones sampled")
+        fed = row.get("prompt_tokens")
+        if fed is not None and fed != len(p_ids) and not cfg.use_chat_template:
+            raise DataError(
+                f"{row.get('source', f'row {i}')}: the sampler fed {fed} prompt tokens, but {cfg.model}'s "
+                f"tokenizer makes {len(p_ids)} of this prompt: the student would train in a context it did "
+                "not sample in (another tokenizer, or another special-token policy)")
+        ids = p_ids + c_ids + ([] if cut_short else [eos_id])
+        if max_length is not None and len(ids) > max_length:
+            dropped["too_long"] += 1
+            continue
+        out.append({"input_ids": ids, "completion_mask": [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))})
+    return out, dropped
 
 
 # --------------------------------------------------------------------------- model checks
@@ -365,12 +418,11 @@ def _segments(ex: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
 
 
 def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
-    """Look at the data as TRL prepared it (tokenized, labelled, maybe packed) before training:
-    every example that was not cut at max_length must end its labels with EOS; through a chat
-    template the trained turn must keep `<think>...</think>` and hold the EOS. Returns counts for
-    the manifest."""
+    """Look at the data as TRL prepared it (labelled, maybe packed) before training: every
+    example that was not cut at max_length (and not kept without EOS: `truncated=no_eos`) must
+    end its labels with EOS. Returns counts for the manifest."""
     tok = trainer.processing_class
-    eos = tok.eos_token_id
+    eos = eos_id_of(tok, trainer.args)
     ds = trainer.train_dataset
     max_length = trainer.args.max_length
     tokens = loss_tokens = truncated = examples = 0
@@ -380,27 +432,13 @@ def check_prepared(trainer, cfg: TrainConfig) -> dict[str, int]:
             loss_tokens += sum(1 for t in labels if t != -100)
             if max_length is not None and len(ids) >= max_length:
                 truncated += 1
-            elif not cfg.use_chat_template and labels[-1] != eos:
+            elif labels[-1] != eos and cfg.truncated != "no_eos":
                 raise RuntimeError(f"prepared example {examples} does not end its labels with EOS "
-                                   f"{tok.eos_token!r} (last label {labels[-1]}): the student would "
-                                   "never learn to stop")
+                                   f"{tok.convert_ids_to_tokens(eos)!r} (last label {labels[-1]}): the "
+                                   "student would never learn to stop")
             examples += 1
-    counts = {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated,
-              "trained_examples": examples}
-    if cfg.use_chat_template:
-        completion = [t for t in _segments(ds[0])[0][1] if t != -100]
-        text = tok.decode(completion)
-        if "<think>" not in text or "</think>" not in text:
-            raise ConfigError(
-                f"use_chat_template: the chat template of {cfg.model} rewrites the assistant turn and "
-                f"drops the reasoning (the trained completion reads {text[:200]!r}); use a template that "
-                "keeps <think>...</think> (sft.chat_template_path) or use_chat_template=false")
-        if eos not in completion:
-            raise ConfigError(
-                f"use_chat_template: the assistant turn holds no EOS token {tok.eos_token!r}, so the "
-                "student would not learn to stop; set sft.eos_token to the template's end-of-turn token "
-                f"(the trained completion ends {text[-40:]!r})")
-    return counts
+    return {"tokens": tokens, "loss_tokens": loss_tokens, "truncated_examples": truncated,
+            "trained_examples": examples}
 
 
 # --------------------------------------------------------------------------- saving
@@ -469,11 +507,21 @@ def truncate_prepared(dataset, max_length: int, mode: str = "keep_start"):
     return dataset.filter(lambda ex: any(t != -100 for t in ex["labels"]))
 
 
+def eos_id_of(tokenizer: Any, args) -> int:
+    """The id of the EOS a completion ends with: `sft.eos_token` where set, else the tokenizer's."""
+    if args.eos_token is None:
+        return tokenizer.eos_token_id
+    if args.eos_token not in tokenizer.get_vocab():
+        raise ConfigError(f"config key 'sft.eos_token': {args.eos_token!r} is not a token of the tokenizer")
+    return tokenizer.convert_tokens_to_ids(args.eos_token)
+
+
 def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None, callbacks=None):
-    """The `trl.SFTTrainer` for `rows` (its data already tokenized and labelled by TRL), or for a
-    `datasets.Dataset` TRL takes as it is (bench/sft_throughput.py passes pre-tokenised rows).
-    `callbacks`: transformers `TrainerCallback`s, passed through. Padding-free batches without
-    packing (the GPU defaults) are cut at `max_length` here, after TRL prepared them."""
+    """The `trl.SFTTrainer` for `rows`, tokenised here (`tokenize_rows`; the counts of rows
+    dropped are the trainer's `dropped` attribute), or for a `datasets.Dataset` TRL takes as it is
+    (bench/sft_throughput.py passes pre-tokenised rows). `callbacks`: transformers
+    `TrainerCallback`s, passed through. Padding-free batches without packing (the GPU defaults)
+    are cut at `max_length` here, after TRL prepared them (none is longer when `rows` are given)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTTrainer
@@ -488,12 +536,18 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.use_chat_template and not tokenizer.chat_template:
         raise ConfigError(f"use_chat_template=true but the tokenizer of {cfg.model} has no chat template")
+    dropped: Counter = Counter()
+    if dataset is None:
+        tokenized, dropped = tokenize_rows(rows, cfg, tokenizer, eos_id_of(tokenizer, args), args.max_length)
+        if not tokenized:
+            raise DataError(f"no row of {', '.join(cfg.data)} is left to train on ({dict(dropped)} dropped); "
+                            f"raise sft.max_length or set truncated=no_eos")
+        dataset = Dataset.from_list(tokenized)
     cut = args.max_length if args.padding_free and not args.packing else None
     trainer = SFTTrainer(
         model=cfg.model,
         args=dataclasses.replace(args, max_length=None) if cut else args,
-        train_dataset=dataset if dataset is not None
-        else Dataset.from_list(to_trl_rows(rows, cfg.use_chat_template)),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft) if cfg.peft.enabled else None,
         callbacks=callbacks,
@@ -501,6 +555,7 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     if cut:
         trainer.train_dataset = truncate_prepared(trainer.train_dataset, cut, args.truncation_mode)
         trainer.args.max_length = cut
+    trainer.dropped = dropped
     return trainer
 
 
@@ -554,10 +609,13 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     trainer = build_trainer(cfg, rows, args, callbacks=callbacks)
     tokenizer = trainer.processing_class
     counts = check_prepared(trainer, cfg)
-    if counts["truncated_examples"]:
-        print(f"train: {counts['truncated_examples']} of {len(rows)} examples are longer than "
-              f"max_length={args.max_length} and were cut (their EOS too); raise sft.max_length",
-              file=sys.stderr)
+    if trainer.dropped["too_long"]:
+        print(f"train: dropped {trainer.dropped['too_long']} of {len(rows)} examples longer than "
+              f"max_length={args.max_length} tokens (not cut: a cut trace loses its answer and EOS); "
+              "raise sft.max_length to keep them", file=sys.stderr)
+    if trainer.dropped["truncated"]:
+        print(f"train: dropped {trainer.dropped['truncated']} of {len(rows)} examples the sampler cut "
+              "at max_tokens (truncated=no_eos trains them without EOS)", file=sys.stderr)
 
     trainer_dir = Path(args.output_dir)
     resume = last_complete_checkpoint(trainer_dir)
@@ -599,6 +657,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "tokens": counts["tokens"],             # prompt + completion tokens, one epoch
             "loss_tokens": counts["loss_tokens"],   # completion tokens (EOS included), one epoch
             "truncated_examples": counts["truncated_examples"],
+            "dropped": {"too_long": trainer.dropped["too_long"], "truncated": trainer.dropped["truncated"]},
             "epochs": trainer.state.epoch,
             "steps": trainer.state.global_step,
             # what one optimizer step optimised, on average (the same on CPU and GPU unless packing)

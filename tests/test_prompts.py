@@ -62,7 +62,9 @@ CANON = f"{R} </think> <answer>72</answer>"
 GOOD = [
     # (raw text, style, canonical response)
     (f"{R} </think> <answer>72</answer>", "r1_zero", CANON),
-    (f" {R}\n</think>\n<answer> 72 </answer>", "r1_zero", CANON),                 # spacing made canonical
+    (f" {R}\n</think>\n<answer> 72 </answer>", "r1_zero", " " + CANON),           # spacing made canonical
+    (f"\n{R} </think> <answer>72</answer>", "r1_zero", "\n" + CANON),  # whitespace after the prompt's <think> kept
+    (f"\n<think>{R}</think> <answer>72</answer>", "r1_zero", CANON),   # but a second <think> is normalised away
     (f"{R}</think><answer>72</answer>", "r1_zero", CANON),
     (f"{R} </think> <answer>72</answer> User: thanks! <answer>9", "r1_zero", CANON),  # trailing text dropped
     (f"{R} </think> <answer>72</answer><|endoftext|>", "r1_zero", CANON),

@@ -18,7 +18,7 @@ import pytest
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import DataError, write_jsonl
-from exit_loop.prompts import canonical_response, student_prompt
+from exit_loop.prompts import canonical_response, student_prompt, teacher_prompt
 from exit_loop.train import (LoraSettings, TrainConfig, build_trainer, question_of, read_splits,
                              sha256_file, subsample, train)
 
@@ -84,6 +84,7 @@ def test_read_splits_concatenates_and_hashes(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", FIT_ROWS[:2])
     b = write_jsonl(tmp_path / "b.jsonl", [{**r, "is_correct": True} for r in FIT_ROWS[2:]])
     rows, files = read_splits([str(a), str(b)])
+    assert [r.pop("source") for r in rows] == [f"{a}:1", f"{a}:2", f"{b}:1", f"{b}:2"]  # named in errors
     assert rows == FIT_ROWS
     assert [f["rows"] for f in files] == [2, 2]
     assert files[0] == {"path": str(a), "sha256": sha256_file(a), "rows": 2}
@@ -106,7 +107,8 @@ def test_blank_responses_are_skipped(tmp_path, capsys):
     """An all split keeps traces where the model wrote nothing; they hold no text to train on."""
     path = write_jsonl(tmp_path / "all.jsonl", [FIT_ROWS[0], {"prompt": "p", "response": " "}, FIT_ROWS[1]])
     rows, files = read_splits([str(path)])
-    assert rows == FIT_ROWS[:2] and files[0]["rows"] == 2
+    assert [{k: v for k, v in r.items() if k != "source"} for r in rows] == FIT_ROWS[:2]
+    assert files[0]["rows"] == 2
     assert "skipped 1 row(s) with a blank response" in capsys.readouterr().err
 
 
@@ -275,35 +277,37 @@ def test_collated_batch_labels_are_response_plus_eos_even_when_pad_is_eos(tmp_pa
 
 
 @pytest.mark.engine
-def test_chat_template_keeps_think_and_trains_end_of_turn(tmp_path, tiny_model_dir):
+def test_chat_template_trains_the_sampled_chat_and_end_of_turn(tmp_path, tiny_model_dir):
+    """Through the chat template the prompt is the chat the sampler's `chat` style sends (token
+    for token) and the completion `<think> {response}` and the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    from exit_loop.tokens import encode_prompt
     from exit_loop.train import check_prepared
 
     rows = [{"prompt": student_prompt(q), "response": canonical_response(r, a)} for q, r, a in FIT]
-    base = dict(data=["unused"], model=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
-                use_chat_template=True)
-    # The tiny tokenizer's EOS is <|endoftext|>; its chat template ends a turn with <|im_end|>.
-    with pytest.raises(ConfigError, match="holds no EOS token '<\\|endoftext\\|>'.*sft.eos_token"):
-        check_prepared(build_trainer(TrainConfig(**base, sft=FAST), rows), TrainConfig(**base))
-    cfg = TrainConfig(**base, sft={**FAST, "eos_token": "<|im_end|>"})
+    cfg = TrainConfig(data=["unused"], model=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+                      use_chat_template=True, sft={**FAST, "eos_token": "<|im_end|>"})
     trainer = build_trainer(cfg, rows)
     check_prepared(trainer, cfg)
     tok = trainer.processing_class
-    ex = trainer.train_dataset[0]
-    trained = tok.decode([t for t in ex["labels"] if t != -100])
-    assert trained.startswith(f"<think> {rows[0]['response']}<|im_end|>")
-    assert "User" not in trained and FIT[0][0] in tok.decode(ex["input_ids"])  # question in the user turn
+    for row, ex, (q, _, _) in zip(rows, trainer.train_dataset, FIT):
+        prompt_ids = encode_prompt(AutoTokenizer.from_pretrained(tiny_model_dir),
+                                   teacher_prompt(q, "chat", tok))
+        n = len(prompt_ids)
+        assert ex["input_ids"][:n] == prompt_ids and set(ex["labels"][:n]) == {-100}
+        assert tok.decode(ex["labels"][n:]) == f"<think> {row['response']}<|im_end|>"
 
 
 @pytest.mark.engine
-def test_chat_template_that_drops_reasoning_is_refused(tmp_path, tiny_model_dir):
+def test_chat_template_that_drops_reasoning_cannot_drop_it_from_training(tmp_path, tiny_model_dir):
+    """A template like DeepSeek-R1-Distill's keeps only what follows </think> of an assistant
+    message; the completion is not rendered through the template, so the reasoning trains."""
     from transformers import AutoTokenizer
-
-    from exit_loop.train import check_prepared
 
     model = tmp_path / "r1_template"
     shutil.copytree(tiny_model_dir, model)
     tok = AutoTokenizer.from_pretrained(model)
-    # Like DeepSeek-R1-Distill's template: an assistant message keeps only what follows </think>.
     tok.chat_template = (
         "{% for m in messages %}{% set c = m['content'] %}{% if m['role'] == 'assistant' %}"
         "{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n"
@@ -311,8 +315,8 @@ def test_chat_template_that_drops_reasoning_is_refused(tmp_path, tiny_model_dir)
     tok.save_pretrained(model)
     cfg = TrainConfig(data=["unused"], model=str(model), output_dir=str(tmp_path / "out"),
                       use_chat_template=True, sft={**FAST, "eos_token": "<|im_end|>"})
-    with pytest.raises(ConfigError, match="drops the reasoning"):
-        check_prepared(build_trainer(cfg, FIT_ROWS), cfg)
+    ex = build_trainer(cfg, FIT_ROWS).train_dataset[0]
+    assert "</think>" in tok.decode([t for t in ex["labels"] if t != -100])
 
 
 # --------------------------------------------------------------------------- training runs

@@ -24,7 +24,7 @@ from exit_loop.evaluate import EvalConfig, evaluate
 from exit_loop.filter import write_splits
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
 from exit_loop.pipeline.run import STAGES, Run
-from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, sample, start_backend
+from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
 from exit_loop.verify import read_samples, verify_rows
@@ -82,7 +82,7 @@ def merge_shards(paths: list[Path], problems: list[Problem], num_samples: int, o
     rows = [found[key] for key in want]
     write_jsonl(out, rows)
     print(f"merge: {len(rows)} samples from {len(paths)} shards -> {out}", flush=True)
-    return Sampled(out, len(rows), sum(r.get("num_tokens", 0) for r in rows))
+    return Sampled(out, len(rows), sum(generated_tokens(r) for r in rows))
 
 
 def label(samples_file: Path, task: str) -> Iterator[dict[str, Any]]:

@@ -33,11 +33,12 @@ from exit_loop.sample.request import (Completion, Request, SampleConfig, check_m
                                       pending_requests, resolve_prompt_style, select_shard)
 from exit_loop.sample.vllm import VLLMBackend
 from exit_loop.tasks import Problem
+from exit_loop.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HFBackend", "SampleConfig", "Sampled", "VLLMBackend", "check_model_path", "check_sampling_keys",
-           "resolve_prompt_style", "sample", "select_shard", "start_backend"]
+           "generated_tokens", "resolve_prompt_style", "sample", "select_shard", "start_backend"]
 
 
 def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
@@ -54,7 +55,11 @@ def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
         return HFBackend(cfg)
 
 
-def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: str) -> dict[str, Any]:
+def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: str,
+               student_tok: Any) -> dict[str, Any]:
+    """One stored sample. `num_tokens` counts the stored response in the student's tokens (what
+    SFT trains on, EOS not included); a teacher's own count of what it generated is kept apart
+    as `teacher_num_tokens`."""
     norm = normalise_response(c.text, cfg.prompt_style)
     row: dict[str, Any] = {
         "problem_id": req.problem.id,
@@ -67,12 +72,27 @@ def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: 
         "round": cfg.round,
         "backend": backend,
         "prompt_style": cfg.prompt_style,
-        "num_tokens": c.num_tokens,
+        "num_tokens": count_tokens(student_tok, norm.response),
         "finish_reason": c.finish_reason,
     }
+    if cfg.student is not None:
+        row["teacher_num_tokens"] = c.num_tokens
+    elif c.prompt_tokens is not None and cfg.prompt_style == "r1_zero":
+        row["prompt_tokens"] = c.prompt_tokens  # the student's own context: SFT checks it is the same
     if cfg.prompt_style != "r1_zero":
         row["raw_output"] = c.text
     return row
+
+
+def generated_tokens(row: dict[str, Any]) -> int:
+    """The tokens the sampler generated for a stored row (the teacher's count where it was one)."""
+    return row.get("teacher_num_tokens", row.get("num_tokens", 0))
+
+
+def load_tokenizer(model: str, cfg: SampleConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.trust_remote_code)
 
 
 @dataclass(frozen=True)
@@ -96,7 +116,7 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
     problems = select_shard(problems, cfg.num_shards, cfg.shard_id)
     with AppendLog(out_path) as sink:
         done = {(r["problem_id"], r["sample_index"]) for r in sink.rows}
-        counts = [len(sink.rows), sum(r.get("num_tokens", 0) for r in sink.rows)]
+        counts = [len(sink.rows), sum(generated_tokens(r) for r in sink.rows)]
         total = len(problems) * cfg.num_samples
         todo_problems = [p for p in problems if any((p.id, k) not in done for k in range(cfg.num_samples))]
         if not todo_problems:
@@ -107,6 +127,7 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         backend = backend or start_backend(cfg)
         style, system = cfg.prompt_style, cfg.system_prompt
         tok = backend.tokenizer() if style != "r1_zero" else None
+        student_tok = backend.tokenizer() if cfg.student is None else load_tokenizer(cfg.student, cfg)
         requests = pending_requests(todo_problems, done, cfg.num_samples,
                                     lambda p: teacher_prompt(p.question, style, tok, system))
         bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
@@ -115,7 +136,8 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
 
         def on_done(req: Request, comps: list[Completion]) -> None:
             nonlocal last_sync
-            sink.write(sample_row(cfg, req, k, c, backend.name) for k, c in zip(req.sample_indices, comps))
+            sink.write(sample_row(cfg, req, k, c, backend.name, student_tok)
+                       for k, c in zip(req.sample_indices, comps))
             counts[0] += len(comps)
             counts[1] += sum(c.num_tokens for c in comps)
             bar.update(len(comps))

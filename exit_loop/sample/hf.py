@@ -10,6 +10,7 @@ from typing import Any
 
 from exit_loop.sample.graph import GraphDecoder
 from exit_loop.sample.request import Completion, OnDone, Request, SampleConfig
+from exit_loop.tokens import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class HFBackend:
     def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
         cfg = cfg or self.cfg
         # one row per (request, sample); longest prompts first so each batch pads little
-        lengths = {id(r): len(self.tok(r.prompt, add_special_tokens=False).input_ids) for r in requests}
-        rows = [(r, k) for r in sorted(requests, key=lambda r: -lengths[id(r)]) for k in r.sample_indices]
+        ids_of = {id(r): encode_prompt(self.tok, r.prompt) for r in requests}
+        rows = [(r, k) for r in sorted(requests, key=lambda r: -len(ids_of[id(r)])) for k in r.sample_indices]
         results: dict[int, list[Completion]] = {}
         stop = cfg.stop_strings
         eos_ids = {self.tok.eos_token_id} | set(as_list(self.model.generation_config.eos_token_id))
@@ -83,10 +84,10 @@ class HFBackend:
         graph = self.graphs and not {"min_p", "repetition_penalty"} & set(cfg.sampling)
         for start in range(0, len(rows), cfg.hf_batch_size):
             batch = rows[start:start + cfg.hf_batch_size]
-            prompts = [r.prompt for r, _ in batch]
+            prompts = [{"input_ids": ids_of[id(r)]} for r, _ in batch]
             if graph:  # one batch shape for the graph: pad with copies of the last row
                 prompts += prompts[-1:] * (cfg.hf_batch_size - len(batch))
-            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            enc = self.tok.pad(prompts, return_tensors="pt", padding=True).to(self.device)
             new = self._new_tokens(enc, gen_kwargs, cfg, eos_ids, graph)
             for (req, _), ids in zip(batch, new):
                 ids, finish = trim(ids, eos_ids, self.tok.pad_token_id, cfg.max_tokens)
@@ -96,7 +97,7 @@ class HFBackend:
                     cut = text.find(s)
                     if cut >= 0:
                         text, finish = text[:cut + len(s)], "stop"
-                results.setdefault(id(req), []).append(Completion(text, len(ids), finish))
+                results.setdefault(id(req), []).append(Completion(text, len(ids), finish, len(ids_of[id(req)])))
                 if len(results[id(req)]) == len(req.sample_indices):
                     on_done(req, results.pop(id(req)))
 

@@ -42,6 +42,7 @@ class SampleConfig:
     hf_batch_size: int = 64
     hf_compile: bool = True                # GPU decoding: torch.compile the step before graph capture
     hf_kv_bucket: int = 64                 # GPU decoding: attention reads the cache in steps of this many slots
+    student: str | None = None             # a teacher's rows count their response in this model's tokens
     num_shards: int = 1
     shard_id: int = 0
     round: int = 0                         # provenance, set by the loop
@@ -77,6 +78,7 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str             # 'stop' or 'length'
+    prompt_tokens: int | None = None  # how many token ids the engine was given as the prompt
 
 
 OnDone = Callable[[Request, list[Completion]], None]

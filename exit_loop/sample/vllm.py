@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from exit_loop.sample.request import Completion, OnDone, Request, SampleConfig
+from exit_loop.tokens import encode_prompt
 
 
 class VLLMBackend:
@@ -66,7 +67,9 @@ class VLLMBackend:
         # greedy decoding gives every sample the same text: vLLM wants n=1 there, so draw once
         greedy = (cfg or self.cfg).temperature == 0
         params = [self.sampling_params(1 if greedy else len(r.sample_indices), cfg) for r in requests]
-        prompts = [r.prompt for r in requests]
+        # token ids, not text: the one special-token policy (exit_loop.tokens) for every backend
+        tok = self.tokenizer()
+        prompts = [{"prompt_token_ids": encode_prompt(tok, r.prompt)} for r in requests]
         if not hasattr(self.llm, "enqueue"):  # older vLLM: one call, results at the end
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             for req, out in zip(requests, outputs):
@@ -88,5 +91,6 @@ class VLLMBackend:
 def completions(out: Any, n: int) -> list[Completion]:
     """A finished vLLM request's outputs as Completions, in sample order."""
     outs = sorted(out.outputs, key=lambda o: o.index)
-    comps = [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in outs]
+    fed = len(out.prompt_token_ids) if getattr(out, "prompt_token_ids", None) is not None else None
+    comps = [Completion(o.text, len(o.token_ids), o.finish_reason or "stop", fed) for o in outs]
     return comps * n if len(comps) == 1 else comps  # one greedy draw stands for all n
