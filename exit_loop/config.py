@@ -94,6 +94,8 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
             return value
         if value is None:  # a section left empty in YAML (its keys commented out): the defaults
             value = {}
+        if isinstance(value, str) and getattr(tp, "SHORTHAND", None):  # `teacher: MODEL`
+            value = {tp.SHORTHAND: value}
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a mapping of "
                               f"{tp.__name__} fields, got {value!r}")
@@ -102,7 +104,8 @@ def _convert(value: Any, tp: Any, key: str, lines: dict[str, str]) -> Any:
         if value is None and type(None) in args:
             return None
         alts = [a for a in args if a is not type(None)]
-        if len(alts) == 1 and _same_shape(value, alts[0]):
+        if len(alts) == 1 and (_same_shape(value, alts[0]) or isinstance(value, str)
+                               and getattr(alts[0], "SHORTHAND", None)):
             # e.g. a mapping for `Section | None`, a list for `list[str] | None`: the inner error
             # (an unknown nested key, a bad list item) says more than "expected X | null"
             return _convert(value, alts[0], key, lines)

@@ -19,6 +19,11 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the line and what was expected."""
 
 
+class NothingToTrain(DataError):
+    """Every row of the splits was dropped before training (too long, cut short); the message says
+    how many of each."""
+
+
 class DiskFullError(OSError):
     """A write failed for want of space (ENOSPC, or EDQUOT: over quota); names the file."""
 

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
+from exit_loop.errors import NothingToTrain
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
 from exit_loop.prompts import question_of, teacher_prompt
 from exit_loop.tokens import encode_completion, encode_prompt, without_bos
@@ -540,8 +541,8 @@ def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, datas
     if dataset is None:
         tokenized, dropped = tokenize_rows(rows, cfg, tokenizer, eos_id_of(tokenizer, args), args.max_length)
         if not tokenized:
-            raise DataError(f"no row of {', '.join(cfg.data)} is left to train on ({dict(dropped)} dropped); "
-                            f"raise sft.max_length or set truncated=no_eos")
+            raise NothingToTrain(f"no row of {', '.join(cfg.data)} is left to train on (dropped: "
+                                 f"{dict(dropped)}); raise sft.max_length or set truncated=no_eos")
         dataset = Dataset.from_list(tokenized)
     cut = args.max_length if args.padding_free and not args.packing else None
     trainer = SFTTrainer(

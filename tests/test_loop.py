@@ -234,3 +234,84 @@ def test_question_policies(tmp_path: Path, policy: str, expected: list[str]):
                                    "train-2": [True, True, False, False], "train-3": [False] * 4})
     got = [p.id for p in select_questions(run, "main", 2, problems)]
     assert got == expected
+
+
+def test_band_uses_each_questions_most_recent_sampled_round(tmp_path: Path):
+    """train-0 left the band in round 0 (solved 2/2) and so was not sampled in round 1: round 2
+    must keep it out, not let it back in for having no rows in round 1."""
+    cfg = base_cfg(tmp_path, "policy.questions=band", "policy.band=[0.0, 0.75]")
+    run = Run(cfg)
+    _verified(run, "main", 0, {"train-0": [True, True], "train-1": [False, False], "train-2": [True, False]})
+    _verified(run, "main", 1, {"train-1": [True, True], "train-2": [False, False]})
+    problems = [Problem(f"train-{i}", f"q{i}", "1", "") for i in range(4)]
+    assert [p.id for p in select_questions(run, "main", 1, problems)] == ["train-1", "train-2", "train-3"]
+    assert [p.id for p in select_questions(run, "main", 2, problems)] == ["train-2", "train-3"]
+
+
+def test_empty_round_carries_over_the_policy_that_sampled_it(tmp_path: Path):
+    """retrain_from=base and no training row in round 1: round 2 samples with round 1's policy
+    (round 0's checkpoint), not silently with the base student."""
+    from exit_loop.pipeline.stages import train_stage
+
+    base = tmp_path / "base_student"
+    base.mkdir()
+    cfg = base_cfg(tmp_path, f"student={base}", "policy.retrain_from=base")
+    run = Run(cfg)
+    ckpt0 = run.stage_dir("main", 0, "train") / "ckpt"
+    ckpt0.mkdir(parents=True)
+    split = run.stage_dir("main", 1, "filter") / cfg.filter.correct_name
+    split.parent.mkdir(parents=True)
+    split.write_text("")
+    train_stage(run, "main", 1)
+    ckpt1 = run.stage_dir("main", 1, "train") / "ckpt"
+    assert ckpt1.resolve() == ckpt0.resolve()
+    manifest = json.loads((ckpt1.parent / "manifest.json").read_text())
+    assert manifest["skipped"] == "no training rows" and manifest["model"] == str(ckpt0)
+
+
+def test_unsolved_with_a_round_window_is_warned_about_with_the_reason(tmp_path: Path):
+    from exit_loop.pipeline.run import policy_warnings
+
+    assert policy_warnings(base_cfg(tmp_path, "policy.questions=unsolved", "policy.data_window=all")) == []
+    (warning,) = policy_warnings(base_cfg(tmp_path, "policy.questions=unsolved"))
+    assert "hardest" in warning and "data_window=all" in warning
+
+
+def test_prompt_styles_are_resolved_once_and_kept_for_every_round(tmp_path: Path):
+    """An instruct student trained through its chat template samples with `chat` in every round,
+    its checkpoints (directories named `ckpt`) included; the teacher's style comes from its name."""
+    from exit_loop.pipeline.run import resolve_styles
+
+    cfg = base_cfg(tmp_path, "student=Qwen/Qwen2.5-1.5B-Instruct", "train.use_chat_template=true",
+                   "teacher.model=deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "teacher.max_tokens=4096")
+    resolve_styles(cfg)
+    assert cfg.sample.prompt_style == "chat" and cfg.teacher.prompt_style == "reasoning"
+    run = Run(cfg)
+    teacher = run.sampler_config("main", 0)
+    assert (teacher.model_name, teacher.prompt_style, teacher.max_tokens) == (
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "reasoning", 4096)
+    assert teacher.student == "Qwen/Qwen2.5-1.5B-Instruct" and teacher.stop_strings == []
+    for k in (1, 2):
+        s = run.sampler_config("main", k)
+        assert s.model_name.endswith("ckpt") and s.prompt_style == "chat" and s.student is None
+        assert s.max_tokens == cfg.sample.max_tokens and s.seed == cfg.seed + k
+    from exit_loop.config import dump_yaml
+
+    (tmp_path / "c.yaml").write_text(dump_yaml(cfg))
+    again = load_config(ExperimentConfig, tmp_path / "c.yaml")
+    assert again.teacher == cfg.teacher and again.sample.prompt_style == "chat"  # read back as it is
+    short = base_cfg(tmp_path, "teacher=org/Big-Instruct")  # `teacher: MODEL` is short for {model: MODEL}
+    resolve_styles(short)
+    assert short.teacher.model == "org/Big-Instruct" and short.teacher.prompt_style == "chat"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["train.use_chat_template=true", "sample.prompt_style=r1_zero"], "sample in one context"),
+    (["sample.prompt_style=chat"], "sample in one context"),
+    (["sample.prompt_style=reasoning"], "teacher's style"),
+])
+def test_a_student_sampling_and_training_in_different_contexts_is_refused(tmp_path: Path, extra, match):
+    from exit_loop.pipeline.run import resolve_styles
+
+    with pytest.raises(ConfigError, match=match):
+        resolve_styles(base_cfg(tmp_path, *extra))

@@ -41,7 +41,8 @@ from pathlib import Path
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
+from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
+                                    stage_cmd)
 from exit_loop.pipeline.stages import run_stage
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import load_problems
@@ -68,10 +69,13 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
 
 def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
+    resolve_styles(cfg)
+    for warning in policy_warnings(cfg):
+        print(f"run: warning: {warning}", file=sys.stderr, flush=True)
     run = Run(cfg)
     check_model_path(cfg.student)
     if cfg.teacher:
-        check_model_path(cfg.teacher)
+        check_model_path(cfg.teacher.model)
     for data in (cfg.data, cfg.eval.data):  # a bad or empty data set fails now, not rounds later
         load_problems(data)
     check_config_change(run, allow_config_change)

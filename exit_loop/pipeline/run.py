@@ -10,17 +10,21 @@ one stage in its own process (`stage_cmd`: what `exit-loop run` and the SLURM jo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from exit_loop.config import check_unchanged
+from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
 from exit_loop.pipeline.resources import SlurmConfig
-from exit_loop.sample import SampleConfig
+from exit_loop.prompts import PromptStyle
+from exit_loop.sample import SampleConfig, resolve_prompt_style
+from exit_loop.sample.request import Backend
 from exit_loop.tasks import DataConfig
 from exit_loop.train import LoraSettings
 
@@ -57,8 +61,46 @@ class EvalSection:
 class TrainSection:
     sft: dict[str, Any] = field(default_factory=dict)   # trl.SFTConfig fields
     peft: LoraSettings = field(default_factory=LoraSettings)
-    use_chat_template: bool = False
+    use_chat_template: bool = False  # the student samples with the `chat` style and trains through its template
+    truncated: Literal["drop", "no_eos"] = "drop"  # rows the sampler cut at max_tokens (an all split's)
     launcher: str = ""   # e.g. "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8"
+
+
+@dataclass
+class TeacherConfig:
+    """Who samples round 0 when it is not the student, and how: its own model, prompt style and
+    engine settings; a key left unset (null) takes the student's `sample:` value. In YAML,
+    `teacher: MODEL` is short for `teacher: {model: MODEL}`."""
+    SHORTHAND: ClassVar[str] = "model"
+
+    model: str = ""
+    prompt_style: PromptStyle | Literal["auto"] = "auto"  # auto: from the teacher's name, resolved at start
+    system_prompt: str | None = None
+    backend: Backend | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    dtype: str | None = None
+    tensor_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None
+    trust_remote_code: bool = False
+    sampling: dict[str, Any] | None = None   # vllm.SamplingParams keys (replacing the student's)
+    engine: dict[str, Any] | None = None     # vllm.LLM keyword arguments (replacing the student's)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("teacher.model: give the teacher's hub id or path (or teacher: null)")
+
+    def sample_config(self, student: SampleConfig, student_model: str) -> SampleConfig:
+        """The sampler settings for the teacher: the student's, with the teacher's own on top; its
+        rows count their responses in the student's tokens (`student_model`)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("model", "trust_remote_code") and getattr(self, f.name) is not None}
+        return dataclasses.replace(student, **own, model_name=self.model, trust_remote_code=self.trust_remote_code,
+                                   student=student_model)
 
 
 @dataclass
@@ -67,7 +109,7 @@ class ExperimentConfig:
     runs_dir: str = "runs"
     rounds: int = 3
     student: str = ""                 # the base model every arm starts from
-    teacher: str | None = None        # round 0 samples from it when set (else from the student)
+    teacher: TeacherConfig | None = None  # round 0 samples from it when set (else from the student)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)        # training questions
     eval: EvalSection = field(default_factory=EvalSection)      # held-out questions
@@ -157,7 +199,47 @@ class Run:
         return str(self.stage_dir(arm, k - 1, "train") / "ckpt")
 
     def sampler_model(self, arm: str, k: int) -> str:
-        return self.cfg.teacher if (k == 0 and self.cfg.teacher) else self.policy(arm, k)
+        return self.cfg.teacher.model if (k == 0 and self.cfg.teacher) else self.policy(arm, k)
+
+    def sampler_config(self, arm: str, k: int) -> SampleConfig:
+        """Round k's sampler settings: the teacher's in round 0 where one is set, else the policy's
+        under `sample:`. Prompt styles are the ones `resolve_styles` fixed at the run's start."""
+        base = dataclasses.replace(self.cfg.sample, seed=self.cfg.seed + k, round=k)
+        if k == 0 and self.cfg.teacher:
+            return dataclasses.replace(self.cfg.teacher.sample_config(base, self.cfg.student), round=k)
+        return dataclasses.replace(base, model_name=self.policy(arm, k))
+
+
+def resolve_styles(cfg: ExperimentConfig) -> None:
+    """Fix every prompt style once, when a run starts (written to its config.yaml, never derived
+    again from a checkpoint's directory name): the student's follows how it trains (`chat` through
+    its chat template, else `r1_zero`); the teacher's `auto` is chosen from the teacher's name.
+    Refuses a student whose sampling and training contexts would differ."""
+    chat = cfg.train.use_chat_template
+    if cfg.sample.prompt_style == "auto":
+        cfg.sample.prompt_style = "chat" if chat else "r1_zero"
+    style = cfg.sample.prompt_style
+    if style == "reasoning":
+        raise ConfigError("sample.prompt_style: 'reasoning' is a teacher's style; a student samples with "
+                          "'r1_zero' (a base model) or 'chat' (train.use_chat_template=true)")
+    if chat != (style == "chat"):
+        raise ConfigError(
+            f"sample.prompt_style={style} with train.use_chat_template={str(chat).lower()}: the student "
+            f"would sample in one context ({'its chat template' if style == 'chat' else 'the raw r1_zero prompt'}) "
+            f"and train in another ({'its chat template' if chat else 'the raw r1_zero prompt'}); "
+            "set both for the chat template, or neither")
+    if cfg.teacher and cfg.teacher.prompt_style == "auto":
+        cfg.teacher.prompt_style = resolve_prompt_style(cfg.teacher.model)
+
+
+def policy_warnings(cfg: ExperimentConfig) -> list[str]:
+    """Policy combinations that run but rarely do what was meant, each with its reason."""
+    out = []
+    if cfg.policy.questions == "unsolved" and cfg.policy.data_window == "round" and cfg.rounds > 1:
+        out.append("policy.questions=unsolved with policy.data_window=round: from round 1 on, each round "
+                   "trains only on questions no earlier round solved (the hardest ones), and nothing of "
+                   "the easier ones it learned before; data_window=all keeps them")
+    return out
 
 
 def check_config_change(run: Run, allow: bool) -> None:

@@ -48,7 +48,7 @@ from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.resources import SlurmConfig
-from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles, stage_cmd
 from exit_loop.pipeline.stages import round_questions
 from exit_loop.sample import check_model_path, select_shard
 from exit_loop.tasks import Problem, load_problems
@@ -481,9 +481,10 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
             atomic_write_text(cfg_file, dump_yaml(gcfg))
         return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
     ecfg = load_config(ExperimentConfig, src, overrides)
+    resolve_styles(ecfg)
     check_model_path(ecfg.student)
     if ecfg.teacher:
-        check_model_path(ecfg.teacher)
+        check_model_path(ecfg.teacher.model)
     run = Run(ecfg)
     check_config_change(run, allow_change)
     if write:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
-from exit_loop.errors import ConfigError, DataError
+from exit_loop.errors import ConfigError, DataError, NothingToTrain
 from exit_loop.evaluate import EvalConfig, evaluate
 from exit_loop.filter import write_splits
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
@@ -106,18 +106,27 @@ def select_questions(run: Run, arm: str, k: int, problems: list[Problem]) -> lis
         return problems
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    rounds = range(k) if pol.questions == "unsolved" else [k - 1]
-    for j in rounds:
-        path = run.real_dir(arm, j, "verify") / "verified.jsonl"
-        if not path.exists():
-            continue
-        for row in iter_jsonl(path):
-            total[row["problem_id"]] += 1
-            correct[row["problem_id"]] += bool(row["is_correct"])
-    if pol.questions == "unsolved":
+    if pol.questions == "unsolved":  # solved in any earlier round: out
+        for j in range(k):
+            for row in _labels(run, arm, j):
+                correct[row["problem_id"]] += bool(row["is_correct"])
         return [p for p in problems if correct[p.id] == 0]
+    # band: each question's pass rate in the most recent round that sampled it (a question left
+    # out of round k-1 keeps the rate that left it out, rather than coming back every other round)
+    for j in range(k - 1, -1, -1):
+        here: dict[str, list[bool]] = defaultdict(list)
+        for row in _labels(run, arm, j):
+            here[row["problem_id"]].append(bool(row["is_correct"]))
+        for pid, oks in here.items():
+            if pid not in total:
+                total[pid], correct[pid] = len(oks), sum(oks)
     lo, hi = pol.band
     return [p for p in problems if total[p.id] == 0 or lo <= correct[p.id] / total[p.id] <= hi]
+
+
+def _labels(run: Run, arm: str, k: int) -> Iterator[dict[str, Any]]:
+    path = run.real_dir(arm, k, "verify") / "verified.jsonl"
+    return iter_jsonl(path) if path.exists() else iter(())
 
 
 def round_questions(run: Run, arm: str, k: int) -> list[Problem]:
@@ -152,7 +161,7 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
         if need_sample:
             t0 = time.monotonic()
             d = run.real_dir(arm, k, "sample")
-            scfg = replace(base, model_name=run.sampler_model(arm, k))
+            scfg = run.sampler_config(arm, k)
             problems = round_questions(run, arm, k)
             if backend is None and problems and n == 1:
                 backend = start_backend(scfg)
@@ -225,24 +234,44 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
                        num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
-                       use_chat_template=cfg.train.use_chat_template, peft=cfg.train.peft,
+                       use_chat_template=cfg.train.use_chat_template, system_prompt=cfg.sample.system_prompt,
+                       truncated=cfg.train.truncated, peft=cfg.train.peft,
                        sft=dict(cfg.train.sft), trust_remote_code=cfg.sample.trust_remote_code)
+
+
+def local_model_dir(model: str) -> str:
+    """A model's directory on this machine: a path as it is, a hub id through the hub's cache
+    (where round 0 already put it)."""
+    if Path(model).exists():
+        return os.path.abspath(model)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model)
+
+
+def carry_over(run: Run, arm: str, k: int, reason: str) -> None:
+    """Round k trains nothing: the policy that sampled it carries over unchanged (recorded, not
+    hidden); with retrain_from=base that is still round k's policy, not the base student."""
+    policy = run.policy(arm, k)
+    out = run.stage_dir(arm, k, "train")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "ckpt").exists() or (out / "ckpt").is_symlink():
+        (out / "ckpt").unlink()
+    os.symlink(local_model_dir(policy), out / "ckpt")
+    write_json(out / "manifest.json", {"stage": "train", "skipped": reason, "model": policy,
+                                       "examples": 0, "tokens": 0})
+    print(f"train: {reason} in round {k}; the policy carries over", flush=True)
 
 
 def train_stage(run: Run, arm: str, k: int) -> None:
     tcfg = train_config(run, arm, k)
     if all(Path(p).stat().st_size == 0 for p in tcfg.data):
-        # no correct trace at all: the policy carries over unchanged (recorded, not hidden)
-        out = Path(tcfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "ckpt").exists() or (out / "ckpt").is_symlink():
-            (out / "ckpt").unlink()
-        os.symlink(os.path.abspath(tcfg.model), out / "ckpt")
-        write_json(out / "manifest.json", {"stage": "train", "skipped": "no training rows",
-                                           "model": tcfg.model, "examples": 0, "tokens": 0})
-        print(f"train: no training rows in round {k}; the policy carries over", flush=True)
+        carry_over(run, arm, k, "no training rows")
         return
-    train(tcfg)
+    try:
+        train(tcfg)
+    except NothingToTrain as e:
+        carry_over(run, arm, k, f"no training rows left ({e})")
 
 
 def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -> None:
