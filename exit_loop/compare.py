@@ -208,7 +208,8 @@ def read_run(run: Run) -> dict[str, Any]:
     rounds = list(range(last + 1))
 
     arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
-                                               "tokens_generated", "training_tokens")}
+                                               "tokens_generated", "training_tokens", "training_steps",
+                                               "training_rows", "training_epochs")}
     arm["wall_time_s"] = {stage: [] for stage in STAGES}
     for k in rounds:
         d = rounds_dirs.get(k, run.path / f"round_{k:02d}")
@@ -245,6 +246,10 @@ def read_run(run: Run) -> dict[str, Any]:
         manifest = _read_json(path)
         key = "tokens" if _get(manifest, "tokens") is not None else "training_tokens"
         arm["training_tokens"].append(_number(_get(manifest, key), path, key, integer=True))
+        arm["training_steps"].append(_number(_get(manifest, "steps"), path, "steps", integer=True))
+        arm["training_rows"].append(_number(_get(manifest, "trained_examples"), path, "trained_examples",
+                                            integer=True) if _get(manifest, "skipped") is None else 0)
+        arm["training_epochs"].append(_number(_get(manifest, "epochs"), path, "epochs"))
         arm["wall_time_s"]["train"].append(_wall_s(manifest, path))
 
         for stage in ("verify", "filter", "eval"):
@@ -420,6 +425,16 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                    _pct(arm["yield"][i]), _int(arm["tokens_generated"][i]), _int(arm["training_tokens"][i]),
                    *(_secs(arm["wall_time_s"][s][i]) for s in STAGES)]
             lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Training compute", "",
+              "What each round's SFT optimised: arms compared on equal terms train the same steps "
+              "(`train.budget`); rows and tokens are one epoch of the round's training data.", "",
+              "| arm | round | optimizer steps | training rows | training tokens | epochs |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name, arm in report["arms"].items():
+        for i, r in enumerate(arm["rounds"][:-1]):  # the last round only evaluates
+            epochs = arm["training_epochs"][i]
+            lines.append(f"| {name} | {r} | {_int(arm['training_steps'][i])} | {_int(arm['training_rows'][i])} | "
+                         f"{_int(arm['training_tokens'][i])} | {'—' if epochs is None else f'{epochs:.2f}'} |")
     lines += ["", "## Summary", ""]
     lines += [f"- {summary_line(name, arm)}" for name, arm in report["arms"].items()]
     if report.get("paired"):

@@ -1,10 +1,13 @@
-"""The filter: verified rows in, the two splits and a summary out.
+"""The filter: verified rows in, the splits and a summary out.
 
     exit-loop filter --input data/gsm8k/verified.jsonl --output_dir data/gsm8k
 
 - `sft_r1_all.jsonl`: every trace, with its labels and provenance.
 - `sft_r1_correct.jsonl`: `{"prompt", "response"}` for correct traces only, after the options
   (at most K per question, exact-duplicate responses dropped, a response-token cap).
+- `sft_r1_formatted.jsonl`: `{"prompt", "response"}` for well-formed traces whatever their
+  answer (not ambiguous, not cut short), under the same options: it tells "correct" apart from
+  "well-formed" in a comparison of arms.
 - `summary.json`: trace accuracy, share of questions with a correct trace, mean response tokens
   of correct and incorrect traces, count per failure class.
 
@@ -39,6 +42,7 @@ class FilterConfig:
     output_dir: str = "data/gsm8k"
     all_name: str = "sft_r1_all.jsonl"
     correct_name: str = "sft_r1_correct.jsonl"
+    formatted_name: str = "sft_r1_formatted.jsonl"  # well-formed traces, answers unchecked
     max_correct_per_question: int | None = None   # K: keep at most K correct traces per question
     dedup: bool = True                            # drop exact-duplicate responses per question
     max_response_tokens: int | None = None        # drop correct traces longer than this
@@ -59,19 +63,48 @@ def _mean(xs: list[int]) -> float | None:
     return round(sum(xs) / len(xs), 2) if xs else None
 
 
+def well_formed(row: dict[str, Any]) -> bool:
+    """A trace for the `formatted` split: canonical in form, whatever its answer; not ambiguous
+    (a hedge is not a form to learn) and not cut short by the sampler."""
+    return bool(row.get("format_ok")) and row.get("failure") not in ("ambiguous", "truncated") \
+        and row.get("finish_reason") != "length"
+
+
+def pick(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> tuple[list[dict[str, str]], Counter]:
+    """The `{prompt, response}` pairs a split keeps of `rows`, in order: the response-token cap,
+    exact duplicates per question dropped (`dedup`), at most K per question; and what each rule
+    dropped."""
+    kept: list[dict[str, str]] = []
+    per_q: Counter[str] = Counter()
+    seen: set[tuple[str, str]] = set()
+    dropped: Counter = Counter()
+    for row in rows:
+        qid = str(row.get("problem_id", row.get("prompt")))
+        ntok = row.get("num_tokens")
+        if cfg.max_response_tokens is not None and (not isinstance(ntok, int) or ntok > cfg.max_response_tokens):
+            dropped["too_long"] += 1
+            continue
+        if cfg.dedup and (qid, row["response"]) in seen:
+            dropped["duplicate"] += 1
+            continue
+        if cfg.max_correct_per_question is not None and per_q[qid] >= cfg.max_correct_per_question:
+            dropped["over_k"] += 1
+            continue
+        seen.add((qid, row["response"]))
+        per_q[qid] += 1
+        kept.append({"prompt": row["prompt"], "response": row["response"]})
+    return kept, dropped
+
+
 def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Split verified rows into (all rows, correct prompt/response pairs, summary)."""
     all_rows: list[dict[str, Any]] = []
-    correct: list[dict[str, Any]] = []
-    kept_per_q: Counter[str] = Counter()
-    seen: set[tuple[str, str]] = set()
     failures: Counter[str] = Counter()
     questions: set[str] = set()
     solved: set[str] = set()
     tokens_ok: list[int] = []
     tokens_bad: list[int] = []
-    dropped = Counter()
     for row in rows:
         a = all_row(row)
         all_rows.append(a)
@@ -83,20 +116,9 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
             solved.add(qid)
             if isinstance(ntok, int):
                 tokens_ok.append(ntok)
-            if cfg.max_response_tokens is not None and (not isinstance(ntok, int) or ntok > cfg.max_response_tokens):
-                dropped["too_long"] += 1
-                continue
-            if cfg.dedup and (qid, row["response"]) in seen:
-                dropped["duplicate"] += 1
-                continue
-            if cfg.max_correct_per_question is not None and kept_per_q[qid] >= cfg.max_correct_per_question:
-                dropped["over_k"] += 1
-                continue
-            seen.add((qid, row["response"]))
-            kept_per_q[qid] += 1
-            correct.append({"prompt": row["prompt"], "response": row["response"]})
         elif isinstance(ntok, int):
             tokens_bad.append(ntok)
+    correct, dropped = pick((r for r in all_rows if r.get("is_correct")), cfg)
     n = len(all_rows)
     n_correct = sum(1 for r in all_rows if r.get("is_correct"))
     summary = {
@@ -121,15 +143,20 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
     solved: empty splits and a summary of zero traces)."""
     out = Path(cfg.output_dir)
     all_rows, correct, summary = filter_rows(rows, cfg)
+    formatted, dropped = pick((r for r in all_rows if well_formed(r)), cfg)
     if not all_rows:
         if not allow_empty:
             raise DataError(f"{cfg.input or 'filter'}: no rows to filter")
         summary = {"traces": 0, "correct_traces": 0, "correct_split_rows": 0}
     write_jsonl(out / cfg.all_name, all_rows)
     write_jsonl(out / cfg.correct_name, correct)
+    write_jsonl(out / cfg.formatted_name, formatted)
     if all_rows:
+        summary["formatted_split_rows"] = len(formatted)
+        summary["dropped_from_formatted"] = dict(dropped)
         summary["all_split"] = str(out / cfg.all_name)
         summary["correct_split"] = str(out / cfg.correct_name)
+        summary["formatted_split"] = str(out / cfg.formatted_name)
         print(format_summary(summary), flush=True)
     write_json(out / "summary.json", summary)
     return summary

@@ -148,6 +148,10 @@ class TrainConfig:
     use_chat_template: bool = False       # instruct students: train through the chat template
     system_prompt: str | None = None      # chat template: the system message the sampler sends (None: its default)
     truncated: Literal["drop", "no_eos"] = "drop"  # rows the sampler cut at max_tokens: dropped, or trained without EOS
+    dedup: bool = False                   # drop repeats of a (prompt, response) pair across the files
+    max_per_question: int | None = None   # K across all the files: at most K rows per prompt (the latest files' first)
+    budget_steps: int | None = None       # train exactly this many optimizer steps (sft.max_steps)
+    budget_tokens: int | None = None      # train about this many tokens (prompt + response), as steps
     speed_defaults: bool = True           # on a GPU, gpu_sft_defaults() under `sft` (false: TRL's plain recipe)
     trust_remote_code: bool = False
     peft: LoraSettings = field(default_factory=LoraSettings)
@@ -298,6 +302,34 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
                             f"{', '.join(map(repr, REQUIRED_KEYS))}")
         files.append({"path": str(path), "sha256": sha256_file(path), "rows": n})
     return rows, files
+
+
+def apply_rules(rows: list[dict[str, str]], dedup: bool, k: int | None) -> tuple[list[dict[str, str]], Counter]:
+    """The rows that train of all the files together: repeats of a (prompt, response) pair
+    dropped (`dedup`), at most `k` rows per prompt (a question) across every file, the latest
+    files' rows first (the newest policy's traces); order otherwise kept. Returns what each rule
+    dropped."""
+    dropped: Counter = Counter()
+    if not dedup and k is None:
+        return rows, dropped
+    files = list(dict.fromkeys(r.get("source", "").rsplit(":", 1)[0] for r in rows))
+    rank = {f: i for i, f in enumerate(reversed(files))}
+    order = sorted(range(len(rows)), key=lambda i: rank[rows[i].get("source", "").rsplit(":", 1)[0]])
+    seen: set[tuple[str, str]] = set()
+    per_q: Counter[str] = Counter()
+    keep: set[int] = set()
+    for i in order:
+        r = rows[i]
+        if dedup and (r["prompt"], r["response"]) in seen:
+            dropped["duplicate"] += 1
+            continue
+        if k is not None and per_q[r["prompt"]] >= k:
+            dropped["over_k"] += 1
+            continue
+        seen.add((r["prompt"], r["response"]))
+        per_q[r["prompt"]] += 1
+        keep.add(i)
+    return [r for i, r in enumerate(rows) if i in keep], dropped
 
 
 def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict[str, str]]:
@@ -517,6 +549,17 @@ def eos_id_of(tokenizer: Any, args) -> int:
     return tokenizer.convert_tokens_to_ids(args.eos_token)
 
 
+def budget_steps(tokens: int, counts: dict[str, int], args, num_processes: int = 1) -> int:
+    """The optimizer steps that train about `tokens` tokens: one step takes `per_device x
+    accumulation x processes` examples (unpacked) or packed rows of up to max_length tokens."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    if args.packing and args.max_length:
+        tokens_per_step = per_step * args.max_length
+    else:
+        tokens_per_step = per_step * counts["tokens"] / max(counts["trained_examples"], 1)
+    return max(1, round(tokens / tokens_per_step))
+
+
 def build_trainer(cfg: TrainConfig, rows: list[dict[str, str]], args=None, dataset=None, callbacks=None):
     """The `trl.SFTTrainer` for `rows`, tokenised here (`tokenize_rows`; the counts of rows
     dropped are the trainer's `dropped` attribute), or for a `datasets.Dataset` TRL takes as it is
@@ -594,7 +637,10 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     # Everything that can be wrong with the config or the data fails here, before any weights load.
     args = sft_config(cfg)
     rows, files = read_splits(cfg.data)
+    rows, ruled_out = apply_rules(rows, cfg.dedup, cfg.max_per_question)
     rows = subsample(rows, cfg.num_examples, cfg.seed)
+    if cfg.budget_steps is not None:
+        args.max_steps = cfg.budget_steps
 
     from accelerate import PartialState
 
@@ -618,6 +664,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         print(f"train: dropped {trainer.dropped['truncated']} of {len(rows)} examples the sampler cut "
               "at max_tokens (truncated=no_eos trains them without EOS)", file=sys.stderr)
 
+    if cfg.budget_tokens is not None:  # tokens -> steps, from this round's prepared data
+        trainer.args.max_steps = budget_steps(cfg.budget_tokens, counts, args, state.num_processes)
     trainer_dir = Path(args.output_dir)
     resume = last_complete_checkpoint(trainer_dir)
     trainer.train(resume_from_checkpoint=resume)
@@ -658,7 +706,9 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "tokens": counts["tokens"],             # prompt + completion tokens, one epoch
             "loss_tokens": counts["loss_tokens"],   # completion tokens (EOS included), one epoch
             "truncated_examples": counts["truncated_examples"],
-            "dropped": {"too_long": trainer.dropped["too_long"], "truncated": trainer.dropped["truncated"]},
+            "dropped": {"too_long": trainer.dropped["too_long"], "truncated": trainer.dropped["truncated"],
+                        "duplicate": ruled_out["duplicate"], "over_k": ruled_out["over_k"]},
+            "budget": {"steps": cfg.budget_steps, "tokens": cfg.budget_tokens},
             "epochs": trainer.state.epoch,
             "steps": trainer.state.global_step,
             # what one optimizer step optimised, on average (the same on CPU and GPU unless packing)

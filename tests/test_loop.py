@@ -315,3 +315,26 @@ def test_a_student_sampling_and_training_in_different_contexts_is_refused(tmp_pa
 
     with pytest.raises(ConfigError, match=match):
         resolve_styles(base_cfg(tmp_path, *extra))
+
+
+def test_held_out_questions_that_also_train_stop_the_run(tmp_path: Path):
+    """Contamination: a held-out question that is also a training question (up to case, spacing
+    and punctuation) stops the run, with the count and examples; --allow_overlap runs anyway."""
+    from exit_loop.tasks import check_overlap
+
+    train = [Problem("train-0", "What is 2 + 3?", "5", ""), Problem("train-1", "How many apples?", "4", "")]
+    held = [Problem("test-0", "what is 2+3 ?", "5", ""), Problem("test-1", "How many pears?", "1", "")]
+    assert check_overlap(train, [held[1]]) == 0
+    with pytest.raises(ConfigError, match=r"1 of 2 held-out questions are also training questions.*"
+                                          r"train-0 = test-0.*--allow_overlap"):
+        check_overlap(train, held)
+    assert check_overlap(train, held, allow=True) == 1
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"question": "What is 2 + 3?", "answer": "#### 5"}])
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cfg = base_cfg(tmp_path, f"data.dataset={data}", f"eval.data.dataset={data}", f"student={tmp_path / 'm'}")
+    from exit_loop.pipeline.loop import run_loop
+
+    with pytest.raises(ConfigError, match="held-out questions are also training questions"):
+        run_loop(cfg)

@@ -125,6 +125,7 @@ FLAGS = {  # flag -> config key
     "backend": "sample.backend",
     "prompt_style": "sample.prompt_style",
     "gpu_device": "sample.gpu_device",
+    "student": "sample.student",
     "output_dir": "output_dir",
 }
 
@@ -142,6 +143,9 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--prompt_style", choices=["auto", "r1_zero", "chat", "reasoning"],
                    help="how the teacher is asked (sample.prompt_style)")
     p.add_argument("--gpu_device", help="e.g. cuda:0 (sample.gpu_device)")
+    p.add_argument("--student", help="the model to be trained on these traces: each row's num_tokens counts "
+                   "its response in this model's tokens, the teacher's own count kept as teacher_num_tokens "
+                   "(sample.student; default: the teacher's tokens)")
     p.add_argument("--output_dir", help="where files go, default data/gsm8k (output_dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config key, e.g. sample.temperature=0.6 sample.max_tokens=2048")

@@ -45,7 +45,7 @@ from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, 
                                     stage_cmd)
 from exit_loop.pipeline.stages import run_stage
 from exit_loop.sample import check_model_path
-from exit_loop.tasks import load_problems
+from exit_loop.tasks import check_overlap, load_problems
 
 
 class Timer:
@@ -67,7 +67,7 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
                            f"{shlex.join(cmd)}")
 
 
-def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
+def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_overlap: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
     resolve_styles(cfg)
     for warning in policy_warnings(cfg):
@@ -76,8 +76,8 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
     check_model_path(cfg.student)
     if cfg.teacher:
         check_model_path(cfg.teacher.model)
-    for data in (cfg.data, cfg.eval.data):  # a bad or empty data set fails now, not rounds later
-        load_problems(data)
+    # a bad or empty data set fails now, not rounds later; so does a held-out set that trains
+    check_overlap(load_problems(cfg.data), load_problems(cfg.eval.data), allow_overlap)
     check_config_change(run, allow_config_change)
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
@@ -180,10 +180,12 @@ def command(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=4 sample.num_samples=8")
     p.add_argument("--allow_config_change", action="store_true",
                    help="continue a run whose config differs from the one it was made with")
+    p.add_argument("--allow_overlap", action="store_true",
+                   help="run even though some held-out questions are also training questions")
     a = p.parse_args(argv)
     src = Path(a.config)
     cfg_file = src / "config.yaml" if src.is_dir() else src
-    run_loop(load_config(ExperimentConfig, cfg_file, a.overrides), a.allow_config_change)
+    run_loop(load_config(ExperimentConfig, cfg_file, a.overrides), a.allow_config_change, a.allow_overlap)
     return 0
 
 

@@ -33,9 +33,28 @@ GROWABLE_KEYS = ("rounds",)
 
 
 @dataclass
+class Budget:
+    """Training compute per round, the same for every arm unless an arm sets its own: optimizer
+    steps, or training tokens (prompt + response, turned into steps from the round's data). Unset:
+    the `sft` epochs decide, and an arm with more rows trains more."""
+    steps: int | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("budget: give steps or tokens, not both")
+        for key in ("steps", "tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"budget.{key}: must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
 class ArmConfig:
-    split: Literal["correct", "all", "original"] = "correct"  # what the student trains on
+    # what the student trains on: correct traces; every trace; well-formed traces whatever their
+    # answer; or the data set's own solutions
+    split: Literal["correct", "all", "formatted", "original"] = "correct"
     num_examples: int | None = None  # training rows per round (data-size arms), seeded subset
+    budget: Budget | None = None     # this arm's own training compute (default: train.budget)
 
 
 @dataclass
@@ -63,6 +82,7 @@ class TrainSection:
     peft: LoraSettings = field(default_factory=LoraSettings)
     use_chat_template: bool = False  # the student samples with the `chat` style and trains through its template
     truncated: Literal["drop", "no_eos"] = "drop"  # rows the sampler cut at max_tokens (an all split's)
+    budget: Budget = field(default_factory=Budget)  # training compute per round (compute-matched arms)
     launcher: str = ""   # e.g. "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8"
 
 

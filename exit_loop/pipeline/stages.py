@@ -222,7 +222,8 @@ def train_split(run: Run, arm: str, k: int) -> Path:
     split = run.cfg.arms[arm].split
     if split == "original":
         return d / "sft_original.jsonl"
-    return d / (run.cfg.filter.correct_name if split == "correct" else run.cfg.filter.all_name)
+    f = run.cfg.filter
+    return d / {"correct": f.correct_name, "all": f.all_name, "formatted": f.formatted_name}[split]
 
 
 def train_config(run: Run, arm: str, k: int) -> TrainConfig:
@@ -231,9 +232,15 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     data = [str(train_split(run, arm, j)) for j in rounds]
     data = [p for p in data if Path(p).stat().st_size > 0]
     model = cfg.student if cfg.policy.retrain_from == "base" else run.policy(arm, k)
+    budget = cfg.arms[arm].budget or cfg.train.budget
+    original = cfg.arms[arm].split == "original"
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
                        num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
+                       # one rule set for whatever split trains: K across the data window, dedup
+                       max_per_question=None if original else cfg.filter.max_correct_per_question,
+                       dedup=cfg.filter.dedup and not original,
+                       budget_steps=budget.steps, budget_tokens=budget.tokens,
                        use_chat_template=cfg.train.use_chat_template, system_prompt=cfg.sample.system_prompt,
                        truncated=cfg.train.truncated, peft=cfg.train.peft,
                        sft=dict(cfg.train.sft), trust_remote_code=cfg.sample.trust_remote_code)
