@@ -1,9 +1,10 @@
-"""Held-out evaluation: greedy pass@1, and with k samples pass@k and maj@k, on GSM8K test.
+"""Held-out evaluation: greedy pass@1, and with n samples per question the unbiased pass@k
+(k = 1, 2, 4, ... up to n), sampled pass@1 and maj@k, on GSM8K test.
 
-    exit-loop eval --model runs/exit/round_02/train/ckpt --num_examples 500 --k 4
+    exit-loop eval --model runs/exit/round_02/train/ckpt --num_examples 500 --k 4 --n 16
 
-Writes `eval.json` (accuracy = greedy pass@1 as a fraction, pass@k, maj@k, format-error rate,
-mean response tokens), the labelled generations (`greedy.jsonl`, `samples_k.jsonl`) and
+Writes `eval.json` (accuracy = greedy pass@1 as a fraction, pass@k, pass_at {k: value},
+sampled_pass@1, maj@k, maj@n, format-error rate, mean response tokens), the labelled generations (`greedy.jsonl`, `samples_k.jsonl`) and
 `manifest.json` last into `output_dir`. Generation goes through the sampler (same backends, same
 resume), so an interrupted eval picks up where it stopped. In an ExIt run the rollout stage
 (`exit_loop.pipeline.stages`) hands it the engine that then samples.
@@ -23,6 +24,7 @@ from exit_loop.config import load_config, to_dict
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
+from exit_loop.stats import pass_at_k
 from exit_loop.tasks import DataConfig, count_failures, load_problems
 from exit_loop.tasks.gsm8k import parse_number
 from exit_loop.tasks.math_pool import shared_pool
@@ -38,12 +40,20 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     data: DataConfig = field(default_factory=_test_split)
     sample: SampleConfig = field(default_factory=SampleConfig)  # model, backend, max_tokens, …
-    k: int = 0                 # > 1: also draw k samples per question for pass@k and maj@k
-    k_temperature: float = 0.7
+    k: int = 0                 # > 1: the k of pass@k and maj@k in the summary
+    n: int | None = None       # samples per question for the sampled metrics (None: k); n >= k
+    temperature: float = 0.7   # of the sampled metrics (greedy pass@1 is always temperature 0)
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.k == 1:
             raise ValueError(f"k must be 0 (greedy only) or at least 2, got {self.k}")
+        if self.n is not None and (self.n < max(self.k, 1)):
+            raise ValueError(f"n must be at least k (and 1), got n={self.n}, k={self.k}")
+
+    @property
+    def samples(self) -> int:
+        """How many samples per question the sampled metrics draw (0: greedy only)."""
+        return self.k if self.n is None else self.n
 
 
 def _labelled(path: Path, task: str) -> list[dict[str, Any]]:
@@ -53,7 +63,11 @@ def _labelled(path: Path, task: str) -> list[dict[str, Any]]:
 def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int,
             same: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
     """eval.json's numbers from labelled rows (pure). `same(a, b)`: whether two answers are the
-    same value, for maj@k (None: GSM8K's exact numbers)."""
+    same value, for maj@k (None: GSM8K's exact numbers).
+
+    With n sampled rows per question: pass@j for j = 1, 2, 4, ... up to n by the unbiased
+    estimator 1 - C(n-c, j)/C(n, j) (`pass_at`; `pass@k` is j = k), `sampled_pass@1` (the mean
+    share of correct samples), maj@k over the first k samples and maj@n over all n."""
     if not greedy:
         raise DataError("eval: no greedy generations to score")
     n = len(greedy)
@@ -65,16 +79,26 @@ def metrics(greedy: list[dict[str, Any]], sampled: list[dict[str, Any]], k: int,
         "failures": count_failures(r["failure"] for r in greedy),
         "k": k or None, "pass@k": None, "maj@k": None,
     }
-    if k and sampled:
+    if sampled:
         by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in sampled:
             by_q[r["problem_id"]].append(r)
-        passed = voted = 0
-        for rows in by_q.values():
-            passed += any(r["is_correct"] for r in rows)
-            voted += majority_correct(rows, same)
-        out["pass@k"] = round(passed / len(by_q), 4)
-        out["maj@k"] = round(voted / len(by_q), 4)
+        n = min(len(rows) for rows in by_q.values())
+        if n != max(len(rows) for rows in by_q.values()):
+            raise DataError(f"eval: the sampled rows hold between {n} and "
+                            f"{max(len(rows) for rows in by_q.values())} samples per question; expected the same n")
+        correct = [sum(r["is_correct"] for r in rows) for rows in by_q.values()]
+        ks = [j for j in (2 ** i for i in range(n.bit_length())) if j <= n]
+        if k and k not in ks and k <= n:
+            ks = sorted({*ks, k})
+        out["samples_per_question"] = n
+        out["pass_at"] = {str(j): round(sum(pass_at_k(n, c, j) for c in correct) / len(correct), 4) for j in ks}
+        out["sampled_pass@1"] = out["pass_at"]["1"]
+        if k and k <= n:
+            out["pass@k"] = out["pass_at"][str(k)]
+            out["maj@k"] = round(sum(majority_correct(sorted(rows, key=lambda r: r.get("sample_index", 0))[:k], same)
+                                     for rows in by_q.values()) / len(by_q), 4)
+        out["maj@n"] = round(sum(majority_correct(rows, same) for rows in by_q.values()) / len(by_q), 4)
     return out
 
 
@@ -124,19 +148,21 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     backend = backend or start_backend(greedy_cfg)  # one engine for the greedy and the k samples
     try:
         sample(greedy_cfg, problems, out / "greedy.jsonl", backend)
-        if cfg.k:
-            k_cfg = replace(greedy_cfg, temperature=cfg.k_temperature, num_samples=cfg.k)
+        if cfg.samples:
+            k_cfg = replace(greedy_cfg, temperature=cfg.temperature, num_samples=cfg.samples)
             sample(k_cfg, problems, out / "samples_k.jsonl", backend)
     finally:
         if owned:
             backend.close()
-    sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.k else []
+    sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.samples else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
               **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k,
                         math_equivalent if cfg.data.task == "math" else None)}
     write_json(out / "eval.json", result)
     write_manifest(out, "eval", {"wall_s": round(time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
+    if cfg.samples:
+        pk += f", sampled pass@1 {result['sampled_pass@1']:.1%} ({cfg.samples} samples a question)"
     print(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
           f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}", flush=True)
     return out
@@ -150,13 +176,15 @@ def command(argv: list[str]) -> int:
     p.add_argument("--dataset", help="hub id or local JSONL (data.dataset)")
     p.add_argument("--split", help="default test (data.split)")
     p.add_argument("--num_examples", type=int, help="first N questions (data.num_examples)")
-    p.add_argument("--k", type=int, help="samples per question for pass@k / maj@k")
+    p.add_argument("--k", type=int, help="the k of pass@k / maj@k (draws k samples per question unless n is set)")
+    p.add_argument("--n", type=int, help="samples per question for the sampled metrics (n >= k): unbiased "
+                   "pass@1, 2, 4, ... up to n, sampled pass@1, maj@n")
     p.add_argument("--backend", choices=["auto", "vllm", "hf"], help="sample.backend")
     p.add_argument("--output_dir", help="default runs/eval")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sample.max_tokens=512")
     a = p.parse_args(argv)
     flags = {"model": "sample.model_name", "dataset": "data.dataset", "split": "data.split",
-             "num_examples": "data.num_examples", "k": "k", "backend": "sample.backend",
+             "num_examples": "data.num_examples", "k": "k", "n": "n", "backend": "sample.backend",
              "output_dir": "output_dir"}
     values = {key: getattr(a, f) for f, key in flags.items() if getattr(a, f) is not None}
     evaluate(load_config(EvalConfig, a.config, a.overrides, values))

@@ -108,11 +108,14 @@ def experiment(tmp: Path, train_rows: list[dict] | None = None, **extra) -> Path
         {"question": "Ava has two pens. She buys one. How many pens does Ava have now?",
          "answer": "2+1=3\n#### 3"}]
     write_jsonl(data, rows)
+    held_out = tmp / "test.jsonl"  # disjoint from the training questions (the contamination check)
+    write_jsonl(held_out, [{"question": "Bo has four cups. He breaks one. How many cups are left?",
+                            "answer": "4-1=3\n#### 3"}])
     student = tmp / "student"
     student.mkdir(exist_ok=True)
     (student / "config.json").write_text("{}")
     cfg = {"experiment": "bad", "runs_dir": str(tmp / "runs"), "rounds": 1, "student": str(student),
-           "data": {"dataset": str(data)}, "eval": {"data": {"dataset": str(data), "split": "test"}},
+           "data": {"dataset": str(data)}, "eval": {"data": {"dataset": str(held_out), "split": "test"}},
            "arms": {"main": {"split": "correct"}}, **extra}
     path = tmp / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -39,7 +39,8 @@ def write_config(tmp: Path, name: str, model: Path, gsm8k_dir: Path) -> Path:
     cfg = {
         "experiment": name, "runs_dir": str(tmp / "runs"), "rounds": ROUNDS, "student": str(model),
         "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 16},
-        "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 16}},
+        "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 16},
+                 "sample": {"max_tokens": 48}},
         # greedy: an interrupted run and an uninterrupted one must write the same text
         "sample": {"num_samples": 2, "max_tokens": 48, "temperature": 0.0, "enforce_eager": True,
                    "dtype": "float32", "backend": "vllm", "engine": {"distributed_executor_backend": "uni"}},

@@ -32,6 +32,7 @@ def experiment(tmp: Path, name: str, model: Path, gsm8k_dir: Path, **extra) -> P
         "student": str(model),
         "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 12},
         "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 12},
+                 "sample": {"max_tokens": 48},
                  "k": 2},
         # greedy sampling: an interrupted and an uninterrupted run must end identical
         "sample": {"num_samples": 2, "max_tokens": 48, "temperature": 0.0, "enforce_eager": True,
@@ -41,6 +42,10 @@ def experiment(tmp: Path, name: str, model: Path, gsm8k_dir: Path, **extra) -> P
                           "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "no",
                           "max_length": 512, "learning_rate": 1e-3}},
         "arms": {"main": {"split": "all"}},
+        # round 0 from a teacher asked through its chat template (the tiny model has one): its rows
+        # still store the student prompt, count the student's tokens, and later rounds sample as
+        # the student does (r1_zero), not as the teacher
+        "teacher": {"model": str(model), "prompt_style": "chat"},
         **extra,
     }
     path = tmp / f"{name}.yaml"
@@ -70,6 +75,13 @@ def check_run(root: Path) -> None:
         assert ev["k"] == 2 and ev["pass@k"] is not None and ev["maj@k"] is not None
         samples = read_jsonl(r / "sample" / "samples.jsonl")
         assert len(samples) == 12 * 2 and {s["round"] for s in samples} == {k}
+        assert all(s["prompt"].startswith("A conversation between User and Assistant") for s in samples)
+        assert {s["prompt_style"] for s in samples} == {"chat" if k == 0 else "r1_zero"}
+        if k == 0:  # the teacher's own count apart; num_tokens in the student's tokens
+            assert all("teacher_num_tokens" in s and "prompt_tokens" not in s for s in samples)
+        else:       # the student's own samples: the prompt ids it was fed, for SFT to check
+            assert all(s["prompt_tokens"] > 0 and "teacher_num_tokens" not in s for s in samples)
+        assert (r / "filter" / "sft_r1_formatted.jsonl").exists()
         verified = read_jsonl(r / "verify" / "verified.jsonl")
         assert len(verified) == 24 and all("is_correct" in v and "failure" in v for v in verified)
         assert len(read_jsonl(r / "filter" / "sft_r1_all.jsonl")) == 24

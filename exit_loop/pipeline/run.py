@@ -70,10 +70,29 @@ class PolicyConfig:
 
 
 @dataclass
+class EvalSample:
+    """The eval's own sampler settings, never inherited from training's `sample:` (whose max_tokens,
+    top_p or extra `sampling` keys, a repetition penalty say, would change what is measured)."""
+    max_tokens: int = 1024
+    temperature: float = 0.7        # of the sampled metrics; greedy pass@1 is always temperature 0
+    top_p: float = 1.0
+    stop: list[str] | None = None   # default: the student's prompt style's
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"eval.sample.max_tokens must be at least 1, got {self.max_tokens}")
+
+
+@dataclass
 class EvalSection:
     data: DataConfig = field(default_factory=lambda: DataConfig(split="test"))
-    k: int = 0
-    k_temperature: float = 0.7
+    k: int = 0                  # the k of pass@k and maj@k in the report
+    n: int | None = None        # samples per question for the sampled metrics (None: k; n >= k)
+    sample: EvalSample = field(default_factory=EvalSample)
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < max(self.k, 1):
+            raise ValueError(f"eval.n must be at least eval.k (and 1), got n={self.n}, k={self.k}")
 
 
 @dataclass

@@ -151,9 +151,11 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     backend = None
     try:
         if need_eval:
+            es = cfg.eval.sample  # the eval's own settings, none of training's sampling keys
             ecfg = EvalConfig(output_dir=str(run.real_dir(arm, k, "eval")), data=cfg.eval.data,
-                              sample=replace(base, model_name=run.policy(arm, k)), k=cfg.eval.k,
-                              k_temperature=cfg.eval.k_temperature)
+                              sample=replace(base, model_name=run.policy(arm, k), max_tokens=es.max_tokens,
+                                             top_p=es.top_p, stop=es.stop, sampling={}),
+                              k=cfg.eval.k, n=cfg.eval.n, temperature=es.temperature)
             t0 = time.monotonic()
             if need_sample and run.sampler_model(arm, k) == run.policy(arm, k):
                 backend = start_backend(ecfg.sample)
