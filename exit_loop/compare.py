@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
 from exit_loop.stats import paired_difference, wilson
@@ -327,7 +328,45 @@ def paired_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     return out
 
 
+# What an eval's manifest config may differ in between arms: which model and round it measured.
+_EVAL_OWN = {"output_dir", "sample.model_name", "sample.round", "sample.seed", "sample.student",
+             "sample.gpu_device", "sample.num_shards", "sample.shard_id", "sample.hf_batch_size",
+             "sample.gpu_memory_utilization", "sample.engine"}
+
+
+def eval_settings(run: Run) -> dict[str, Any]:
+    """The eval settings of a run's first evaluated round (its manifest's config, flattened),
+    less what may differ between arms (the model, the round, engine placement)."""
+    for d in sorted(_round_dirs(run.path).items()):
+        manifest = _read_json(d[1] / "eval" / "manifest.json")
+        config = _get(manifest, "config")
+        if isinstance(config, dict):
+            return {k: v for k, v in flatten(config).items()
+                    if k not in _EVAL_OWN and not k.startswith("sample.engine.")}
+    return {}
+
+
+def check_eval_settings(runs: list[Run], allow_mismatch: bool = False) -> None:
+    """Refuse (DataError naming the keys) arms evaluated on different data or under different
+    settings (max_tokens, temperature, stop, k, n, the task...): one table would mix what is
+    measured with how."""
+    if allow_mismatch or len(runs) < 2:
+        return
+    first = eval_settings(runs[0])
+    for run in runs[1:]:
+        other = eval_settings(run)
+        if not first or not other:
+            continue
+        keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if keys:
+            diffs = ", ".join(f"{k}: {first.get(k)!r} vs {other.get(k)!r}" for k in keys[:6])
+            raise DataError(f"arms {runs[0].arm!r} and {run.arm!r} were evaluated differently ({diffs}); "
+                            "their accuracies are not comparable in one table (--allow_mismatch to tabulate "
+                            "them anyway)")
+
+
 def build_report(runs: list[Run], allow_mismatch: bool = False) -> dict[str, Any]:
+    check_eval_settings(runs, allow_mismatch)
     arms, outcomes = {}, {}
     for run in runs:
         arm = read_run(run)

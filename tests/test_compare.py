@@ -23,7 +23,7 @@ def _write(path: Path, obj) -> None:
 
 
 def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *, k: int | None = 4,
-             sft_keys: bool = False, config: bool = True) -> Path:
+             sft_keys: bool = False, config: bool = True, eval_config: dict | None = None) -> Path:
     """A finished run as the loop writes it: rounds 0..R-1 with every stage, round R eval only."""
     rounds = len(accuracy) - 1
     if config:
@@ -39,7 +39,8 @@ def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *,
             "round": r, "model": f"{arm}-ckpt-{r}", "n": 200, "accuracy": acc,
             "pass@k": min(1.0, acc + 0.2) if k else None, "maj@k": acc + 0.05 if k else None, "k": k,
             "format_error_rate": 0.1 / (r + 1), "mean_response_tokens": 300.0 - 20 * r})
-        _write(d / "eval" / "manifest.json", {"stage": "eval", "timings": {"wall_s": STAGE_S["eval"]}})
+        _write(d / "eval" / "manifest.json", {"stage": "eval", "timings": {"wall_s": STAGE_S["eval"]},
+                                              **({"config": eval_config} if eval_config else {})})
         if r == rounds:
             break
         correct = 200 + 50 * r
@@ -57,7 +58,8 @@ def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *,
                      "final_loss": 0.5, "wall_time_s": STAGE_S["train"]}
         else:
             train = {"stage": "train", "tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
-                     "final_loss": 0.5, "timings": {"wall_s": STAGE_S["train"]}}
+                     "trained_examples": correct - 10, "epochs": 1.6, "final_loss": 0.5,
+                     "timings": {"wall_s": STAGE_S["train"]}}
         _write(d / "train" / "manifest.json", train)
     return run_dir
 
@@ -69,7 +71,13 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 def table_rows(md: str) -> list[list[str]]:
     """The report table's body rows, split into cells."""
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    all_lines = md.splitlines()
+    start = next(i for i, ln in enumerate(all_lines) if ln.startswith("|"))
+    lines = []
+    for ln in all_lines[start:]:  # the first table only (the training-compute table follows)
+        if not ln.startswith("|"):
+            break
+        lines.append(ln)
     assert lines[0].startswith("| arm | round | accuracy %") and set(lines[1]) <= set("|-: ")
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
 
@@ -327,3 +335,27 @@ def test_compare_refuses_arms_evaluated_on_different_questions(two_runs, tmp_pat
     out = compare([f, u], tmp_path / "report", allow_mismatch=True)
     [pair] = json.loads((out / "report.json").read_text())["paired"]
     assert pair["n"] == 2 and pair["diff"] == 0.0
+
+
+def test_training_compute_table(two_runs, tmp_path):
+    md = (compare(list(two_runs), tmp_path / "report") / "report.md").read_text()
+    assert "## Training compute" in md
+    assert "| filtered | 0 | 10 | 190 | 50,000 | 1.60 |" in md and "| filtered | 1 | 10 | 240 | 50,001 | 1.60 |" in md
+    assert "| filtered | 2 |" not in md.split("## Training compute")[1]  # the last round only evaluates
+
+
+def test_compare_refuses_arms_evaluated_under_different_settings(tmp_path, capsys):
+    """Same questions, different eval settings (a longer max_tokens for one arm): refused, naming
+    the key; the model each arm's eval measured may differ."""
+    ev = {"data": {"dataset": "test.jsonl", "split": "test", "task": "gsm8k"}, "k": 4, "n": None,
+          "sample": {"model_name": "a/ckpt", "max_tokens": 512, "temperature": 0.0, "round": 0}}
+    other = {**ev, "sample": {**ev["sample"], "model_name": "b/ckpt", "max_tokens": 1024}}
+    a = make_run(tmp_path / "a", "a", "a", ACC_F, eval_config=ev)
+    b = make_run(tmp_path / "b", "b", "b", ACC_U, eval_config={**ev, "sample": {**ev["sample"], "model_name": "b"}})
+    compare([a, b], tmp_path / "same")  # only the model differs: fine
+    c = make_run(tmp_path / "c", "c", "c", ACC_U, eval_config=other)
+    with pytest.raises(DataError, match=r"'a' and 'c' were evaluated differently \(sample.max_tokens: 512 vs 1024\)"):
+        compare([a, c], tmp_path / "report")
+    assert main(["compare", str(a), str(c), "--output_dir", str(tmp_path / "r")]) != 0
+    assert "--allow_mismatch" in capsys.readouterr().err
+    compare([a, c], tmp_path / "report", allow_mismatch=True)
