@@ -42,7 +42,7 @@ from typing import Any
 from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
-from exit_loop.stats import paired_difference, wilson
+from exit_loop.stats import accuracy_interval, paired_difference, pooled_difference, wilson
 from exit_loop.verify import verify_rows
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STAGES = ("sample", "verify", "filter", "train", "eval")
 EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
 ROUND_RE = re.compile(r"round_(\d+)")
+SEED_RE = re.compile(r"seed_(-?\d+)")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Run:
     experiment: str
     experiment_dir: Path | None     # the experiment directory holding this arm, if any
     info: dict[str, Any] | None     # run.json, if present
+    seed: int | None = None         # the seed, where the experiment ran several (seed_<s>/)
+    base_arm: str = ""              # the arm's own name (without the seed)
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -144,50 +147,71 @@ def _is_experiment_dir(path: Path) -> bool:
 
 
 def _unique_names(runs: list[Run]) -> None:
-    """Arms named alike get their experiment's name in front; any left alike are numbered."""
-    clash = Counter(r.arm for r in runs)
+    """Arms named alike (under one seed) get their experiment's name in front; any left alike
+    are numbered."""
+    clash = Counter((r.arm, r.seed) for r in runs)
     for r in runs:
-        if clash[r.arm] > 1:
+        if clash[(r.arm, r.seed)] > 1:
             r.arm = f"{r.experiment}/{r.arm}"
-    clash = Counter(r.arm for r in runs)
-    seen: Counter[str] = Counter()
+    clash = Counter((r.arm, r.seed) for r in runs)
+    seen: Counter[tuple[str, int | None]] = Counter()
     for r in runs:
-        if clash[r.arm] > 1:
-            seen[r.arm] += 1
-            r.arm = f"{r.arm}#{seen[r.arm]}"
+        if clash[(r.arm, r.seed)] > 1:
+            seen[(r.arm, r.seed)] += 1
+            r.arm = f"{r.arm}#{seen[(r.arm, r.seed)]}"
+
+
+def _seed_dirs(path: Path) -> list[tuple[int, Path]]:
+    """An experiment's `seed_<s>/` directories (it ran several seeds), by seed."""
+    out = []
+    for d in path.iterdir():
+        m = SEED_RE.fullmatch(d.name)
+        if m and d.is_dir():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
 
 
 def find_runs(run_dirs: list[Path]) -> list[Run]:
-    """The arm runs under the given paths, in order, each once, with unique names."""
+    """The arm runs under the given paths, in order, each once, with unique names (an experiment
+    with several seeds: one run per arm and seed, named `arm/seed_<s>`)."""
     if not run_dirs:
         raise DataError("no RUN_DIR given; expected at least one run or experiment directory")
-    found: list[tuple[Path, Path | None]] = []
+    found: list[tuple[Path, Path | None, int | None]] = []
     for given in map(Path, run_dirs):
         if not given.is_dir():
             raise DataError(f"{given}: no such directory; expected a run directory (with round_* "
                             "directories) or an experiment directory (with one run per arm)")
         if _round_dirs(given):
             parent = _abspath(given).parent
-            found.append((given, parent if _is_experiment_dir(parent) else None))
+            found.append((given, parent if _is_experiment_dir(parent) else None, None))
             continue
-        arms = sorted(d for d in given.iterdir() if d.is_dir() and (d / "run.json").is_file())
-        if not arms:
-            raise DataError(f"{given}: holds no round_* directories and no arm directories (with "
-                            "run.json); expected a run directory or an experiment directory")
-        found += [(arm, given) for arm in arms]
+        seeds = _seed_dirs(given)
+        for seed, d in seeds or [(None, given)]:
+            if _round_dirs(d):  # one arm, several seeds
+                found.append((d, given, seed))
+                continue
+            arms = sorted(a for a in d.iterdir() if a.is_dir() and (a / "run.json").is_file())
+            if not arms:
+                raise DataError(f"{d}: holds no round_* directories and no arm directories (with "
+                                "run.json); expected a run directory or an experiment directory")
+            found += [(arm, given, seed) for arm in arms]
 
     runs: list[Run] = []
     seen: set[Path] = set()
-    for path, experiment_dir in found:
+    for path, experiment_dir, seed in found:
         if _abspath(path) in seen:  # named twice (an arm and its experiment): report it once
             continue
         seen.add(_abspath(path))
         info = _read_json(path / "run.json")
         arm = _get(info, "arm")
-        runs.append(Run(path=path, arm=arm if isinstance(arm, str) and arm else _abspath(path).name,
-                        experiment=_experiment_name(path, info, experiment_dir),
-                        experiment_dir=experiment_dir, info=info))
+        name = arm if isinstance(arm, str) and arm else _abspath(path).name
+        runs.append(Run(path=path, arm=name, experiment=_experiment_name(path, info, experiment_dir),
+                        experiment_dir=experiment_dir, info=info, seed=seed, base_arm=name))
     _unique_names(runs)
+    for r in runs:
+        r.base_arm = r.arm
+        if r.seed is not None:
+            r.arm = f"{r.arm}/seed_{r.seed}"
     return runs
 
 
@@ -307,6 +331,9 @@ def paired_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
+            sa, sb = report["arms"][a].get("seed"), report["arms"][b].get("seed")
+            if sa != sb:  # arms pair within a seed; across seeds, the pooled entries
+                continue
             for r, (qa, qb) in enumerate(zip(outcomes[a], outcomes[b])):
                 if not qa or not qb:
                     continue
@@ -322,9 +349,64 @@ def paired_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
                 if not shared:
                     continue
                 d = paired_difference([qa[q] for q in shared], [qb[q] for q in shared])
-                out.append({"a": a, "b": b, "round": report["arms"][a]["rounds"][r],
+                row = {"a": a, "b": b, "round": report["arms"][a]["rounds"][r],
+                       "diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
+                       "p_mcnemar": d["p_mcnemar"], "n": d["n"]}
+                if sa is not None:
+                    row.update(a=report["arms"][a]["arm"], b=report["arms"][b]["arm"], seed=sa)
+                out.append(row)
+    return out + pooled_paired(report, outcomes)
+
+
+def pooled_paired(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]]) -> list[dict[str, Any]]:
+    """Across seeds, for each pair of arms and round: the mean of the per-seed paired differences
+    with a 95% interval from a two-level bootstrap (seeds, then questions within a seed); p is null
+    (there is no one exact test across seeds)."""
+    by_arm: dict[str, dict[int, str]] = {}
+    for name, arm in report["arms"].items():
+        if arm.get("seed") is not None:
+            by_arm.setdefault(arm["arm"], {})[arm["seed"]] = name
+    out = []
+    arms = list(by_arm)
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            seeds = sorted(set(by_arm[a]) & set(by_arm[b]))
+            if len(seeds) < 2:
+                continue
+            rounds = report["arms"][by_arm[a][seeds[0]]]["rounds"]
+            for r, rnd in enumerate(rounds):
+                pairs = []
+                for s in seeds:
+                    qa, qb = outcomes[by_arm[a][s]][r], outcomes[by_arm[b][s]][r]
+                    if qa and qb:
+                        shared = sorted(set(qa) & set(qb))
+                        pairs.append(([qa[q] for q in shared], [qb[q] for q in shared]))
+                if len(pairs) < 2 or not all(p[0] for p in pairs):
+                    continue
+                d = pooled_difference(pairs)
+                out.append({"a": a, "b": b, "round": rnd, "seed": None, "seeds": len(pairs),
                             "diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
-                            "p_mcnemar": d["p_mcnemar"], "n": d["n"]})
+                            "p_mcnemar": None, "n": d["n"]})
+    return out
+
+
+def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]]) -> dict[str, Any]:
+    """Across seeds, per arm and round: the mean accuracy over seeds and its 95% interval from a
+    two-level bootstrap over seeds and questions (`accuracy_interval`)."""
+    by_arm: dict[str, list[str]] = {}
+    for name, arm in report["arms"].items():
+        if arm.get("seed") is not None:
+            by_arm.setdefault(arm["arm"], []).append(name)
+    out = {}
+    for arm, names in by_arm.items():
+        rounds = report["arms"][names[0]]["rounds"]
+        acc, ci = [], []
+        for r in range(len(rounds)):
+            per_seed = [list(outcomes[n][r].values()) for n in names if r < len(outcomes[n]) and outcomes[n][r]]
+            acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
+            ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
+        out[arm] = {"rounds": rounds, "seeds": [report["arms"][n]["seed"] for n in names],
+                    "accuracy": acc, "accuracy_ci95": ci}
     return out
 
 
@@ -374,9 +456,12 @@ def build_report(runs: list[Run], allow_mismatch: bool = False) -> dict[str, Any
         ns = arm.pop("n")
         arm["accuracy_ci95"] = [_interval(q, acc, n) for q, acc, n in zip(outcomes[run.arm], arm["accuracy"], ns)]
         arm["n_questions"] = [len(q) if q else n for q, n in zip(outcomes[run.arm], ns)]
+        arm["arm"], arm["seed"] = run.base_arm or run.arm, run.seed
         arms[run.arm] = arm
     report: dict[str, Any] = {"arms": arms, "generated_by": "exit-loop compare"}
     report["paired"] = paired_rows(report, outcomes, allow_mismatch)
+    if any(arm["seed"] is not None for arm in arms.values()):
+        report["pooled"] = pooled_arms(report, outcomes)
     return report
 
 
@@ -431,16 +516,22 @@ def paired_lines(report: dict[str, Any], last_only: bool = False) -> list[str]:
     of each pair only, with `last_only`)."""
     rows = report.get("paired") or []
     if last_only:
-        last: dict[tuple[str, str], dict[str, Any]] = {}
+        last: dict[tuple[str, str, Any], dict[str, Any]] = {}
         for row in rows:
-            last[(row["a"], row["b"])] = row
+            last[(row["a"], row["b"], row.get("seed", 0) if "seed" in row else "-")] = row
         rows = list(last.values())
     out = []
     for row in rows:
         lo, hi = row["ci95"]
-        p = "—" if row["p_mcnemar"] is None else f"{row['p_mcnemar']:.3g}"
-        out.append(f"{row['a']} − {row['b']}, round {row['round']}: {100 * row['diff']:+.1f} points "
-                   f"[{100 * lo:+.1f}, {100 * hi:+.1f}], p = {p} (McNemar, exact), n = {row['n']}")
+        where = f"round {row['round']}"
+        if "seed" in row:
+            where += f", seed {row['seed']}" if row["seed"] is not None else f", pooled over {row['seeds']} seeds"
+        if row["p_mcnemar"] is None:
+            test = "two-level bootstrap over seeds and questions, no exact test"
+        else:
+            test = f"p = {row['p_mcnemar']:.3g} (McNemar, exact)"
+        out.append(f"{row['a']} − {row['b']}, {where}: {100 * row['diff']:+.1f} points "
+                   f"[{100 * lo:+.1f}, {100 * hi:+.1f}], {test}, n = {row['n']}")
     return out
 
 
@@ -464,6 +555,15 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                    _pct(arm["yield"][i]), _int(arm["tokens_generated"][i]), _int(arm["training_tokens"][i]),
                    *(_secs(arm["wall_time_s"][s][i]) for s in STAGES)]
             lines.append("| " + " | ".join(row) + " |")
+    if report.get("pooled"):
+        lines += ["", "## Pooled over seeds", "",
+                  "Mean held-out accuracy over the seeds, with a 95% interval from a two-level bootstrap "
+                  "(seeds, then questions within a seed).", "",
+                  "| arm | seeds | round | accuracy % | 95% CI |", "|---|---|---|---:|---|"]
+        for name, pooled in report["pooled"].items():
+            for r, acc, ci in zip(pooled["rounds"], pooled["accuracy"], pooled["accuracy_ci95"]):
+                interval = "—" if ci is None else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+                lines.append(f"| {name} | {', '.join(map(str, pooled['seeds']))} | {r} | {_pct(acc)} | {interval} |")
     lines += ["", "## Training compute", "",
               "What each round's SFT optimised: arms compared on equal terms train the same steps "
               "(`train.budget`); rows and tokens are one epoch of the round's training data.", "",

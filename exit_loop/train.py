@@ -297,10 +297,12 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
             n += 1
         if blank:
             print(f"train: {path}: skipped {blank} row(s) with a blank response", file=sys.stderr)
-        if n == 0:
+        if n == 0 and not blank:
             raise DataError(f"{path}: empty split (no rows); a split needs rows with "
                             f"{', '.join(map(repr, REQUIRED_KEYS))}")
         files.append({"path": str(path), "sha256": sha256_file(path), "rows": n})
+    if not rows:
+        raise NothingToTrain(f"{', '.join(map(str, paths))}: every row has a blank response; nothing to learn")
     return rows, files
 
 

@@ -41,8 +41,7 @@ from pathlib import Path
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
-                                    stage_cmd)
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles
 from exit_loop.pipeline.stages import run_stage
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import check_overlap, load_problems
@@ -60,7 +59,7 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
     if not run.cfg.isolate:
         run_stage(run, name, arm, k)
         return
-    cmd = stage_cmd(run.root, name, arm, k, launcher)
+    cmd = run.stage_cmd(name, arm, k, launcher)
     res = subprocess.run(cmd)
     if res.returncode != 0:
         raise StageFailed(f"stage {name} of {arm} round {k} failed (exit {res.returncode}): "
@@ -79,9 +78,19 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
     # a bad or empty data set fails now, not rounds later; so does a held-out set that trains
     check_overlap(load_problems(cfg.data), load_problems(cfg.eval.data), allow_overlap)
     check_config_change(run, allow_config_change)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
+    run.top.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))
     t_start = time.monotonic()
+    for run in Run.every_seed(cfg):
+        run_seed(run)
+    print(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.top}", flush=True)
+    return run.top
+
+
+def run_seed(run: Run) -> None:
+    """Every arm's rounds under one seed."""
+    cfg = run.cfg
+    tag = f"{cfg.experiment}/seed_{cfg.seed}" if run.several_seeds else cfg.experiment
     for arm in cfg.arms:
         timer = Timer()
         t_arm = time.monotonic()
@@ -115,10 +124,8 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
                 _launch(run, "train", arm, k, cfg.train.launcher)
                 timer.add("train_process_s", time.monotonic() - t0)
                 timer.add("train_s", _stage_wall(run.stage_dir(arm, k, "train")))
-            print(f"== {cfg.experiment}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
+            print(f"== {tag}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
         write_run_json(run, arm, timer, time.monotonic() - t_arm)
-    print(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.root}", flush=True)
-    return run.root
 
 
 def summary_line(run: Run, arm: str, k: int) -> str:
@@ -155,7 +162,7 @@ def write_run_json(run: Run, arm: str, timer: Timer, total: float) -> None:
     timings["overhead_s"] = round(total - work, 3)
     timings["total_s"] = round(total, 3)
     timings["overhead_share"] = round(timings["overhead_s"] / total, 4) if total else 0.0
-    write_json(run.arm_dir(arm) / "run.json", {"experiment": run.cfg.experiment, "arm": arm,
+    write_json(run.arm_dir(arm) / "run.json", {"experiment": run.cfg.experiment, "arm": arm, "seed": run.cfg.seed,
                                               "rounds": run.cfg.rounds, "timings": timings})
     print(f"run: {arm}: {total:.1f}s in all; eval {t['eval_s']:.1f}s, sample {t['sample_s']:.1f}s, "
           f"train {t['train_s']:.1f}s; loop overhead {timings['overhead_s']:.1f}s "
@@ -199,11 +206,12 @@ def stage_command(argv: list[str]) -> int:
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--shard", type=int, help="rollout: draw only this shard of sample.num_shards "
                    "(shard 0 also evaluates); `merge` then puts the shards together")
+    p.add_argument("--seed", type=int, help="which seed's run, where the config has several `seeds`")
     a = p.parse_args(argv)
     cfg = load_run_config(Path(a.run_dir))
     if a.arm not in cfg.arms:
         raise ConfigError(f"--arm {a.arm!r}: not an arm of this run; arms: {', '.join(cfg.arms)}")
-    run = Run(cfg)
+    run = Run(cfg, a.seed)
     run_stage(run, a.name, a.arm, a.round, a.shard)
     # Everything is written (atomically, fsynced) and engines are closed: skip the interpreter's
     # slow teardown of torch/vLLM modules, which would only add to the loop's overhead.

@@ -150,6 +150,7 @@ class ExperimentConfig:
     student: str = ""                 # the base model every arm starts from
     teacher: TeacherConfig | None = None  # round 0 samples from it when set (else from the student)
     seed: int = 0
+    seeds: list[int] | None = None    # run every arm under each seed (None: `seed` alone)
     data: DataConfig = field(default_factory=DataConfig)        # training questions
     eval: EvalSection = field(default_factory=EvalSection)      # held-out questions
     sample: SampleConfig = field(default_factory=SampleConfig)  # G = sample.num_samples
@@ -168,8 +169,15 @@ class ExperimentConfig:
         if not self.arms:
             raise ValueError("arms: declare at least one arm")
         for name in self.arms:
-            if name in ("shared",) or not name.replace("-", "").replace("_", "").isalnum():
+            if name in ("shared",) or name.startswith("seed_") \
+                    or not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"arms: {name!r} is not a usable arm name")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds: give distinct seeds (or leave it unset for `seed` alone), got {self.seeds}")
+
+    @property
+    def all_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
 
 
 def shard_path(directory: Path, shard: int, num_shards: int) -> Path:
@@ -178,21 +186,40 @@ def shard_path(directory: Path, shard: int, num_shards: int) -> Path:
     return Path(directory) / f"shard-{shard:05d}-of-{num_shards:05d}.jsonl"
 
 
-def stage_cmd(run_dir: Path, name: str, arm: str, k: int, launcher: str = "") -> list[str]:
-    """The command that runs one stage of a run in its own process (`exit-loop stage ...`)."""
+def stage_cmd(run_dir: Path, name: str, arm: str, k: int, launcher: str = "", seed: int | None = None) -> list[str]:
+    """The command that runs one stage of a run in its own process (`exit-loop stage ...`);
+    `seed`: which seed's run, where the experiment has several."""
     base = ["-m", "exit_loop.cli", "stage", name, str(run_dir), "--arm", arm, "--round", str(k)]
+    if seed is not None:
+        base += ["--seed", str(seed)]
     if launcher:
         return [*shlex.split(launcher), *base]
     return [sys.executable, *base]
 
 
 class Run:
-    """Where each stage of each arm and round lives."""
+    """Where each stage of each arm and round of one seed lives. `top` is the experiment's
+    directory (its config.yaml); `root` is the seed's (`top/seed_<s>/` when the experiment has
+    several seeds, else `top`), and `cfg.seed` is that seed."""
 
-    def __init__(self, cfg: ExperimentConfig):
-        self.cfg = cfg
-        self.root = Path(cfg.runs_dir) / cfg.experiment
+    def __init__(self, cfg: ExperimentConfig, seed: int | None = None):
+        seeds = cfg.all_seeds
+        seed = seeds[0] if seed is None else seed
+        if seed not in seeds:
+            raise ConfigError(f"--seed {seed}: not a seed of this run; seeds: {', '.join(map(str, seeds))}")
+        self.top_cfg = cfg  # as written to config.yaml (every seed)
+        self.cfg = dataclasses.replace(cfg, seed=seed)
+        self.top = Path(cfg.runs_dir) / cfg.experiment
+        self.several_seeds = len(seeds) > 1
+        self.root = self.top / f"seed_{seed}" if self.several_seeds else self.top
         self.multi = len(cfg.arms) > 1
+
+    @classmethod
+    def every_seed(cls, cfg: ExperimentConfig) -> list[Run]:
+        return [cls(cfg, s) for s in cfg.all_seeds]
+
+    def stage_cmd(self, name: str, arm: str, k: int, launcher: str = "") -> list[str]:
+        return stage_cmd(self.top, name, arm, k, launcher, self.cfg.seed if self.several_seeds else None)
 
     def arm_dir(self, arm: str) -> Path:
         return self.root / arm if self.multi else self.root
@@ -284,6 +311,6 @@ def policy_warnings(cfg: ExperimentConfig) -> list[str]:
 def check_config_change(run: Run, allow: bool) -> None:
     """Refuse to continue a run under another config (the slurm section may change, `rounds`
     may grow), naming the keys that differ."""
-    check_unchanged(run.root / "config.yaml", run.cfg, allow, "run was made",
+    check_unchanged(run.top / "config.yaml", run.top_cfg, allow, "run was made",
                     "Use another experiment name, or --allow_config_change to continue anyway",
                     ignore=("slurm",), growable=GROWABLE_KEYS)

@@ -48,7 +48,7 @@ from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.resources import SlurmConfig
-from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles, stage_cmd
+from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
 from exit_loop.pipeline.stages import round_questions
 from exit_loop.sample import check_model_path, select_shard
 from exit_loop.tasks import Problem, load_problems
@@ -117,16 +117,19 @@ def exit_jobs(run: Run) -> list[Job]:
     samples = {arm: a.split != "original" for arm, a in cfg.arms.items()}
     jobs: list[Job] = []
 
+    seed_tag = f"s{cfg.seed}" if run.several_seeds else ""
+
     def job(arm: str, k: int, stage: str, owner: str, shard: bool = False) -> tuple[str, str, list[str]]:
         """(key, job name, argv) of a stage."""
-        prefix = cfg.experiment if owner == "shared" or not run.multi else f"{cfg.experiment}-{arm}"
+        prefix = cfg.experiment + (f"-{seed_tag}" if seed_tag else "")
+        prefix = prefix if owner == "shared" or not run.multi else f"{prefix}-{arm}"
         launcher = cfg.train.launcher if stage == "train" else ""
         train_gpus = cfg.slurm.resources("train", 1).gpus or 0
         if stage == "train" and not launcher and train_gpus > 1:
             launcher = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --multi_gpu "
                         f"--num_processes {train_gpus} --main_process_port {PORT}")
-        argv = stage_cmd(run.root, stage, arm, k, launcher) + (["--shard", SHARD] if shard else [])
-        return f"{owner}/r{k}/{stage}", f"{prefix}-r{k}-{stage}", argv
+        argv = run.stage_cmd(stage, arm, k, launcher) + (["--shard", SHARD] if shard else [])
+        return f"{seed_tag}/{owner}/r{k}/{stage}".lstrip("/"), f"{prefix}-r{k}-{stage}", argv
 
     def add(arm: str, k: int, stage: str, after: str | None, done: Callable[[], bool], owner: str = "") -> str:
         key, name, argv = job(arm, k, stage, owner or arm)
@@ -488,8 +491,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     run = Run(ecfg)
     check_config_change(run, allow_change)
     if write:
-        atomic_write_text(run.root / "config.yaml", dump_yaml(ecfg))
-    return exit_jobs(run), ecfg.slurm, run.root / "slurm"
+        atomic_write_text(run.top / "config.yaml", dump_yaml(ecfg))
+    return [j for r in Run.every_seed(ecfg) for j in exit_jobs(r)], ecfg.slurm, run.top / "slurm"
 
 
 def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
