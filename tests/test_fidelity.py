@@ -206,3 +206,83 @@ def test_rows_longer_than_max_length_and_truncated_rows_are_dropped_not_cut(qwen
     assert len(out) == 2 and dropped == {"too_long": 1}
     assert out[1]["input_ids"][-1] != tok.eos_token_id
     assert out[1]["input_ids"] == encode_prompt(tok, rows[2]["prompt"]) + encode_completion(tok, rows[2]["response"])
+
+
+# --------------------------------------------------------------------------- teachers of other styles
+
+FAST = {"gradient_checkpointing": False, "disable_tqdm": True, "per_device_train_batch_size": 3,
+        "gradient_accumulation_steps": 1, "max_steps": 120, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
+        "warmup_steps": 0, "save_strategy": "no", "report_to": "none", "use_cpu": True}
+R1_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}{% endif %}"
+               "{% endfor %}{% if add_generation_prompt %}<|im_end|><think>\n{% endif %}")
+
+
+def _teacher(tmp_path: Path, tiny_model_dir: Path, style: str) -> Path:
+    """A tiny teacher that knows QUESTIONS by heart in its own style: an instruct model answering
+    `<think> r </think> <answer>a</answer>` through its chat template, or a reasoning model whose
+    template opens `<think>` and which answers in `\\boxed{}` after `</think>`."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from exit_loop.jsonl import write_jsonl
+    from exit_loop.train import TrainConfig, train
+
+    base = tmp_path / f"{style}_base"
+    shutil.copytree(tiny_model_dir, base)
+    if style == "reasoning":
+        tok = AutoTokenizer.from_pretrained(base)
+        tok.chat_template = R1_TEMPLATE
+        tok.save_pretrained(base)
+        tok = AutoTokenizer.from_pretrained(base)
+        rows = [{"prompt": teacher_prompt(q, "reasoning", tok), "response": f"{r}\n</think>\n\nSo \\boxed{{{a}}}."}
+                for q, r, a in QUESTIONS]
+        cfg = TrainConfig(data=[str(write_jsonl(tmp_path / "fit.jsonl", rows))], model=str(base),
+                          output_dir=str(tmp_path / f"{style}_fit"), sft=FAST)
+    else:  # trained through its template: chat prompt -> `<think> {canonical}` and EOS
+        rows = [{"prompt": student_prompt(q), "response": canonical_response(r, a)} for q, r, a in QUESTIONS]
+        cfg = TrainConfig(data=[str(write_jsonl(tmp_path / "fit.jsonl", rows))], model=str(base),
+                          output_dir=str(tmp_path / f"{style}_fit"), use_chat_template=True, sft=FAST)
+    return train(cfg) / "ckpt"
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("style", ["chat", "reasoning"])
+def test_a_teacher_of_another_style_stores_student_prompts_and_canonical_responses(
+        style: str, tmp_path: Path, tiny_model_dir: Path):
+    """`exit-loop generate` with a chat-template teacher or a reasoning teacher: every stored row
+    carries the student prompt and the canonical response, its num_tokens in the student's tokens
+    (`--student`) and the teacher's own count apart; SFT of the student then trains in the student
+    context (r1_zero), token for token."""
+    from transformers import AutoTokenizer
+
+    from exit_loop.jsonl import read_jsonl
+    from exit_loop.pipeline.generate import GenerateConfig, generate
+    from exit_loop.jsonl import write_jsonl
+    from exit_loop.sample import SampleConfig
+    from exit_loop.tasks import DataConfig
+    from exit_loop.train import TrainConfig, build_trainer, read_splits
+
+    teacher = _teacher(tmp_path, tiny_model_dir, style)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": q, "answer": f"{r}\n#### {a}"} for q, r, a in QUESTIONS])
+    out = generate(GenerateConfig(
+        output_dir=str(tmp_path / "gen"), data=DataConfig(dataset=str(data)),
+        sample=SampleConfig(model_name=str(teacher), backend="hf", prompt_style=style, temperature=0.0,
+                            max_tokens=64, stop=[] if style == "reasoning" else None, student=str(tiny_model_dir))))
+    rows = read_jsonl(out / "sft_r1_all.jsonl")
+    student_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert [r["prompt"] for r in rows] == [student_prompt(q) for q, _, _ in QUESTIONS]
+    assert [r["response"] for r in rows] == [canonical_response(r, a) for _, r, a in QUESTIONS], \
+        [r["raw_output"] for r in rows]
+    assert all(r["is_correct"] and r["prompt_style"] == style and "raw_output" in r for r in rows)
+    for r in rows:
+        assert r["num_tokens"] == len(encode_completion(student_tok, r["response"]))
+        assert "teacher_num_tokens" in r and "prompt_tokens" not in r
+    correct = out / "sft_r1_correct.jsonl"
+    cfg = TrainConfig(data=[str(correct)], model=str(tiny_model_dir), output_dir=str(tmp_path / "student"),
+                      sft={"max_steps": 1, "report_to": "none", "use_cpu": True})
+    trainer = build_trainer(cfg, read_splits(cfg.data)[0])
+    for r, ex in zip(read_jsonl(correct), trainer.train_dataset):
+        fed = encode_prompt(student_tok, r["prompt"])
+        assert ex["input_ids"][:len(fed)] == fed
+        assert student_tok.decode(ex["labels"][len(fed):-1]) == r["response"]

@@ -51,7 +51,7 @@ from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
 from exit_loop.pipeline.stages import round_questions
 from exit_loop.sample import check_model_path, select_shard
-from exit_loop.tasks import Problem, load_problems
+from exit_loop.tasks import Problem, check_overlap, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
 
 
 def plan(config: str, overrides: list[str], allow_change: bool = False,
-         write: bool = True) -> tuple[list[Job], SlurmConfig, Path]:
+         write: bool = True, allow_overlap: bool = False) -> tuple[list[Job], SlurmConfig, Path]:
     """Load a run or generation config (a YAML file or a directory already submitted), write its
     resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir."""
     src = Path(config)
@@ -489,6 +489,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     if ecfg.teacher:
         check_model_path(ecfg.teacher.model)
     run = Run(ecfg)
+    if not allow_overlap:  # held-out questions that also train: refused before any job is queued
+        check_overlap(load_problems(ecfg.data), load_problems(ecfg.eval.data))
     check_config_change(run, allow_change)
     if write:
         atomic_write_text(run.top / "config.yaml", dump_yaml(ecfg))
@@ -499,7 +501,7 @@ def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
     d = Path(run_dir)
     if not (d / "slurm" / "config.yaml").exists() and not (d / "config.yaml").exists():
         raise DataError(f"{d}: neither slurm/config.yaml (a generation) nor config.yaml (a run) is there")
-    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False)
+    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False, allow_overlap=True)
     return jobs, slurm_dir
 
 
@@ -549,6 +551,8 @@ def command(argv: list[str]) -> int:
     s.add_argument("--dry-run", action="store_true", help="print the scripts and the dependency graph only")
     s.add_argument("--allow_config_change", action="store_true",
                    help="continue a run whose config differs from the one it was made with")
+    s.add_argument("--allow_overlap", action="store_true",
+                   help="submit even though some held-out questions are also training questions")
     st = sub.add_parser("status", help="one line per stage: done, running, pending, failed, with job ids")
     st.add_argument("run_dir")
     g = sub.add_parser("gpus", help="print the GPU count (= tensor parallel size) a model needs")
@@ -561,7 +565,8 @@ def command(argv: list[str]) -> int:
     if rest:
         a.overrides += rest
     if a.what == "submit":
-        jobs, cfg, slurm_dir = plan(a.config, a.overrides, a.allow_config_change, write=not a.dry_run)
+        jobs, cfg, slurm_dir = plan(a.config, a.overrides, a.allow_config_change, write=not a.dry_run,
+                                    allow_overlap=a.allow_overlap)
         submit_jobs(jobs, cfg, slurm_dir, a.dry_run)
         if not a.dry_run:
             print(f"exit-loop slurm status {slurm_dir.parent}")
