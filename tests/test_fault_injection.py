@@ -46,7 +46,8 @@ def write_config(tmp: Path, name: str, model: Path, gsm8k_dir: Path) -> Path:
                    "dtype": "float32", "backend": "vllm", "engine": {"distributed_executor_backend": "uni"}},
         "filter": {"dedup": False},
         # a checkpoint every step, so kills land while TRL writes one too
-        "train": {"sft": {"max_steps": 8, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
+                  "sft": {"max_steps": 8, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                           "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "steps",
                           "save_steps": 1, "max_length": 256, "learning_rate": 1e-3, "report_to": "none"}},
         "arms": {"main": {"split": "all"}},

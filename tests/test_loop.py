@@ -38,7 +38,8 @@ def experiment(tmp: Path, name: str, model: Path, gsm8k_dir: Path, **extra) -> P
         "sample": {"num_samples": 2, "max_tokens": 48, "temperature": 0.0, "enforce_eager": True,
                    "dtype": "float32", "backend": "vllm"},
         "filter": {"dedup": False},
-        "train": {"sft": {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
+                  "sft": {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                           "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "no",
                           "max_length": 512, "learning_rate": 1e-3}},
         "arms": {"main": {"split": "all"}},

@@ -47,7 +47,8 @@ def exit_config(tmp: Path, name: str, model: Path | str, gsm8k_dir: Path, rounds
         "sample": {"num_samples": 2, "max_tokens": 32, "temperature": 0.0, "enforce_eager": True,
                    "dtype": "float32", "backend": "vllm"},
         "filter": {"dedup": False},
-        "train": {"sft": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
+        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
+                  "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
                           "save_strategy": "no", "max_length": 256, "learning_rate": 1e-3}},
         "arms": {"main": {"split": "all"}},
         "slurm": SLURM,
