@@ -210,46 +210,39 @@ def test_rows_longer_than_max_length_and_truncated_rows_are_dropped_not_cut(qwen
 
 # --------------------------------------------------------------------------- teachers of other styles
 
-FAST = {"gradient_checkpointing": False, "disable_tqdm": True, "per_device_train_batch_size": 3,
-        "gradient_accumulation_steps": 1, "max_steps": 120, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
+TEACHER_QS = [("What is 2 plus 3?", "2 + 3 = 5.", "5"), ("What is 4 times 6?", "4 * 6 = 24.", "24")]
+SYSTEM = "Think, then answer in tags."  # short prompts: the teacher is fitted in seconds
+FAST = {"gradient_checkpointing": False, "disable_tqdm": True, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "max_steps": 100, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
         "warmup_steps": 0, "save_strategy": "no", "report_to": "none", "use_cpu": True}
-R1_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}{% endif %}"
-               "{% endfor %}{% if add_generation_prompt %}<|im_end|><think>\n{% endif %}")
 
 
-def _teacher(tmp_path: Path, tiny_model_dir: Path, style: str) -> Path:
-    """A tiny teacher that knows QUESTIONS by heart in its own style: an instruct model answering
-    `<think> r </think> <answer>a</answer>` through its chat template, or a reasoning model whose
-    template opens `<think>` and which answers in `\\boxed{}` after `</think>`."""
-    import shutil
-
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """A tiny teacher that knows TEACHER_QS by heart in two styles: asked through its chat template
+    with the `chat` system message, it answers `<think> r </think> <answer>a</answer>`; asked as a
+    reasoning model (the question and a `\\boxed{}` instruction as the user turn, no system
+    message), it thinks and answers in `\\boxed{}` after `</think>`."""
     from transformers import AutoTokenizer
 
     from exit_loop.jsonl import write_jsonl
     from exit_loop.train import TrainConfig, train
 
-    base = tmp_path / f"{style}_base"
-    shutil.copytree(tiny_model_dir, base)
-    if style == "reasoning":
-        tok = AutoTokenizer.from_pretrained(base)
-        tok.chat_template = R1_TEMPLATE
-        tok.save_pretrained(base)
-        tok = AutoTokenizer.from_pretrained(base)
-        rows = [{"prompt": teacher_prompt(q, "reasoning", tok), "response": f"{r}\n</think>\n\nSo \\boxed{{{a}}}."}
-                for q, r, a in QUESTIONS]
-        cfg = TrainConfig(data=[str(write_jsonl(tmp_path / "fit.jsonl", rows))], model=str(base),
-                          output_dir=str(tmp_path / f"{style}_fit"), sft=FAST)
-    else:  # trained through its template: chat prompt -> `<think> {canonical}` and EOS
-        rows = [{"prompt": student_prompt(q), "response": canonical_response(r, a)} for q, r, a in QUESTIONS]
-        cfg = TrainConfig(data=[str(write_jsonl(tmp_path / "fit.jsonl", rows))], model=str(base),
-                          output_dir=str(tmp_path / f"{style}_fit"), use_chat_template=True, sft=FAST)
+    tmp = tmp_path_factory.mktemp("teacher")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": teacher_prompt(q, "chat", tok, SYSTEM), "response": f"<think> {canonical_response(r, a)}"}
+            for q, r, a in TEACHER_QS]
+    rows += [{"prompt": teacher_prompt(q, "reasoning", tok, SYSTEM), "response": f"{r}\n</think>\n\nSo \\boxed{{{a}}}."}
+             for q, r, a in TEACHER_QS]
+    cfg = TrainConfig(data=[str(write_jsonl(tmp / "fit.jsonl", rows))], model=str(tiny_model_dir),
+                      output_dir=str(tmp / "fit"), sft=FAST)
     return train(cfg) / "ckpt"
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("style", ["chat", "reasoning"])
 def test_a_teacher_of_another_style_stores_student_prompts_and_canonical_responses(
-        style: str, tmp_path: Path, tiny_model_dir: Path):
+        style: str, tmp_path: Path, tiny_model_dir: Path, teacher: Path):
     """`exit-loop generate` with a chat-template teacher or a reasoning teacher: every stored row
     carries the student prompt and the canonical response, its num_tokens in the student's tokens
     (`--student`) and the teacher's own count apart; SFT of the student then trains in the student
@@ -263,16 +256,16 @@ def test_a_teacher_of_another_style_stores_student_prompts_and_canonical_respons
     from exit_loop.tasks import DataConfig
     from exit_loop.train import TrainConfig, build_trainer, read_splits
 
-    teacher = _teacher(tmp_path, tiny_model_dir, style)
-    data = write_jsonl(tmp_path / "q.jsonl", [{"question": q, "answer": f"{r}\n#### {a}"} for q, r, a in QUESTIONS])
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": q, "answer": f"{r}\n#### {a}"} for q, r, a in TEACHER_QS])
     out = generate(GenerateConfig(
         output_dir=str(tmp_path / "gen"), data=DataConfig(dataset=str(data)),
         sample=SampleConfig(model_name=str(teacher), backend="hf", prompt_style=style, temperature=0.0,
-                            max_tokens=64, stop=[] if style == "reasoning" else None, student=str(tiny_model_dir))))
-    rows = read_jsonl(out / "sft_r1_all.jsonl")
+                            max_tokens=48, stop=[] if style == "reasoning" else None, system_prompt=SYSTEM,
+                            student=str(tiny_model_dir))))
+    rows = sorted(read_jsonl(out / "sft_r1_all.jsonl"), key=lambda r: r["problem_id"])
     student_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert [r["prompt"] for r in rows] == [student_prompt(q) for q, _, _ in QUESTIONS]
-    assert [r["response"] for r in rows] == [canonical_response(r, a) for _, r, a in QUESTIONS], \
+    assert [r["prompt"] for r in rows] == [student_prompt(q) for q, _, _ in TEACHER_QS]
+    assert [r["response"] for r in rows] == [canonical_response(r, a) for _, r, a in TEACHER_QS], \
         [r["raw_output"] for r in rows]
     assert all(r["is_correct"] and r["prompt_style"] == style and "raw_output" in r for r in rows)
     for r in rows:

@@ -183,8 +183,11 @@ def test_killed_mid_stage_resumes_to_the_same_state(straight_run: Path, tmp_path
     acc0 = json.loads((straight_run / "round_00" / "eval" / "eval.json").read_text())["accuracy"]
     assert all(arm["accuracy"][0] == acc0 for arm in report["arms"].values())
     md = (out / "report.md").read_text()
-    table_rows = [ln for ln in md.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]
+    main_table = md.split("\n\n## ")[0]  # the accuracy table (the training-compute table follows)
+    table_rows = [ln for ln in main_table.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]
     assert len(table_rows) - 1 == 2 * (ROUNDS + 1)  # header + one row per round per arm
+    compute = md.split("## Training compute")[1].split("\n\n## ")[0]
+    assert len([ln for ln in compute.splitlines() if ln.startswith("| ")]) - 1 == 2 * ROUNDS  # header + rows
     import matplotlib.image as mpimg
 
     for png in ("accuracy.png", "response_length.png"):
