@@ -47,6 +47,7 @@ from exit_loop.config import check_unchanged, dump_yaml, load_config, read_yaml
 from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
+from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
 from exit_loop.pipeline.stages import round_questions
@@ -74,19 +75,6 @@ class Job:
     gpus: int = 0                     # when the config sets none
 
 
-def _shard_pairs(path: Path) -> set[tuple[str, int]]:
-    """(problem, sample) pairs in a shard file; a line torn by a kill is not a pair."""
-    pairs = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                pairs.add((row["problem_id"], row["sample_index"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return pairs
-
-
 def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], num_samples: int) -> list[int]:
     """Shards (index into `paths`) still missing a (problem, sample) pair; the problems are only
     loaded when some shard file exists."""
@@ -96,7 +84,7 @@ def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], 
     out = []
     for i, path in enumerate(paths):
         want = {(p.id, j) for p in select_shard(probs, len(paths), i) for j in range(num_samples)}
-        if not want <= _shard_pairs(path):
+        if not want <= drawn_pairs(path):
             out.append(i)
     return out
 
