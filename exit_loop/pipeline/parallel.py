@@ -15,11 +15,11 @@ Which work: a list of draws per process (`Draw`: one `sample` call: a shard's co
 which file). Process w runs its draws in order on one engine, starting another only where the model
 changes. Draws already complete on disk are left out, and a process with none left is not started.
 
-Failure: the first process to fail stops the others (SIGTERM to each one's process group, SIGKILL
-after 20 s) and the stage raises StageFailed with its exit status and the end of its log
+Failure: the first process to fail stops the others (SIGTERM, on which a worker SIGKILLs its process
+group, engine included) and the stage raises StageFailed with its exit status and the end of its log
 (`<stage dir>/workers/worker-W.log`). Each process appends every finished request to its shard file
 (`exit_loop.sample`), so the same command again resumes every shard from what is on disk. A worker
-dies with the process that started it (PR_SET_PDEATHSIG), so no orphan keeps writing to a shard.
+and its engine die with the process that started them (PR_SET_PDEATHSIG), so no orphan writes on.
 
     python -m exit_loop.pipeline.parallel <workers>/worker-W.json     # one process (started here)
 """
@@ -44,7 +44,7 @@ from exit_loop.jsonl import write_json
 from exit_loop.sample import SampleConfig, sample, select_shard, start_backend
 from exit_loop.tasks import Problem
 
-STOP_GRACE_S = 20.0  # how long a stopped worker gets to close its engine before SIGKILL
+STOP_GRACE_S = 10.0  # how long a stopped worker gets to end before its group is SIGKILLed
 LOG_TAIL = 3000      # characters of a failed worker's log quoted in the error
 
 
@@ -206,12 +206,14 @@ def start_worker(w: int, draws: list[Draw], problem_sets: dict[str, list[Problem
         proc = subprocess.Popen([sys.executable, "-m", "exit_loop.pipeline.parallel", str(spec)],
                                 env={**os.environ, **slot.env}, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: stopped with its engine
-    print(f"parallel: worker {w} (pid {proc.pid}, {slot.where}): {describe(draws)}; log {log}", flush=True)
+    print(f"parallel: worker {w} (pid {proc.pid}, {slot.where}) draws {describe(draws, work_dir)}; log {log}",
+          flush=True)
     return Worker(w, draws, proc, log, slot)
 
 
-def describe(draws: list[Draw]) -> str:
-    return ", ".join(f"{d.path.parent.name}/{d.path.name}" for d in draws)
+def describe(draws: list[Draw], work_dir: Path) -> str:
+    """The draws' files, relative to the directory above the stage's (`round_00/`, a generation's parent)."""
+    return ", ".join(os.path.relpath(d.path, work_dir.parent.parent) for d in draws)
 
 
 def wait(workers: list[Worker]) -> None:
@@ -228,7 +230,7 @@ def wait(workers: list[Worker]) -> None:
                 how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
                 tail = x.log.read_text(encoding="utf-8", errors="replace")[-LOG_TAIL:] if x.log.exists() else ""
                 raise StageFailed(f"data-parallel worker {x.index} (pid {x.proc.pid}, {x.slot.where}) failed "
-                                  f"({how}) drawing {describe(x.draws)}; the other workers were stopped. "
+                                  f"({how}) drawing {describe(x.draws, x.log.parent)}; the other workers were stopped. "
                                   f"The end of its log {x.log}:\n{tail}\n")
             print(f"parallel: worker {x.index} done", flush=True)
         time.sleep(0.2)
@@ -259,14 +261,17 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the process that started it dies (no orphan draws on)."""
+    """Whatever ends this worker ends its engine too: SIGTERM (from `stop`, or from Linux when the
+    process that started it dies: PR_SET_PDEATHSIG) SIGKILLs its whole process group, the engine's
+    processes included, so no orphan draws on into a shard file a rerun appends to."""
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() == 1:  # the parent died before the line above
-        os._exit(1)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def worker_main(spec_path: str) -> None:
