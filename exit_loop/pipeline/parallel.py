@@ -41,7 +41,7 @@ from typing import Any
 from exit_loop.config import to_dict
 from exit_loop.errors import ConfigError, StageFailed
 from exit_loop.jsonl import write_json
-from exit_loop.sample import SampleConfig, sample, select_shard, start_backend
+from exit_loop.sample import SampleConfig, check_model_path, sample, select_shard, start_backend
 from exit_loop.tasks import Problem
 
 STOP_GRACE_S = 10.0  # how long a stopped worker gets to end before its group is SIGKILLed
@@ -282,6 +282,8 @@ def worker_main(spec_path: str) -> None:
         os.sched_setaffinity(0, spec["cores"])  # vLLM's engine process inherits it
     sets = {k: [Problem(**p) for p in v] for k, v in spec["problems"].items()}
     draws = [Draw(SampleConfig(**d["cfg"]), d["problems"], Path(d["path"])) for d in spec["draws"]]
+    for d in draws:  # a missing checkpoint fails now, not after another model's draws
+        check_model_path(d.cfg.model_name)
     finished: dict[str, float] = {}
     backend, model = None, None
     try:
