@@ -46,12 +46,14 @@ def test_engines_get_disjoint_gpus():
 def test_engines_without_a_gpu_get_disjoint_cores():
     two = slots(2, 1, [], [1, 0])
     assert [s.cores for s in two] == [[0], [1]]
-    assert [s.env for s in two] == [{"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"},
-                                    {"VLLM_CPU_OMP_THREADS_BIND": "1", "OMP_NUM_THREADS": "1"}]
+    assert [s.env for s in two] == [
+        {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        {"VLLM_CPU_OMP_THREADS_BIND": "1", "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}]
     # tensor parallel on CPU: one core list per rank, '|' between ranks (vLLM's format)
     tp = slots(2, 2, [], range(8))
     assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in tp] == ["0,1|2,3", "4,5|6,7"]
     assert [s.cores for s in tp] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in tp[0].env  # TP ranks are processes anyway
     with pytest.raises(ConfigError, match=r"sample.data_parallel=3 .* needs 3 CPU cores .* may use 2"):
         slots(3, 1, [], [0, 1])
 

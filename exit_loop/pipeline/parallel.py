@@ -9,7 +9,9 @@ How many: `sample.data_parallel`; unset, the visible GPUs (CUDA_VISIBLE_DEVICES,
 by `sample.tensor_parallel_size`, and 1 on a machine without a GPU or with `sample.gpu_device` set.
 Process w gets GPUs w*TP … w*TP+TP-1 of the visible ones as its CUDA_VISIBLE_DEVICES; on a CPU-only
 machine it gets its own slice of this process's CPU cores instead (its affinity and vLLM's
-VLLM_CPU_OMP_THREADS_BIND, one list per tensor-parallel rank).
+VLLM_CPU_OMP_THREADS_BIND, one list per tensor-parallel rank), and without tensor parallelism
+runs its engine in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in a second
+one that would compete for the same cores (and import torch and vLLM once more).
 
 Which work: a list of draws per process (`Draw`: one `sample` call: a shard's config, which problems,
 which file). Process w runs its draws in order on one engine, starting another only where the model
@@ -125,8 +127,11 @@ def slots(n: int, tensor_parallel_size: int, gpus: Sequence[str], cores: Sequenc
     for w in range(n):
         mine = cores[w * per:(w + 1) * per]
         ranks = [mine[r * per // tp:(r + 1) * per // tp] for r in range(tp)]
-        out.append(Slot({"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, r)) for r in ranks),
-                         "OMP_NUM_THREADS": str(per // tp)}, mine, f"CPU {','.join(map(str, mine))}"))
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, r)) for r in ranks),
+               "OMP_NUM_THREADS": str(per // tp)}
+        if tp == 1:  # the engine in the worker's own process: no second process on the same cores
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        out.append(Slot(env, mine, f"CPU {','.join(map(str, mine))}"))
     return out
 
 
