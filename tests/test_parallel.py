@@ -129,3 +129,22 @@ def test_a_failing_worker_stops_the_others(tmp_path: Path, tiny_model_dir: Path,
     pid0 = int(re.search(r"parallel: worker 0 \(pid (\d+)", capsys.readouterr().out)[1])
     assert live_in_group(pid0) == [], "worker 0 (or its children) outlived the failed stage"
     assert len(drawn_pairs(tmp_path / "shard-0.jsonl")) < 1000 * 4
+
+
+def test_slurm_jobs_keep_one_engine_unless_the_job_has_the_gpus(tmp_path: Path):
+    from exit_loop.pipeline.resources import SlurmConfig
+    from exit_loop.pipeline.slurm import check_engines_fit, plan
+
+    four = load_config(SlurmConfig, overrides=["rollout.gpus=4"])
+    check_engines_fit(SampleConfig(), SlurmConfig())                             # unset: the job's GPUs decide
+    check_engines_fit(SampleConfig(data_parallel=4, num_shards=4), SlurmConfig())  # array tasks: one engine each
+    check_engines_fit(SampleConfig(data_parallel=2, tensor_parallel_size=2), four)
+    with pytest.raises(ConfigError, match=r"sample.data_parallel=4: .* need 4 GPUs, but a rollout job gets 1 "
+                                          r"\(slurm.rollout.gpus\); set slurm.rollout.gpus=4"):
+        check_engines_fit(SampleConfig(data_parallel=4), SlurmConfig())
+    gen = tmp_path / "gen.yaml"
+    gen.write_text(f"output_dir: {tmp_path / 'out'}\nsample: {{model_name: org/model-1.5B, data_parallel: 2}}\n")
+    with pytest.raises(ConfigError, match="sample.data_parallel=2"):
+        plan(str(gen), [], write=False)
+    jobs, slurm, _ = plan(str(gen), ["slurm.rollout.gpus=2"], write=False)  # a 2-GPU job: 2 engines
+    assert [j.key for j in jobs] == ["generate"] and slurm.resources("rollout", 1).gpus == 2

@@ -51,7 +51,7 @@ from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
 from exit_loop.pipeline.stages import round_questions
-from exit_loop.sample import check_model_path, select_shard
+from exit_loop.sample import SampleConfig, check_model_path, select_shard
 from exit_loop.tasks import Problem, load_problems
 
 log = logging.getLogger(__name__)
@@ -448,10 +448,23 @@ def is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
     return keys <= {f.name for f in fields(GenerateConfig)}
 
 
+def check_engines_fit(sample: SampleConfig, slurm: SlurmConfig) -> None:
+    """An array task draws one shard on one engine; an unsharded rollout job runs
+    sample.data_parallel engines at once (exit_loop.pipeline.parallel), which must fit its GPUs."""
+    dp, tp = sample.data_parallel, sample.tensor_parallel_size
+    gpus = slurm.resources("rollout", tp).gpus or 0
+    if dp is not None and dp > 1 and sample.num_shards == 1 and dp * tp > gpus:
+        raise ConfigError(f"sample.data_parallel={dp}: {dp} engines x sample.tensor_parallel_size={tp} need "
+                          f"{dp * tp} GPUs, but a rollout job gets {gpus} (slurm.rollout.gpus); set "
+                          f"slurm.rollout.gpus={dp * tp}, or sample.num_shards={dp} (an array of one-engine jobs) "
+                          "with sample.data_parallel unset")
+
+
 def plan(config: str, overrides: list[str], allow_change: bool = False,
-         write: bool = True) -> tuple[list[Job], SlurmConfig, Path]:
+         write: bool = True, check: bool = True) -> tuple[list[Job], SlurmConfig, Path]:
     """Load a run or generation config (a YAML file or a directory already submitted), write its
-    resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir."""
+    resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir.
+    `check`: refuse engines that would not fit a job's GPUs (`check_engines_fit`)."""
     src = Path(config)
     if src.is_dir():
         gen_file = src / "slurm" / "config.yaml"
@@ -461,6 +474,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         gcfg = load_config(GenerateConfig, src, overrides)
         if gcfg.sample.shard_id != 0:
             raise ConfigError("sample.shard_id: leave it unset; each array task sets its own")
+        if check:
+            check_engines_fit(gcfg.sample, gcfg.slurm)
         slurm_dir = Path(gcfg.output_dir) / "slurm"
         cfg_file = slurm_dir / "config.yaml"
         check_unchanged(cfg_file, gcfg, allow_change, "generation was submitted",
@@ -472,6 +487,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     check_model_path(ecfg.student)
     if ecfg.teacher:
         check_model_path(ecfg.teacher)
+    if check:
+        check_engines_fit(ecfg.sample, ecfg.slurm)
     run = Run(ecfg)
     check_config_change(run, allow_change)
     if write:
@@ -483,7 +500,7 @@ def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
     d = Path(run_dir)
     if not (d / "slurm" / "config.yaml").exists() and not (d / "config.yaml").exists():
         raise DataError(f"{d}: neither slurm/config.yaml (a generation) nor config.yaml (a run) is there")
-    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False)
+    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False, check=False)
     return jobs, slurm_dir
 
 
