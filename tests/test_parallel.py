@@ -148,3 +148,39 @@ def test_slurm_jobs_keep_one_engine_unless_the_job_has_the_gpus(tmp_path: Path):
         plan(str(gen), [], write=False)
     jobs, slurm, _ = plan(str(gen), ["slurm.rollout.gpus=2"], write=False)  # a 2-GPU job: 2 engines
     assert [j.key for j in jobs] == ["generate"] and slurm.resources("rollout", 1).gpus == 2
+
+
+@pytest.mark.engine
+def test_generate_on_two_engine_processes(tmp_path: Path, tiny_model_dir: Path, gsm8k_train: Path,
+                                          capsys: pytest.CaptureFixture):
+    """`exit-loop generate --data_parallel 2` (HF backend: two real worker processes, one core
+    each): the shards land in samples/, are merged into samples.jsonl, verified and filtered; the
+    same command again starts no worker; another model is refused naming a shard it would mix into."""
+    from exit_loop.errors import DataError
+    from exit_loop.jsonl import read_jsonl
+    from exit_loop.pipeline.generate import generate
+
+    out = tmp_path / "gen"
+    args = ["--model_name", str(tiny_model_dir), "--dataset", str(gsm8k_train), "--num_examples", "6",
+            "--num_samples", "2", "--backend", "hf", "--output_dir", str(out), "--data_parallel", "2",
+            "sample.max_tokens=8", "sample.dtype=float32", "sample.temperature=0.0"]
+    generate(parse_args(args, "exit-loop generate", ""))
+    log = capsys.readouterr().out
+    assert "parallel: worker 0" in log and "parallel: worker 1" in log
+    shards = sorted((out / "samples").glob("shard-*.jsonl"))
+    assert [p.name for p in shards] == ["shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert [len(read_jsonl(p)) for p in shards] == [6, 6]
+    rows = read_jsonl(out / "sft_r1_all.jsonl")
+    assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == [(f"train-{i}", k) for i in range(6)
+                                                                          for k in range(2)]
+    assert (out / "manifest.json").exists()
+
+    generate(parse_args(args, "exit-loop generate", ""))  # complete on disk: no worker starts
+    assert "parallel: worker" not in capsys.readouterr().out
+
+    (out / "samples.jsonl").unlink()  # as if killed before the merge
+    other = [a if a != str(tiny_model_dir) else str(tmp_path / "other") for a in args]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"shard-00000-of-00002.jsonl:1: holds samples with model="):
+        generate(parse_args(other, "exit-loop generate", ""))
