@@ -159,7 +159,7 @@ def missing(d: Draw, problems: Sequence[Problem]) -> int:
     """How many of the draw's (problem, sample) pairs its file still lacks."""
     mine = select_shard(problems, d.cfg.num_shards, d.cfg.shard_id)
     want = {(p.id, j) for p in mine for j in range(d.cfg.num_samples)}
-    return len(want - drawn_pairs(d.path)) if want else 0
+    return len(want - drawn_pairs(d.path))
 
 
 # --------------------------------------------------------------------------- the parent
