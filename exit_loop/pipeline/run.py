@@ -309,8 +309,8 @@ def policy_warnings(cfg: ExperimentConfig) -> list[str]:
 
 
 def check_config_change(run: Run, allow: bool) -> None:
-    """Refuse to continue a run under another config (the slurm section may change, `rounds`
-    may grow), naming the keys that differ."""
+    """Refuse to continue a run under another config (the slurm section and the number of engine
+    processes, sample.data_parallel, may change; `rounds` may grow), naming the keys that differ."""
     check_unchanged(run.top / "config.yaml", run.top_cfg, allow, "run was made",
                     "Use another experiment name, or --allow_config_change to continue anyway",
-                    ignore=("slurm",), growable=GROWABLE_KEYS)
+                    ignore=("slurm", "sample.data_parallel"), growable=GROWABLE_KEYS)

@@ -47,10 +47,11 @@ from exit_loop.config import check_unchanged, dump_yaml, load_config, read_yaml
 from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
+from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
 from exit_loop.pipeline.stages import round_questions
-from exit_loop.sample import check_model_path, select_shard
+from exit_loop.sample import SampleConfig, check_model_path, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,6 @@ class Job:
     gpus: int = 0                     # when the config sets none
 
 
-def _shard_pairs(path: Path) -> set[tuple[str, int]]:
-    """(problem, sample) pairs in a shard file; a line torn by a kill is not a pair."""
-    pairs = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                pairs.add((row["problem_id"], row["sample_index"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return pairs
-
-
 def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], num_samples: int) -> list[int]:
     """Shards (index into `paths`) still missing a (problem, sample) pair; the problems are only
     loaded when some shard file exists."""
@@ -96,7 +84,7 @@ def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], 
     out = []
     for i, path in enumerate(paths):
         want = {(p.id, j) for p in select_shard(probs, len(paths), i) for j in range(num_samples)}
-        if not want <= _shard_pairs(path):
+        if not want <= drawn_pairs(path):
             out.append(i)
     return out
 
@@ -463,10 +451,23 @@ def is_generation(data: dict[str, Any], overrides: list[str]) -> bool:
     return keys <= {f.name for f in fields(GenerateConfig)}
 
 
+def check_engines_fit(sample: SampleConfig, slurm: SlurmConfig) -> None:
+    """An array task draws one shard on one engine; an unsharded rollout job runs
+    sample.data_parallel engines at once (exit_loop.pipeline.parallel), which must fit its GPUs."""
+    dp, tp = sample.data_parallel, sample.tensor_parallel_size
+    gpus = slurm.resources("rollout", tp).gpus or 0
+    if dp is not None and dp > 1 and sample.num_shards == 1 and dp * tp > gpus:
+        raise ConfigError(f"sample.data_parallel={dp}: {dp} engines x sample.tensor_parallel_size={tp} need "
+                          f"{dp * tp} GPUs, but a rollout job gets {gpus} (slurm.rollout.gpus); set "
+                          f"slurm.rollout.gpus={dp * tp}, or sample.num_shards={dp} (an array of one-engine jobs) "
+                          "with sample.data_parallel unset")
+
+
 def plan(config: str, overrides: list[str], allow_change: bool = False,
-         write: bool = True, allow_overlap: bool = False) -> tuple[list[Job], SlurmConfig, Path]:
+         write: bool = True, check: bool = True, allow_overlap: bool = False) -> tuple[list[Job], SlurmConfig, Path]:
     """Load a run or generation config (a YAML file or a directory already submitted), write its
-    resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir."""
+    resolved config where the jobs read it, and return the jobs, the slurm section and the slurm dir.
+    `check`: refuse engines that would not fit a job's GPUs (`check_engines_fit`)."""
     src = Path(config)
     if src.is_dir():
         gen_file = src / "slurm" / "config.yaml"
@@ -476,6 +477,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         gcfg = load_config(GenerateConfig, src, overrides)
         if gcfg.sample.shard_id != 0:
             raise ConfigError("sample.shard_id: leave it unset; each array task sets its own")
+        if check:
+            check_engines_fit(gcfg.sample, gcfg.slurm)
         slurm_dir = Path(gcfg.output_dir) / "slurm"
         cfg_file = slurm_dir / "config.yaml"
         check_unchanged(cfg_file, gcfg, allow_change, "generation was submitted",
@@ -488,6 +491,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     check_model_path(ecfg.student)
     if ecfg.teacher:
         check_model_path(ecfg.teacher.model)
+    if check:
+        check_engines_fit(ecfg.sample, ecfg.slurm)
     run = Run(ecfg)
     if not allow_overlap:  # held-out questions that also train: refused before any job is queued
         check_overlap(load_problems(ecfg.data), load_problems(ecfg.eval.data))
@@ -501,7 +506,7 @@ def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
     d = Path(run_dir)
     if not (d / "slurm" / "config.yaml").exists() and not (d / "config.yaml").exists():
         raise DataError(f"{d}: neither slurm/config.yaml (a generation) nor config.yaml (a run) is there")
-    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False, allow_overlap=True)
+    jobs, _, slurm_dir = plan(str(d), [], allow_change=True, write=False, check=False, allow_overlap=True)
     return jobs, slurm_dir
 
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
 from exit_loop.errors import ConfigError, DataError, NothingToTrain
-from exit_loop.evaluate import EvalConfig, evaluate
+from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
-from exit_loop.pipeline.run import STAGES, Run
+from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
+from exit_loop.pipeline.run import STAGES, Run, shard_path
 from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
@@ -38,27 +39,41 @@ def wall(t0: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- pieces (plain paths)
 
 
-def draw(cfg: SampleConfig, problems: list[Problem], samples_file: Path, shard_file: Callable[[int], Path],
+def draw(cfg: SampleConfig, problems: list[Problem], samples_file: Path, shard_dir: Path,
          shard: int | None = None, backend: VLLMBackend | HFBackend | None = None,
          hint: str = "") -> Sampled | None:
     """Sample every problem `cfg.num_samples` times. Unsharded: into `samples_file`. With
-    `cfg.num_shards` > 1: into the shard files, either every shard with one engine and then merged
-    into `samples_file` (`shard` None), or only `shard` (None returned: the merge comes later).
-    `backend` is used where given (and left open); else one is started only if there is work."""
+    `cfg.num_shards` > 1: into the shard files in `shard_dir`, either every shard with one engine
+    and then merged into `samples_file` (`shard` None), or only `shard` (None returned: the merge
+    comes later). `backend` is used where given (and left open); else one is started only if there
+    is work. With `shard` and `backend` None and `cfg.data_parallel` > 1 (or unset on a node with
+    several GPUs), the shards (num_shards, or one per engine) are drawn by that many engine
+    processes at once (`exit_loop.pipeline.parallel`) and merged."""
     n = cfg.num_shards
+    if shard is None and backend is None and problems and (dp := data_parallel(cfg)) > 1:
+        draws = shard_draws(cfg, dp, shard_dir)
+        run_workers([draws[w::dp] for w in range(dp)], {"sample": problems}, cfg, shard_dir.parent / "workers")
+        return merge_shards([d.path for d in draws], problems, cfg.num_samples, samples_file, hint)
     if n == 1:
         return sample(cfg, problems, samples_file, backend)
     owned = backend is None and shard is None and bool(problems)
     backend = start_backend(cfg) if owned else backend
     try:
         for i in (range(n) if shard is None else [shard]) if problems else []:
-            sample(replace(cfg, shard_id=i), problems, shard_file(i), backend)
+            sample(replace(cfg, shard_id=i), problems, shard_path(shard_dir, i, n), backend)
     finally:
         if owned:
             backend.close()  # type: ignore[union-attr]
     if shard is not None:
         return None
-    return merge_shards([shard_file(i) for i in range(n)], problems, cfg.num_samples, samples_file, hint)
+    return merge_shards([shard_path(shard_dir, i, n) for i in range(n)], problems, cfg.num_samples, samples_file, hint)
+
+
+def shard_draws(cfg: SampleConfig, dp: int, shard_dir: Path) -> list[Draw]:
+    """The shards that `dp` engine processes draw: `cfg.num_shards` of them, or one per process
+    where that is 1 (process w draws shards w, w + dp, ...)."""
+    n = cfg.num_shards if cfg.num_shards > 1 else dp
+    return [Draw(replace(cfg, num_shards=n, shard_id=i), "sample", shard_path(shard_dir, i, n)) for i in range(n)]
 
 
 def merge_shards(paths: list[Path], problems: list[Problem], num_samples: int, out: Path,
@@ -148,14 +163,12 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     need_eval = not run.done(arm, k, "eval") and shard in (None, 0)
     need_sample = k < cfg.rounds and not run.done(arm, k, "sample") and cfg.arms[arm].split != "original"
     base = replace(cfg.sample, seed=cfg.seed + k, round=k)
+    if shard is None and (need_eval or need_sample) and (dp := data_parallel(base)) > 1:
+        return parallel_rollout(run, arm, k, need_eval, need_sample, dp)
     backend = None
     try:
         if need_eval:
-            es = cfg.eval.sample  # the eval's own settings, none of training's sampling keys
-            ecfg = EvalConfig(output_dir=str(run.real_dir(arm, k, "eval")), data=cfg.eval.data,
-                              sample=replace(base, model_name=run.policy(arm, k), max_tokens=es.max_tokens,
-                                             top_p=es.top_p, stop=es.stop, sampling={}),
-                              k=cfg.eval.k, n=cfg.eval.n, temperature=es.temperature)
+            ecfg = eval_config(run, arm, k)
             t0 = time.monotonic()
             if need_sample and run.sampler_model(arm, k) == run.policy(arm, k):
                 backend = start_backend(ecfg.sample)
@@ -167,8 +180,7 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
             problems = round_questions(run, arm, k)
             if backend is None and problems and n == 1:
                 backend = start_backend(scfg)
-            sampled = draw(scfg, problems, d / "samples.jsonl", lambda i: run.sample_shard(arm, k, i), shard,
-                           backend, MERGE_HINT)
+            sampled = draw(scfg, problems, d / "samples.jsonl", d / "shards", shard, backend, MERGE_HINT)
             if backend is not None:  # the engine's stop counts in the sample stage's wall time
                 backend.close()
                 backend = None
@@ -178,6 +190,60 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     finally:
         if backend is not None:
             backend.close()
+
+
+def eval_config(run: Run, arm: str, k: int) -> EvalConfig:
+    """Round k's eval of the policy: the student's engine settings with the eval's own sampling
+    settings (`eval.sample`), none of training's sampling keys."""
+    cfg = run.cfg
+    es = cfg.eval.sample
+    return EvalConfig(output_dir=str(run.real_dir(arm, k, "eval")), data=cfg.eval.data,
+                      sample=replace(cfg.sample, seed=cfg.seed + k, round=k, model_name=run.policy(arm, k),
+                                     max_tokens=es.max_tokens, top_p=es.top_p, stop=es.stop, sampling={}),
+                      k=cfg.eval.k, n=cfg.eval.n, temperature=es.temperature)
+
+
+def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: bool, dp: int) -> None:
+    """`rollout_stage` on `dp` engine processes at once (`exit_loop.pipeline.parallel`): process w
+    evaluates shard w of `dp` of the held-out questions (`eval/shards/`) and samples its share of
+    the sample shards, on one engine where eval and sample use the same model; then both are merged
+    as `merge_stage` merges a SLURM array's shards. Eval's wall time runs until the last process
+    finished its eval draws, the sample stage's from there."""
+    cfg = run.cfg
+    t0, started = time.monotonic(), time.time()
+    plans: list[list[Draw]] = [[] for _ in range(dp)]
+    sets: dict[str, list[Problem]] = {}
+    ecfg = eval_config(run, arm, k)
+    eval_files: list[tuple[list[Path], SampleConfig, Path]] = []
+    if need_eval:
+        sets["eval"] = load_problems(ecfg.data)
+        for name, dcfg, out in eval_draws(ecfg):
+            shards = [Draw(replace(dcfg, num_shards=dp, shard_id=w), "eval",
+                           shard_path(Path(ecfg.output_dir) / "shards" / name, w, dp)) for w in range(dp)]
+            eval_files.append(([d.path for d in shards], dcfg, out))
+            for w in range(dp):
+                plans[w].append(shards[w])
+    d = run.real_dir(arm, k, "sample")
+    scfg = run.sampler_config(arm, k)
+    draws = shard_draws(scfg, dp, d / "shards") if need_sample else []
+    if need_sample:
+        sets["sample"] = round_questions(run, arm, k)
+        for w in range(dp):
+            plans[w] += draws[w::dp]
+    finished = run_workers(plans, sets, scfg, (d if need_sample else Path(ecfg.output_dir)) / "workers")
+    eval_end = max([finished[str(p)] for paths, _, _ in eval_files for p in paths], default=started)
+    if need_eval:
+        for paths, dcfg, out in eval_files:
+            merge_shards(paths, sets["eval"], dcfg.num_samples, out, "run the same stage again")
+        score(ecfg, eval_end - started)
+    if need_sample:
+        t1 = time.monotonic()
+        sampled = merge_shards([x.path for x in draws], sets["sample"], scfg.num_samples, d / "samples.jsonl",
+                               "run the same stage again")
+        wall_s = time.time() - eval_end if need_eval else time.monotonic() - t0
+        write_manifest(d, "sample", {"wall_s": round(wall_s, 3), "merge_s": round(time.monotonic() - t1, 3)},
+                       model=scfg.model_name, questions=len(sets["sample"]), shards=len(draws), data_parallel=dp,
+                       counts={"samples": sampled.samples, "tokens_generated": sampled.tokens})
 
 
 def merge_stage(run: Run, arm: str, k: int) -> None:

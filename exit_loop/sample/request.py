@@ -45,6 +45,9 @@ class SampleConfig:
     student: str | None = None             # a teacher's rows count their response in this model's tokens
     num_shards: int = 1
     shard_id: int = 0
+    # engine processes at once on this machine, each on its own GPUs (exit_loop.pipeline.parallel);
+    # unset: the visible GPUs / tensor_parallel_size, 1 without a GPU; SLURM array tasks draw one shard each
+    data_parallel: int | None = None
     round: int = 0                         # provenance, set by the loop
 
     def __post_init__(self) -> None:
@@ -54,6 +57,8 @@ class SampleConfig:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id must be in [0, num_shards={self.num_shards}), got {self.shard_id}")
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise ValueError(f"data_parallel must be at least 1 (or unset: one per GPU), got {self.data_parallel}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
