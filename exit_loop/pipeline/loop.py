@@ -43,6 +43,7 @@ from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
 from exit_loop.pipeline.stages import run_stage
+from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import load_problems
 
@@ -82,6 +83,7 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
         timer = Timer()
         t_arm = time.monotonic()
         run.arm_dir(arm).mkdir(parents=True, exist_ok=True)
+        tracker = open_tracker(run, arm)  # None without report_to
         for k in range(cfg.rounds + 1):
             last = k == cfg.rounds
             todo_rollout = not run.done(arm, k, "eval") or (
@@ -97,6 +99,8 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
             for stage in ("eval", "sample", "verify"):
                 run.link(arm, k, stage)
             if last:
+                if tracker is not None:
+                    tracker.log_round(k)
                 break
             if cfg.arms[arm].split != "original" and not run.done(arm, k, "verify"):
                 t0 = time.monotonic()
@@ -112,7 +116,11 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
                 timer.add("train_process_s", time.monotonic() - t0)
                 timer.add("train_s", _stage_wall(run.stage_dir(arm, k, "train")))
             print(f"== {cfg.experiment}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
+            if tracker is not None:
+                tracker.log_round(k)
         write_run_json(run, arm, timer, time.monotonic() - t_arm)
+        if tracker is not None:
+            tracker.close()
     print(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.root}", flush=True)
     return run.root
 

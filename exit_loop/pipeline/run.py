@@ -78,6 +78,8 @@ class ExperimentConfig:
     arms: dict[str, ArmConfig] = field(default_factory=lambda: {"main": ArmConfig()})
     isolate: bool = True              # heavy stages in their own process
     slurm: SlurmConfig = field(default_factory=SlurmConfig)     # `exit-loop slurm submit` resources
+    # round metrics and each round's SFT run to these trackers (exit_loop.pipeline.track)
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -161,8 +163,8 @@ class Run:
 
 
 def check_config_change(run: Run, allow: bool) -> None:
-    """Refuse to continue a run under another config (the slurm section may change, `rounds`
-    may grow), naming the keys that differ."""
+    """Refuse to continue a run under another config (the slurm section and the trackers may
+    change, `rounds` may grow), naming the keys that differ."""
     check_unchanged(run.root / "config.yaml", run.cfg, allow, "run was made",
                     "Use another experiment name, or --allow_config_change to continue anyway",
-                    ignore=("slurm",), growable=GROWABLE_KEYS)
+                    ignore=("slurm", "report_to"), growable=GROWABLE_KEYS)

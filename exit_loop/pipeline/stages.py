@@ -24,6 +24,7 @@ from exit_loop.evaluate import EvalConfig, evaluate
 from exit_loop.filter import write_splits
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
 from exit_loop.pipeline.run import STAGES, Run
+from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
@@ -222,11 +223,12 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     data = [str(train_split(run, arm, j)) for j in rounds]
     data = [p for p in data if Path(p).stat().st_size > 0]
     model = cfg.student if cfg.policy.retrain_from == "base" else run.policy(arm, k)
+    tracked, _ = sft_tracking(run, arm, k)  # report_to and run_name, under what train.sft sets
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
                        num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
                        use_chat_template=cfg.train.use_chat_template, peft=cfg.train.peft,
-                       sft=dict(cfg.train.sft), trust_remote_code=cfg.sample.trust_remote_code)
+                       sft={**tracked, **cfg.train.sft}, trust_remote_code=cfg.sample.trust_remote_code)
 
 
 def train_stage(run: Run, arm: str, k: int) -> None:
@@ -242,6 +244,7 @@ def train_stage(run: Run, arm: str, k: int) -> None:
                                            "model": tcfg.model, "examples": 0, "tokens": 0})
         print(f"train: no training rows in round {k}; the policy carries over", flush=True)
         return
+    os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
     train(tcfg)
 
 
