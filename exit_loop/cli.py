@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 
+from exit_loop.console import stream as console_stream
 from exit_loop.errors import ConfigError, DataError, DiskFullError, SlurmError, StageFailed
 
 COMMANDS = {  # name: (module, function, help)
@@ -54,7 +55,8 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stdout` is when a record comes (pytest and notebooks replace it)."""
+    """Writes to the console when a record comes: `sys.stdout` as it is then (pytest and notebooks
+    replace it), or, inside a stage's log (exit_loop.console), the terminal."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
@@ -62,7 +64,7 @@ class ConsoleHandler(logging.StreamHandler):
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: ANN201 - a text stream
-        return sys.stdout
+        return console_stream()
 
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001 - always sys.stdout

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config, to_dict
+from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
@@ -123,10 +124,10 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     owned = backend is None
     backend = backend or start_backend(greedy_cfg)  # one engine for the greedy and the k samples
     try:
-        sample(greedy_cfg, problems, out / "greedy.jsonl", backend)
+        sample(greedy_cfg, problems, out / "greedy.jsonl", backend, summary=False)  # the eval line says it
         if cfg.k:
             k_cfg = replace(greedy_cfg, temperature=cfg.k_temperature, num_samples=cfg.k)
-            sample(k_cfg, problems, out / "samples_k.jsonl", backend)
+            sample(k_cfg, problems, out / "samples_k.jsonl", backend, summary=False)
     finally:
         if owned:
             backend.close()
@@ -137,8 +138,8 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     write_json(out / "eval.json", result)
     write_manifest(out, "eval", {"wall_s": round(time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
-    print(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
-          f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}", flush=True)
+    say(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
+        f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}")
     return out
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config
+from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
 from exit_loop.tasks import count_failures
@@ -130,7 +131,7 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
     if all_rows:
         summary["all_split"] = str(out / cfg.all_name)
         summary["correct_split"] = str(out / cfg.correct_name)
-        print(format_summary(summary), flush=True)
+        say(format_summary(summary))
     write_json(out / "summary.json", summary)
     return summary
 

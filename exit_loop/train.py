@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import random
 import re
@@ -61,8 +62,11 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
+from exit_loop.console import say
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
 from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("prompt", "response")
 LORA_LEARNING_RATE = 1e-4
@@ -281,7 +285,8 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
             rows.append(kept)
             n += 1
         if blank:
-            print(f"train: {path}: skipped {blank} row(s) with a blank response", file=sys.stderr)
+            # expected of an all split (it keeps traces where the model wrote nothing): a note
+            log.info("train: %s: skipped %d row(s) with a blank response", path, blank)
         if n == 0:
             raise DataError(f"{path}: empty split (no rows); a split needs rows with "
                             f"{', '.join(map(repr, REQUIRED_KEYS))}")
@@ -295,8 +300,7 @@ def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict
     if n is None:
         return rows
     if n > len(rows):
-        print(f"train: num_examples={n} but the splits hold only {len(rows)} rows; using all of them",
-              file=sys.stderr)
+        log.warning("train: num_examples=%d but the splits hold only %d rows; using all of them", n, len(rows))
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
@@ -519,8 +523,8 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
         try:
             json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            print(f"train: {d} is incomplete (no whole trainer_state.json: the job died while "
-                  "saving it); resuming from an earlier checkpoint", file=sys.stderr)
+            log.warning("train: %s is incomplete (no whole trainer_state.json: the job died while "
+                        "saving it); resuming from an earlier checkpoint", d)
             continue
         return str(d)
     return None
@@ -531,7 +535,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     `callbacks` (transformers `TrainerCallback`s) go to the trainer as they are."""
     out = Path(cfg.output_dir)
     if (out / "manifest.json").exists():
-        print(f"train: {out}/manifest.json exists; already done", file=sys.stderr)
+        say(f"train: {out}/manifest.json exists; already done")
         return out
     t0 = time.time()
 
@@ -555,9 +559,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     tokenizer = trainer.processing_class
     counts = check_prepared(trainer, cfg)
     if counts["truncated_examples"]:
-        print(f"train: {counts['truncated_examples']} of {len(rows)} examples are longer than "
-              f"max_length={args.max_length} and were cut (their EOS too); raise sft.max_length",
-              file=sys.stderr)
+        log.warning("train: %d of %d examples are longer than max_length=%s and were cut (their EOS "
+                    "too); raise sft.max_length", counts["truncated_examples"], len(rows), args.max_length)
 
     trainer_dir = Path(args.output_dir)
     resume = last_complete_checkpoint(trainer_dir)
@@ -621,6 +624,11 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "sft_args": sft_kwargs(cfg),  # SFT_DEFAULTS + cfg.sft, as passed to trl.SFTConfig
         }
         write_json(out / "manifest.json", manifest)
+        runtime = _last_logged(trainer.state.log_history, "train_runtime")
+        speed = f", {counts['tokens'] * (trainer.state.epoch or 0) / runtime:.0f} tokens/s" if runtime else ""
+        loss = manifest["final_loss"]
+        say(f"train: {trainer.state.global_step} optimizer steps, final loss "
+            f"{'—' if loss is None else f'{loss:.4f}'}{speed}, {manifest['wall_time_s']:.1f}s -> {ckpt}")
     state.wait_for_everyone()
     return out
 
@@ -667,7 +675,7 @@ OUTPUT_DIR/trainer resumes from the last one.""")
     values = {k: v for k, v in (("data", a.data), ("model", a.model), ("output_dir", a.output_dir),
                                 ("num_examples", a.num_examples), ("seed", a.seed)) if v is not None}
     cfg = load_config(TrainConfig, a.config, overrides, values=values)
-    print(train(cfg))
+    train(cfg)
     return 0
 
 

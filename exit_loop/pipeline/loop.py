@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -46,6 +47,8 @@ from exit_loop.pipeline.stages import run_stage
 from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import load_problems
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -115,7 +118,7 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
                 _launch(run, "train", arm, k, cfg.train.launcher)
                 timer.add("train_process_s", time.monotonic() - t0)
                 timer.add("train_s", _stage_wall(run.stage_dir(arm, k, "train")))
-            print(f"== {cfg.experiment}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
+            log.debug("== %s/%s round %d: %s", cfg.experiment, arm, k, summary_line(run, arm, k))
             if tracker is not None:
                 tracker.log_round(k)
         write_run_json(run, arm, timer, time.monotonic() - t_arm)

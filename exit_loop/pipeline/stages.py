@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
+from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.evaluate import EvalConfig, evaluate
 from exit_loop.filter import write_splits
@@ -28,7 +29,7 @@ from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
-from exit_loop.verify import read_samples, verify_rows
+from exit_loop.verify import count_lines, read_samples, verify_rows, with_progress
 
 
 def wall(t0: float) -> dict[str, float]:
@@ -187,7 +188,8 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / "samples.jsonl"
-    out = write_jsonl(d / "verified.jsonl", label(src, run.cfg.data.task))
+    out = write_jsonl(d / "verified.jsonl", with_progress(label(src, run.cfg.data.task), count_lines(src),
+                                                          d / "verified.jsonl"))
     write_manifest(d, "verify", wall(t0), input=str(src), output=str(out))
 
 
@@ -242,14 +244,23 @@ def train_stage(run: Run, arm: str, k: int) -> None:
         os.symlink(os.path.abspath(tcfg.model), out / "ckpt")
         write_json(out / "manifest.json", {"stage": "train", "skipped": "no training rows",
                                            "model": tcfg.model, "examples": 0, "tokens": 0})
-        print(f"train: no training rows in round {k}; the policy carries over", flush=True)
+        say(f"train: no training rows in round {k}; the policy carries over")
         return
     os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
-    train(tcfg)
+    train(tcfg, callbacks=[train_progress()])
 
 
 def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -> None:
-    """Run one stage in this process (the `exit-loop stage` command and the cheap stages)."""
+    """Run one stage in this process (the `exit-loop stage` command and the cheap stages), other
+    libraries' output in the stage directory's stage.log (rollout: eval's; merge: sample's)."""
+    where = {"rollout": "eval", "merge": "sample"}.get(name, name)
+    with stage_log(run.real_dir(arm, k, where)):
+        _run_stage(run, name, arm, k, shard)
+    for stage in STAGES:
+        run.link(arm, k, stage)
+
+
+def _run_stage(run: Run, name: str, arm: str, k: int, shard: int | None) -> None:
     if name == "rollout":
         rollout_stage(run, arm, k, shard)
     elif name == "merge":
@@ -264,5 +275,3 @@ def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -
         train_stage(run, arm, k)
     else:
         raise ValueError(f"unknown stage {name!r}")
-    for stage in STAGES:
-        run.link(arm, k, stage)
