@@ -63,6 +63,7 @@ from typing import Any
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.console import say
+from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
 from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
 
@@ -675,7 +676,12 @@ OUTPUT_DIR/trainer resumes from the last one.""")
     values = {k: v for k, v in (("data", a.data), ("model", a.model), ("output_dir", a.output_dir),
                                 ("num_examples", a.num_examples), ("seed", a.seed)) if v is not None}
     cfg = load_config(TrainConfig, a.config, overrides, values=values)
-    train(cfg)
+    cfg.sft, repo = route_push(cfg.sft, None)  # sft.push_to_hub: the merged ckpt/, not TRL's trainer/
+    check_hub({"sft.push_to_hub": repo})
+    out = train(cfg)
+    if repo:
+        staged = stage_checkpoint(out / "hub", out / "ckpt", cfg.model, "main")
+        say(f"train: pushed the checkpoint to {upload(staged, repo, 'model', 'exit-loop train')}")
     return 0
 
 

@@ -43,7 +43,8 @@ from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
-from exit_loop.pipeline.stages import run_stage
+from exit_loop.hub import check_hub
+from exit_loop.pipeline.stages import hub_settings, run_stage
 from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import load_problems
@@ -73,6 +74,7 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
 def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
     run = Run(cfg)
+    check_hub(hub_settings(cfg))  # no token or no hub: fail now, before any GPU work
     check_model_path(cfg.student)
     if cfg.teacher:
         check_model_path(cfg.teacher)

@@ -59,6 +59,7 @@ class TrainSection:
     peft: LoraSettings = field(default_factory=LoraSettings)
     use_chat_template: bool = False
     launcher: str = ""   # e.g. "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8"
+    hub_model_id: str | None = None  # ORG/NAME: each round's merged ckpt/ to this model repo (exit_loop.hub)
 
 
 @dataclass

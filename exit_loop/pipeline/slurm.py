@@ -51,7 +51,8 @@ from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
-from exit_loop.pipeline.stages import round_questions
+from exit_loop.hub import check_hub
+from exit_loop.pipeline.stages import hub_settings, round_questions
 from exit_loop.sample import check_model_path, select_shard
 from exit_loop.tasks import Problem, load_problems
 
@@ -495,6 +496,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
             atomic_write_text(cfg_file, dump_yaml(gcfg))
         return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
     ecfg = load_config(ExperimentConfig, src, overrides)
+    if write:  # before anything is queued (a dry run only prints)
+        check_hub(hub_settings(ecfg))
     check_model_path(ecfg.student)
     if ecfg.teacher:
         check_model_path(ecfg.teacher)

@@ -23,8 +23,9 @@ from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.evaluate import EvalConfig, evaluate
 from exit_loop.filter import write_splits
+from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
-from exit_loop.pipeline.run import STAGES, Run
+from exit_loop.pipeline.run import STAGES, ExperimentConfig, Run
 from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
@@ -207,6 +208,11 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
     src = run.real_dir(arm, k, "verify") / "verified.jsonl"
     summary = write_splits(iter_jsonl(src), replace(cfg.filter, input=str(src), output_dir=str(d)),
                            allow_empty=True)  # empty: every question already solved
+    if cfg.filter.push_to_hub:  # before the manifest: a failed upload is tried again on resume
+        repo = cfg.filter.push_to_hub
+        staged = stage_splits(run.root / "hub" / repo.split("/")[1], hub_name(run, arm, k),
+                              d / cfg.filter.correct_name, d / cfg.filter.all_name)
+        say(f"filter: pushed {hub_name(run, arm, k)} to {upload(staged, repo, 'dataset', f'{arm} round {k}')}")
     write_manifest(d, "filter", wall(t0), split=cfg.arms[arm].split)
     return summary
 
@@ -226,11 +232,12 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     data = [p for p in data if Path(p).stat().st_size > 0]
     model = cfg.student if cfg.policy.retrain_from == "base" else run.policy(arm, k)
     tracked, _ = sft_tracking(run, arm, k)  # report_to and run_name, under what train.sft sets
+    sft, _ = route_push(cfg.train.sft, cfg.train.hub_model_id)  # the merged ckpt/ is pushed, not trainer/
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
                        num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
                        use_chat_template=cfg.train.use_chat_template, peft=cfg.train.peft,
-                       sft={**tracked, **cfg.train.sft}, trust_remote_code=cfg.sample.trust_remote_code)
+                       sft={**tracked, **sft}, trust_remote_code=cfg.sample.trust_remote_code)
 
 
 def train_stage(run: Run, arm: str, k: int) -> None:
@@ -248,6 +255,24 @@ def train_stage(run: Run, arm: str, k: int) -> None:
         return
     os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
     train(tcfg, callbacks=[train_progress()])
+    repo = hub_settings(run.cfg)["train.hub_model_id"]
+    if repo:
+        staged = stage_checkpoint(run.root / "hub" / repo.split("/")[1] / hub_name(run, arm, k, "-"),
+                                  Path(tcfg.output_dir) / "ckpt", run.cfg.student, hub_name(run, arm, k, "-"))
+        url = upload(staged, repo, "model", f"{arm} round {k}", revision=hub_name(run, arm, k, "-"))
+        say(f"train: pushed the checkpoint to {url}")
+
+
+def hub_name(run: Run, arm: str, k: int, sep: str = "_") -> str:
+    """Round k's name on the hub: its dataset config (round_00, <arm>_round_00) or model
+    revision (round_00, <arm>-round_00)."""
+    return f"round_{k:02d}" if not run.multi else f"{arm}{sep}round_{k:02d}"
+
+
+def hub_settings(cfg: ExperimentConfig) -> dict[str, str | None]:
+    """The run's settings that need the hub, by config key (exit_loop.hub.check_hub)."""
+    return {"filter.push_to_hub": cfg.filter.push_to_hub,
+            "train.hub_model_id": route_push(cfg.train.sft, cfg.train.hub_model_id)[1]}
 
 
 def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -> None:
