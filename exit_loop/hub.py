@@ -128,6 +128,9 @@ def route_push(sft: dict, hub_model_id: str | None) -> tuple[dict, str | None]:
     """`sft` without TRL's own push (`push_to_hub`, `hub_model_id`), and the repository the merged
     checkpoint goes to instead: `hub_model_id`, else `sft.hub_model_id` when `sft.push_to_hub`."""
     sft = dict(sft)
+    if sft.get("hub_token") is not None:
+        raise ConfigError(f"config key 'sft.hub_token': a token does not belong in a config (it would be "
+                          f"written to config.yaml and the manifest); set {TOKEN_ENV} in the environment")
     push = sft.pop("push_to_hub", False)
     sft_repo = sft.pop("hub_model_id", None)
     if hub_model_id:

@@ -62,6 +62,8 @@ def test_hub_setting_errors(monkeypatch):
         check_hub({"train.hub_model_id": "no-org"})
     with pytest.raises(ConfigError, match="sft.push_to_hub': set sft.hub_model_id"):
         route_push({"push_to_hub": True}, None)
+    with pytest.raises(ConfigError, match="'sft.hub_token': a token does not belong in a config.*HF_TOKEN"):
+        route_push({"hub_token": "hf_x"}, "org/a")
 
 
 def test_sft_push_to_hub_is_routed_to_the_merged_checkpoint(tmp_path: Path):
