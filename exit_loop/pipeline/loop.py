@@ -41,9 +41,9 @@ from pathlib import Path
 
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
+from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, stage_cmd
-from exit_loop.hub import check_hub
 from exit_loop.pipeline.stages import hub_settings, run_stage
 from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
