@@ -94,10 +94,11 @@ def test_round_scalars_in_tensorboard_and_wandb_equal_the_report(tmp_path: Path,
     assert tb["filter/question_coverage"] == {0: pytest.approx(0.6), 1: pytest.approx(0.6)}
     assert 2 not in tb["filter/yield"]  # the last round holds only its eval
 
-    files = list((run.root / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
+    run_id = json.loads((run.root / "wandb.json").read_text())["id"]
+    files = sorted((run.root / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+    assert len(files) == len(ACC)  # the same run, resumed for each round
     history, meta = {}, None
-    for rec in wandb_records(files[0]):
+    for rec in (r for f in files for r in wandb_records(f)):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             meta = rec.run
@@ -105,7 +106,7 @@ def test_round_scalars_in_tensorboard_and_wandb_equal_the_report(tmp_path: Path,
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
             history[row["round"]] = row
     assert meta.display_name == "main-seed3" and meta.run_group == "tracked" and meta.project == "exit-loop"
-    assert meta.run_id == json.loads((run.root / "wandb.json").read_text())["id"]
+    assert meta.run_id == run_id
     for k, scalars in want.items():
         for key, value in scalars.items():
             assert history[k][key] == pytest.approx(value, rel=1e-6), (key, k)

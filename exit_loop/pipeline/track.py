@@ -74,14 +74,12 @@ class Tracker:
 
     def __init__(self, run: Run, arm: str):
         self.run, self.arm = run, arm
-        self.tb = self.wandb_run = None
-        trackers = run.cfg.report_to
-        if "tensorboard" in trackers:
+        self.tb = None
+        self.wandb = "wandb" in run.cfg.report_to
+        if "tensorboard" in run.cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(tensorboard_dir(run, arm)))
-        if "wandb" in trackers:
-            self.wandb_run = _wandb_init(run, arm)
 
     def log_round(self, k: int) -> dict[str, float]:
         scalars = round_scalars(self.run, self.arm, k)
@@ -89,15 +87,15 @@ class Tracker:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, global_step=k)
             self.tb.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log({"round": k, **scalars})
+        if self.wandb:  # open only while logging: a round's SFT run (in this process or not) is its own
+            w = _wandb_init(self.run, self.arm)
+            w.log({"round": k, **scalars})
+            w.finish()
         return scalars
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
 
 
 def open_tracker(run: Run, arm: str) -> Tracker | None:
@@ -105,7 +103,8 @@ def open_tracker(run: Run, arm: str) -> Tracker | None:
 
 
 def _wandb_init(run: Run, arm: str):
-    """The arm's W&B run; its id is kept in `<arm dir>/wandb.json`, so a resumed run continues it."""
+    """The arm's W&B run; its id is kept in `<arm dir>/wandb.json`, so every round (and a resumed
+    run) continues the same run."""
     import wandb
 
     ids = run.arm_dir(arm) / "wandb.json"
