@@ -85,20 +85,23 @@ def stage_log(directory: str | Path) -> Iterator[Path]:
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     python_streams = sys.stdout, sys.stderr
     _console = _terminal(sys.stdout, saved[0])
-    log_stream = os.fdopen(os.dup(log_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+    # Python-level writers on fds 1 and 2, wherever sys.stdout pointed (pytest, a notebook). Never
+    # closed: a logging handler made during the stage keeps its stream, and after the stage the
+    # same fds are the terminal again.
+    fd_streams = [open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False) for fd in (1, 2)]
     failed = False
     try:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        sys.stdout = sys.stderr = log_stream  # Python-level writers too, wherever sys.stdout pointed
+        sys.stdout, sys.stderr = fd_streams
         yield path
     except BaseException:
         failed = True
         raise
     finally:
-        log_stream.flush()
+        for s in fd_streams:
+            s.flush()
         sys.stdout, sys.stderr = python_streams
-        log_stream.close()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in (*saved, log_fd):

@@ -30,6 +30,7 @@ def test_other_output_goes_to_the_stage_log_and_the_projects_to_the_console(tmp_
         print("a library's print")
         sys.stderr.write("a library's stderr\n")
         logging.getLogger("transformers.fake").warning("a library's logged warning")
+        handler = logging.StreamHandler(sys.stdout)  # as a library configuring its logging here would
         subprocess.run([sys.executable, "-c", "import os; os.write(1, b'child fd 1\\n'); os.write(2, b'child fd 2\\n')"],
                        check=True)
         logging.getLogger("exit_loop.fake").warning("the project's warning")
@@ -45,7 +46,9 @@ def test_other_output_goes_to_the_stage_log_and_the_projects_to_the_console(tmp_
                                 "progress 50%"]
     assert err == "" and "the project's" not in log
     print("after")  # fds are back
-    assert capfd.readouterr().out == "after\n"
+    handler.stream.write("a handler made inside, writing after\n")
+    handler.stream.flush()
+    assert capfd.readouterr().out == "after\na handler made inside, writing after\n"
 
 
 def test_a_failure_shows_the_logs_tail(tmp_path, capfd, info_level):
