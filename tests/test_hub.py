@@ -117,3 +117,33 @@ def test_staged_checkpoint_holds_the_merged_weights_and_generation_config(tmp_pa
     (ckpt / "generation_config.json").unlink()
     with pytest.raises(ConfigError, match="no generation_config.json"):
         stage_checkpoint(tmp_path / "hub" / "again", ckpt, "org/base", "main-round_00")
+
+
+def test_a_runs_filter_stage_stages_its_round_for_the_dataset_repo(tmp_path: Path, monkeypatch):
+    """The filter stage of a run with filter.push_to_hub, up to the upload: what it staged is the
+    round's splits, as written; the upload (the hub's side) is replaced by one that reads the
+    staged folder back as `datasets` would."""
+    from datasets import load_dataset
+
+    import exit_loop.pipeline.stages as stages
+
+    run = Run(load_config(ExperimentConfig, None, [f"runs_dir={tmp_path}", "student=org/base",
+                                                   "filter.push_to_hub=my-org/traces"]))
+    rows = [{"problem_id": f"q{i}", "prompt": f"p{i}", "response": f"r{i} </think> <answer>{i}</answer>",
+             "ground_truth": "1", "predicted": str(i), "is_correct": i == 1, "failure": "none" if i == 1 else "wrong"}
+            for i in range(3)]
+    write_jsonl(run.real_dir("main", 0, "verify") / "verified.jsonl", rows)
+    seen = {}
+
+    def hub_side(staged: Path, repo_id: str, repo_type: str, message: str, revision=None) -> str:
+        seen.update(repo=(repo_id, repo_type, revision),
+                    correct=load_dataset(str(staged), "round_00", split="correct").to_list(),
+                    all=load_dataset(str(staged), "round_00-all", split="all_traces")["problem_id"])
+        return f"https://huggingface.co/datasets/{repo_id}/commit/0"
+
+    monkeypatch.setattr(stages, "upload", hub_side)
+    stages.filter_stage(run, "main", 0)
+    assert seen["repo"] == ("my-org/traces", "dataset", None)
+    assert seen["correct"] == [{"prompt": "p1", "response": "r1 </think> <answer>1</answer>"}]
+    assert seen["all"] == ["q0", "q1", "q2"]
+    assert (run.root / "hub" / "traces" / "round_00" / "correct.jsonl").exists()
