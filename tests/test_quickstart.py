@@ -124,9 +124,9 @@ def check_console(stdout: str, stderr: str, root: Path) -> None:
         assert starts.count(stage) == 2, (stage, "\n".join(text))
     assert any(BAR.search(ln) and ln.startswith("verify") for ln in lines)  # verify's progress bar
     assert any(BAR.search(ln) and ln.startswith("train") for ln in lines)
-    engine_log = (root / "round_00" / "eval" / "stage.log").read_text()
-    assert "vllm" in engine_log.lower()  # the engine's chatter went there
-    for stage in ("sample", "verify", "filter", "train"):
+    engine_log = (root / "round_00" / "eval" / "stage.log").read_text()  # rollout's: eval and sample
+    assert "vllm" in engine_log.lower() and "warn" in engine_log.lower()  # the engine's chatter went there
+    for stage in ("eval", "verify", "filter", "train"):
         assert (root / "round_01" / stage / "stage.log").exists(), stage
 
 
