@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 
+from exit_loop.console import stream as console_stream
 from exit_loop.errors import ConfigError, DataError, DiskFullError, SlurmError, StageFailed
 
 COMMANDS = {  # name: (module, function, help)
@@ -35,6 +36,7 @@ COMMANDS = {  # name: (module, function, help)
     "quickstart": ("exit_loop.pipeline.quickstart", "command", "offline demo: tiny task + student, ExIt rounds, compare report"),
     "compare": ("exit_loop.compare", "command", "report.md/json and plots across arms and runs"),
     "stage": ("exit_loop.pipeline.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
+    "export": ("exit_loop.export", "command", "a split as TRL prompt-completion rows (trl sft reads them as they are)"),
     "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),
     "slurm": ("exit_loop.pipeline.slurm", "command", "submit a generation or an ExIt run to SLURM; status; GPU count"),
 }
@@ -54,7 +56,8 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stdout` is when a record comes (pytest and notebooks replace it)."""
+    """Writes to the console when a record comes: `sys.stdout` as it is then (pytest and notebooks
+    replace it), or, inside a stage's log (exit_loop.console), the terminal."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
@@ -62,7 +65,7 @@ class ConsoleHandler(logging.StreamHandler):
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: ANN201 - a text stream
-        return sys.stdout
+        return console_stream()
 
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001 - always sys.stdout

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config, to_dict
+from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
@@ -160,7 +161,7 @@ def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
     backend = backend or start_backend(draws[0][1])  # one engine for the greedy and the k samples
     try:
         for _, dcfg, path in draws:
-            sample(dcfg, problems, path, backend)
+            sample(dcfg, problems, path, backend, summary=False)  # the eval line says it
     finally:
         if owned:
             backend.close()
@@ -181,8 +182,8 @@ def score(cfg: EvalConfig, drawn_s: float) -> Path:
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
     if cfg.samples:
         pk += f", sampled pass@1 {result['sampled_pass@1']:.1%} ({cfg.samples} samples a question)"
-    print(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
-          f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}", flush=True)
+    say(f"eval: accuracy {result['accuracy']:.1%} on {result['n']} questions{pk}; "
+        f"format errors {result['format_error_rate']:.1%} -> {out / 'eval.json'}")
     return out
 
 

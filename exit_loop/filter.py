@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import load_config
+from exit_loop.console import say
 from exit_loop.errors import DataError
+from exit_loop.hub import check_hub, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
 from exit_loop.tasks import count_failures
 
@@ -46,6 +48,7 @@ class FilterConfig:
     max_correct_per_question: int | None = None   # K: keep at most K correct traces per question
     dedup: bool = True                            # drop exact-duplicate responses per question
     max_response_tokens: int | None = None        # drop correct traces longer than this
+    push_to_hub: str | None = None                # ORG/NAME: a run's splits to this dataset repo (exit_loop.hub)
 
     def __post_init__(self) -> None:
         if self.max_correct_per_question is not None and self.max_correct_per_question < 1:
@@ -157,7 +160,7 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
         summary["all_split"] = str(out / cfg.all_name)
         summary["correct_split"] = str(out / cfg.correct_name)
         summary["formatted_split"] = str(out / cfg.formatted_name)
-        print(format_summary(summary), flush=True)
+        say(format_summary(summary))
     write_json(out / "summary.json", summary)
     return summary
 
@@ -174,8 +177,13 @@ def run(cfg: FilterConfig) -> Path:
     """Stage entry: the splits of `cfg.input` in `cfg.output_dir` (returned)."""
     if not cfg.input:
         raise DataError("filter: no input file given (--input)")
+    check_hub({"push_to_hub": cfg.push_to_hub})
     write_splits(iter_jsonl(cfg.input, required=("prompt", "response", "is_correct")), cfg)
-    return Path(cfg.output_dir)
+    out = Path(cfg.output_dir)
+    if cfg.push_to_hub:  # the splits as config `default` of a dataset repository
+        staged = stage_splits(out / "hub", "default", out / cfg.correct_name, out / cfg.all_name)
+        say(f"filter: pushed the splits to {upload(staged, cfg.push_to_hub, 'dataset', 'exit-loop filter')}")
+    return out
 
 
 def command(argv: list[str]) -> int:

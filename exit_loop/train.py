@@ -50,6 +50,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import random
 import re
@@ -64,10 +65,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
+from exit_loop.console import say
 from exit_loop.errors import NothingToTrain
+from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
 from exit_loop.prompts import question_of, teacher_prompt
 from exit_loop.tokens import encode_completion, encode_prompt, without_bos
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("prompt", "response")
 LORA_LEARNING_RATE = 1e-4
@@ -296,7 +301,8 @@ def read_splits(paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, 
             rows.append(kept)
             n += 1
         if blank:
-            print(f"train: {path}: skipped {blank} row(s) with a blank response", file=sys.stderr)
+            # expected of an all split (it keeps traces where the model wrote nothing): a note
+            log.info("train: %s: skipped %d row(s) with a blank response", path, blank)
         if n == 0 and not blank:
             raise DataError(f"{path}: empty split (no rows); a split needs rows with "
                             f"{', '.join(map(repr, REQUIRED_KEYS))}")
@@ -340,8 +346,7 @@ def subsample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict
     if n is None:
         return rows
     if n > len(rows):
-        print(f"train: num_examples={n} but the splits hold only {len(rows)} rows; using all of them",
-              file=sys.stderr)
+        log.warning("train: num_examples=%d but the splits hold only %d rows; using all of them", n, len(rows))
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
@@ -620,8 +625,8 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
         try:
             json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            print(f"train: {d} is incomplete (no whole trainer_state.json: the job died while "
-                  "saving it); resuming from an earlier checkpoint", file=sys.stderr)
+            log.warning("train: %s is incomplete (no whole trainer_state.json: the job died while "
+                        "saving it); resuming from an earlier checkpoint", d)
             continue
         return str(d)
     return None
@@ -632,7 +637,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     `callbacks` (transformers `TrainerCallback`s) go to the trainer as they are."""
     out = Path(cfg.output_dir)
     if (out / "manifest.json").exists():
-        print(f"train: {out}/manifest.json exists; already done", file=sys.stderr)
+        say(f"train: {out}/manifest.json exists; already done")
         return out
     t0 = time.time()
 
@@ -659,12 +664,12 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     tokenizer = trainer.processing_class
     counts = check_prepared(trainer, cfg)
     if trainer.dropped["too_long"]:
-        print(f"train: dropped {trainer.dropped['too_long']} of {len(rows)} examples longer than "
-              f"max_length={args.max_length} tokens (not cut: a cut trace loses its answer and EOS); "
-              "raise sft.max_length to keep them", file=sys.stderr)
+        log.warning("train: dropped %d of %d examples longer than max_length=%s tokens (not cut: a cut "
+                    "trace loses its answer and EOS); raise sft.max_length to keep them",
+                    trainer.dropped["too_long"], len(rows), args.max_length)
     if trainer.dropped["truncated"]:
-        print(f"train: dropped {trainer.dropped['truncated']} of {len(rows)} examples the sampler cut "
-              "at max_tokens (truncated=no_eos trains them without EOS)", file=sys.stderr)
+        log.warning("train: dropped %d of %d examples the sampler cut at max_tokens (truncated=no_eos "
+                    "trains them without EOS)", trainer.dropped["truncated"], len(rows))
 
     if cfg.budget_tokens is not None:  # tokens -> steps, from this round's prepared data
         trainer.args.max_steps = budget_steps(cfg.budget_tokens, counts, args, state.num_processes)
@@ -733,6 +738,11 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "sft_args": sft_kwargs(cfg),  # SFT_DEFAULTS + cfg.sft, as passed to trl.SFTConfig
         }
         write_json(out / "manifest.json", manifest)
+        runtime = _last_logged(trainer.state.log_history, "train_runtime")
+        speed = f", {counts['tokens'] * (trainer.state.epoch or 0) / runtime:.0f} tokens/s" if runtime else ""
+        loss = manifest["final_loss"]
+        say(f"train: {trainer.state.global_step} optimizer steps, final loss "
+            f"{'—' if loss is None else f'{loss:.4f}'}{speed}, {manifest['wall_time_s']:.1f}s -> {ckpt}")
     state.wait_for_everyone()
     return out
 
@@ -779,7 +789,12 @@ OUTPUT_DIR/trainer resumes from the last one.""")
     values = {k: v for k, v in (("data", a.data), ("model", a.model), ("output_dir", a.output_dir),
                                 ("num_examples", a.num_examples), ("seed", a.seed)) if v is not None}
     cfg = load_config(TrainConfig, a.config, overrides, values=values)
-    print(train(cfg))
+    cfg.sft, repo = route_push(cfg.sft, None)  # sft.push_to_hub: the merged ckpt/, not TRL's trainer/
+    check_hub({"sft.push_to_hub": repo})
+    out = train(cfg)
+    if repo:
+        staged = stage_checkpoint(out / "hub", out / "ckpt", cfg.model, "main")
+        say(f"train: pushed the checkpoint to {upload(staged, repo, 'model', 'exit-loop train')}")
     return 0
 
 

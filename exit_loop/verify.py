@@ -28,12 +28,16 @@ The verifier never raises on a string: any input, however long or odd, gets a ve
 
 from __future__ import annotations
 
+import json
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from exit_loop.config import load_config
+from exit_loop.console import say, stream
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl_numbered, write_jsonl
 from exit_loop.tasks import TASKS, Verdict
@@ -122,6 +126,29 @@ def read_samples(path: str | Path, task: str = "gsm8k") -> Iterator[dict[str, An
         yield row
 
 
+def count_lines(path: str | Path) -> int:
+    """Non-blank lines of a JSONL file (a progress bar's total)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def with_progress(rows: Iterable[dict[str, Any]], total: int | None, out: str | Path) -> Iterator[dict[str, Any]]:
+    """Labelled rows passed through as they come, with a progress bar on the console; when they
+    are all through, one summary line: rows, rows/s and the count per failure class."""
+    from tqdm.auto import tqdm
+
+    failures: Counter[str] = Counter()
+    t0 = time.monotonic()
+    with tqdm(total=total, desc="verify", unit="row", file=stream(), dynamic_ncols=True, mininterval=1.0) as bar:
+        for row in rows:
+            failures[str(row.get("failure"))] += 1
+            bar.update(1)
+            yield row
+    n, dt = sum(failures.values()), time.monotonic() - t0
+    say(f"verify: {n} rows in {dt:.1f}s ({n / max(dt, 1e-9):.0f} rows/s); "
+        f"failures {json.dumps(dict(failures.most_common()))} -> {out}")
+
+
 def run(cfg: VerifyConfig) -> Path:
     """Stage entry: read `cfg.input`, write the labelled rows to `cfg.output` (atomically).
     Rows stream through: memory stays bounded whatever the file's size."""
@@ -131,9 +158,9 @@ def run(cfg: VerifyConfig) -> Path:
         raise ValueError("verify.input: expected a path to a JSONL file of sampled rows")
     if not cfg.output:
         raise ValueError("verify.output: expected a path for the verified JSONL file")
-    return write_jsonl(cfg.output, verify_rows(read_samples(cfg.input, cfg.task), cfg.task,
-                                               math_workers=cfg.math_workers,
-                                               math_timeout_s=cfg.math_timeout_s))
+    rows = verify_rows(read_samples(cfg.input, cfg.task), cfg.task, math_workers=cfg.math_workers,
+                       math_timeout_s=cfg.math_timeout_s)
+    return write_jsonl(cfg.output, with_progress(rows, count_lines(cfg.input), cfg.output))
 
 
 def command(argv: list[str]) -> int:
@@ -153,6 +180,5 @@ def command(argv: list[str]) -> int:
     cfg = load_config(VerifyConfig, a.config, a.overrides, values)
     if not cfg.input or not cfg.output:
         p.error("--input and --output are required")
-    out = run(cfg)
-    print(f"verify: labelled rows -> {out}")
+    run(cfg)
     return 0

@@ -119,7 +119,7 @@ def final_state(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_model_dir: Path, gsm8k_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("loop")
-    res = run_cli("run", str(experiment(tmp, "straight", tiny_model_dir, gsm8k_dir)))
+    res = run_cli("run", str(experiment(tmp, "straight", tiny_model_dir, gsm8k_dir, report_to=["tensorboard"])))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "loop overhead" in res.stdout
     return tmp / "runs" / "straight"
@@ -128,6 +128,27 @@ def straight_run(tmp_path_factory, tiny_model_dir: Path, gsm8k_dir: Path) -> Pat
 @pytest.mark.engine
 def test_two_rounds_write_every_stage(straight_run: Path):
     check_run(straight_run)
+
+
+@pytest.mark.engine
+def test_tensorboard_scalars_equal_the_report(straight_run: Path, tmp_path: Path):
+    """report_to=[tensorboard]: every round's numbers, read back with TensorBoard's own reader,
+    are report.json's; each round's SFT run is a sub-run named for its round, with TRL's loss."""
+    from exit_loop.compare import compare
+    from test_track import report_scalars, tensorboard_scalars
+
+    report = json.loads((compare([straight_run], tmp_path) / "report.json").read_text())["arms"]
+    (arm,) = report.values()
+    tb_dir = straight_run / "tensorboard" / "main-seed0"
+    tb = tensorboard_scalars(tb_dir)
+    for k in range(ROUNDS + 1):
+        want = report_scalars(arm, k)
+        assert "eval/accuracy" in want and (k == ROUNDS or "train/tokens" in want)
+        for key, value in want.items():
+            assert tb[key][k] == pytest.approx(value, rel=1e-6), (key, k)
+    for k in range(ROUNDS):
+        sft = tensorboard_scalars(tb_dir / f"sft-round_{k:02d}")
+        assert len(sft["train/loss"]) == 4  # max_steps=4, logging_steps=1
 
 
 @pytest.mark.engine

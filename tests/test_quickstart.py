@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,30 @@ def reduced_overrides(tmp: Path) -> list[str]:
             "rounds=2", "arms={filtered: {split: correct}}", "task.num_test=100"]
 
 
+BAR = re.compile(r"\d+%\|")  # a tqdm bar's state: "sample (vllm):  40%|████      | 162/400 [...]"
+
+
+def check_console(stdout: str, stderr: str, root: Path) -> None:
+    """The console at the default level: progress bars aside, at most 40 lines, none about a
+    warning, every stage's summary line; other libraries' output in each stage's stage.log."""
+    Path(root.parent / "console.txt").write_text(stdout + "\n--- stderr\n" + stderr)  # to read after a run
+    lines = [ln.rsplit("\r", 1)[-1] for ln in (stdout + stderr).splitlines()]
+    text = [ln for ln in lines if ln.strip() and not BAR.search(ln)]
+    assert len(text) <= 40, "\n".join(text)
+    assert not [ln for ln in text if "warn" in ln.lower()], "\n".join(text)
+    starts = [ln.split(":", 1)[0] for ln in text]
+    # the warm start's training, then per round: eval; sample, verify, filter, train; the last round: eval
+    assert starts.count("train") == 3 and starts.count("eval") == 3, "\n".join(text)
+    for stage in ("sample", "verify", "filter"):
+        assert starts.count(stage) == 2, (stage, "\n".join(text))
+    assert any(BAR.search(ln) and ln.startswith("verify") for ln in lines)  # verify's progress bar
+    assert any(BAR.search(ln) and ln.startswith("train") for ln in lines)
+    engine_log = (root / "round_00" / "eval" / "stage.log").read_text()  # rollout's: eval and sample
+    assert "vllm" in engine_log.lower() and "warn" in engine_log.lower()  # the engine's chatter went there
+    for stage in ("eval", "verify", "filter", "train"):
+        assert (root / "round_01" / stage / "stage.log").exists(), stage
+
+
 @pytest.mark.engine
 def test_reduced_quickstart_learns_and_does_not_collapse(tmp_path):
     """The reduced run end to end. What it asserts about learning: the warm start teaches the
@@ -123,6 +148,7 @@ def test_reduced_quickstart_learns_and_does_not_collapse(tmp_path):
     cmd = [sys.executable, "-m", "exit_loop", "quickstart", *reduced_overrides(tmp_path)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    check_console(res.stdout, res.stderr, tmp_path / "runs" / "quickstart")
     report_dir = tmp_path / "runs" / "quickstart"
     assert f"report  {report_dir / 'report.md'}" in res.stdout
     assert (report_dir / "accuracy.png").stat().st_size > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,67 @@ def test_dry_run_prints_every_stage_chained_and_submits_nothing(tmp_path: Path, 
     assert "accelerate.commands.launch --multi_gpu --num_processes 4" in train and "stage train" in train
     assert "--gpus-per-node" not in verify
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def dry_run_scripts(out: str) -> dict[str, str]:
+    """name -> script, from `slurm submit --dry-run`'s output (`# ---- NAME` before each)."""
+    return dict(s.split("\n", 1) for s in out.split("# ---- ")[1:])
+
+
+def test_multi_node_training_runs_the_launcher_on_every_node(tmp_path: Path, capsys, gsm8k_dir: Path):
+    """slurm.nodes=2: the train job holds two nodes and srun starts `accelerate launch` on each,
+    with the node count, that node's rank and the first node's address from SLURM; the inner
+    command is expanded by bash as a node would, with its SLURM_NODEID."""
+    cfg = exit_config(tmp_path, "mn", "org/model-1.5B", gsm8k_dir,
+                      slurm={**SLURM, "nodes": 2, "train": {"gpus": 4}})
+    assert command(["submit", str(cfg), "--dry-run", "rounds=1"]) == 0
+    scripts = dry_run_scripts(capsys.readouterr().out)
+    train, rollout = scripts["mn-r0-train"], scripts["mn-r0-rollout"]
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in train and "#SBATCH --gpus-per-node=4" in train
+    assert "#SBATCH --nodes=1\n#SBATCH --ntasks=1\n" in rollout and "srun" not in rollout  # only training spans nodes
+    assert 'export MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in train
+    script = tmp_path / "train.sh"
+    script.write_text(train)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # bash parses it
+    (line,) = [ln for ln in train.splitlines() if ln.startswith("srun ")]
+    srun = shlex.split(line)
+    assert srun[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
+    assert srun[7:] == ["&"]
+    env = {"PATH": os.environ["PATH"], "SLURM_NODEID": "1", "MAIN_ADDR": "node-a", "SLURM_JOB_ID": "1234"}
+    res = subprocess.run(["bash", "-c", "printf '%s\\n' " + srun[6]], env=env, capture_output=True, text=True)
+    argv = res.stdout.splitlines()
+    launch = argv[argv.index("accelerate.commands.launch"):]
+    flags = dict(zip(launch[2:12:2], launch[3:12:2]))
+    assert launch[1] == "--multi_gpu" and flags == {
+        "--num_machines": "2", "--machine_rank": "1", "--main_process_ip": "node-a",
+        "--main_process_port": str(20000 + 1234 % 20000), "--num_processes": "8"}
+    assert launch[12:16] == ["-m", "exit_loop.cli", "stage", "train"]
+    with pytest.raises(ConfigError, match="slurm.nodes must be at least 1"):
+        plan(str(exit_config(tmp_path, "bad", "org/m", gsm8k_dir, slurm={**SLURM, "nodes": 0})), [], write=False)
+
+
+def test_train_sft_script_matches_the_generated_jobs():
+    text = (Path(__file__).resolve().parents[1] / "slurm" / "train_sft.sh").read_text()
+    for line in ("#SBATCH --output=logs/%x-%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@", "scontrol requeue", "--num_machines \"$NODES\"",
+                 "--machine_rank \"$SLURM_NODEID\""):
+        assert line in text, line
+    assert subprocess.run(["bash", "-n", "-c", text]).returncode == 0
+
+
+@pytest.mark.slurm
+def test_one_node_scripts_pass_sbatch_test_only(slurm_cluster, tmp_path: Path, capsys, gsm8k_dir: Path):
+    """The local one-node SLURM accepts the rendered train job and slurm/train_sft.sh as they are
+    (their resources scaled to it on the command line, which overrides #SBATCH lines)."""
+    cfg = exit_config(tmp_path, "one", "org/model-1.5B", gsm8k_dir, slurm={**SLURM, "train": {"gpus": 2}})
+    assert command(["submit", str(cfg), "--dry-run", "rounds=1"]) == 0
+    script = tmp_path / "train.sh"
+    script.write_text(dry_run_scripts(capsys.readouterr().out)["one-r0-train"])
+    root = Path(__file__).resolve().parents[1]
+    for path, extra in ((script, []), (root / "slurm" / "train_sft.sh", ["--gpus-per-node=2", "--cpus-per-task=1",
+                                                                        "--time=0:10:00"])):
+        res = subprocess.run(["sbatch", "--test-only", *extra, str(path)], capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 0 and "to start at" in res.stderr, (path, res.stderr)
 
 
 def test_multi_arm_runs_share_round_zero_once(tmp_path: Path, gsm8k_dir: Path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from exit_loop.cli import setup_logging
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import DataError, write_jsonl
 from exit_loop.prompts import canonical_response, student_prompt, teacher_prompt
@@ -106,10 +107,11 @@ def test_split_response_not_a_string(tmp_path):
 def test_blank_responses_are_skipped(tmp_path, capsys):
     """An all split keeps traces where the model wrote nothing; they hold no text to train on."""
     path = write_jsonl(tmp_path / "all.jsonl", [FIT_ROWS[0], {"prompt": "p", "response": " "}, FIT_ROWS[1]])
+    setup_logging("info")  # the console, as the CLI sets it up
     rows, files = read_splits([str(path)])
     assert [{k: v for k, v in r.items() if k != "source"} for r in rows] == FIT_ROWS[:2]
     assert files[0]["rows"] == 2
-    assert "skipped 1 row(s) with a blank response" in capsys.readouterr().err
+    assert capsys.readouterr().out.count("skipped 1 row(s) with a blank response") == 1
 
 
 def test_empty_split_is_an_error(tmp_path):
@@ -127,8 +129,11 @@ def test_subsample_is_seeded_and_keeps_order(capsys):
     assert [int(r["prompt"]) for r in a] == sorted(int(r["prompt"]) for r in a)
     assert subsample(rows, 10, seed=2) != a
     assert subsample(rows, None, seed=0) is rows
+    setup_logging("info")
     assert subsample(rows, 101, seed=0) == rows
-    assert "num_examples=101 but the splits hold only 100 rows" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("exit-loop: warning: train: num_examples=101 but the splits hold only 100 rows")
+    assert out.count("num_examples=101") == 1  # once
 
 
 def test_question_of_student_prompt():
@@ -424,8 +429,9 @@ def test_last_complete_checkpoint_skips_one_torn_while_saving(tmp_path, capsys):
         if state is not None:
             (d / "trainer_state.json").write_text(state)
     (trainer / "checkpoint-99.tmp").mkdir()
+    setup_logging("info")
     assert last_complete_checkpoint(trainer) == str(trainer / "checkpoint-10")  # by number, not by name
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert "checkpoint-14 is incomplete" in err and "checkpoint-12 is incomplete" in err
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exit_loop.config import dump_yaml, load_config, to_dict
+from exit_loop.console import stage_log
 from exit_loop.errors import DataError
 from exit_loop.filter import FilterConfig, write_splits
 from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
@@ -101,7 +102,9 @@ def generate(cfg: GenerateConfig) -> Path:
         check_existing_samples(path, cfg.sample)
     timings = {"load_problems_s": round(time.monotonic() - t0, 3)}
     t1 = time.monotonic()
-    draw(cfg.sample, problems, out / "samples.jsonl", out / "samples", shard=cfg.sample.shard_id if sharded else None)
+    with stage_log(out):  # the engine's and other libraries' output to <output_dir>/stage.log
+        draw(cfg.sample, problems, out / "samples.jsonl", out / "samples",
+             shard=cfg.sample.shard_id if sharded else None)
     timings["sample_s"] = round(time.monotonic() - t1, 3)
     if sharded:
         print(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -40,11 +41,15 @@ from pathlib import Path
 
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
+from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles
-from exit_loop.pipeline.stages import run_stage
+from exit_loop.pipeline.stages import hub_settings, run_stage
+from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import check_overlap, load_problems
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -70,8 +75,9 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
     """Run (or resume) every arm's rounds; returns the experiment directory."""
     resolve_styles(cfg)
     for warning in policy_warnings(cfg):
-        print(f"run: warning: {warning}", file=sys.stderr, flush=True)
+        log.warning("run: %s", warning)
     run = Run(cfg)
+    check_hub(hub_settings(cfg))  # no token or no hub: fail now, before any GPU work
     check_model_path(cfg.student)
     if cfg.teacher:
         check_model_path(cfg.teacher.model)
@@ -95,6 +101,7 @@ def run_seed(run: Run) -> None:
         timer = Timer()
         t_arm = time.monotonic()
         run.arm_dir(arm).mkdir(parents=True, exist_ok=True)
+        tracker = open_tracker(run, arm)  # None without report_to
         for k in range(cfg.rounds + 1):
             last = k == cfg.rounds
             todo_rollout = not run.done(arm, k, "eval") or (
@@ -110,6 +117,8 @@ def run_seed(run: Run) -> None:
             for stage in ("eval", "sample", "verify"):
                 run.link(arm, k, stage)
             if last:
+                if tracker is not None:
+                    tracker.log_round(k)
                 break
             if cfg.arms[arm].split != "original" and not run.done(arm, k, "verify"):
                 t0 = time.monotonic()
@@ -124,8 +133,12 @@ def run_seed(run: Run) -> None:
                 _launch(run, "train", arm, k, cfg.train.launcher)
                 timer.add("train_process_s", time.monotonic() - t0)
                 timer.add("train_s", _stage_wall(run.stage_dir(arm, k, "train")))
-            print(f"== {tag}/{arm} round {k}: {summary_line(run, arm, k)}", flush=True)
+            log.debug("== %s/%s round %d: %s", tag, arm, k, summary_line(run, arm, k))
+            if tracker is not None:
+                tracker.log_round(k)
         write_run_json(run, arm, timer, time.monotonic() - t_arm)
+        if tracker is not None:
+            tracker.close()
 
 
 def summary_line(run: Run, arm: str, k: int) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 from exit_loop.baseline import baseline_row
 from exit_loop.compare import compare
 from exit_loop.config import changed_keys, load_config, to_dict
+from exit_loop.console import stage_log, train_progress
 from exit_loop.errors import ConfigError
 from exit_loop.jsonl import write_json, write_jsonl
 from exit_loop.pipeline.loop import run_loop
@@ -139,8 +140,8 @@ def stop_at_accuracy(cfg: WarmupConfig, problems: list, tokenizer, history: list
                 return
             acc = greedy_accuracy(model, tokenizer, problems)
             history.append({"step": step, "accuracy": acc})
-            print(f"quickstart: warm start step {step}: {acc:.0%} of {len(problems)} other training "
-                  f"questions right (target {cfg.target_accuracy:.0%})", flush=True)
+            log.debug("quickstart: warm start step %d: %.0f%% of %d other training questions right "
+                      "(target %.0f%%)", step, 100 * acc, len(problems), 100 * cfg.target_accuracy)
             if acc >= cfg.target_accuracy:
                 control.should_training_stop = True
 
@@ -211,8 +212,9 @@ def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
     done = paths.tiny_init / "quickstart.json"
     if not done.exists():
         t0 = time.monotonic()
-        create_tiny_model(paths.tiny_init, tokenizer_texts(paths.data_dir / "train.jsonl"),
-                          cfg.tiny.vocab_size, cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.seed)
+        with stage_log(paths.tiny_init):
+            create_tiny_model(paths.tiny_init, tokenizer_texts(paths.data_dir / "train.jsonl"),
+                              cfg.tiny.vocab_size, cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.seed)
         write_json(done, {"tiny": to_dict(cfg.tiny)})
         print(f"quickstart: tokenizer and random model in {paths.tiny_init} "
               f"({time.monotonic() - t0:.1f}s)", flush=True)
@@ -228,11 +230,14 @@ def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
     t0 = time.monotonic()
     history: list[dict[str, Any]] = []
     callback = stop_at_accuracy(w, check, AutoTokenizer.from_pretrained(paths.tiny_init), history)
-    train(TrainConfig(data=[str(paths.warmup_data)], model=str(paths.tiny_init),
-                      output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=w.sft()), [callback])
+    with stage_log(paths.student.parent):  # other libraries' output to <student dir>/stage.log
+        train(TrainConfig(data=[str(paths.warmup_data)], model=str(paths.tiny_init),
+                          output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=w.sft()),
+              [callback, train_progress()])
     reached = history[-1]["accuracy"] if history else None
     write_json(paths.student.parent / "warmup.json", {"warmup": to_dict(w), "checks": history})
-    print(f"quickstart: warm-started the student on {len(problems)} gold solutions -> {paths.student} "
+    checked = f", {reached:.0%} of {len(check)} other questions right at step {history[-1]['step']}" if history else ""
+    print(f"quickstart: warm-started the student on {len(problems)} gold solutions{checked} -> {paths.student} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
     if reached is None or reached < w.target_accuracy:
         log.warning("quickstart: the warm start ended at %s steps below its target (%s); expert iteration "
@@ -252,7 +257,7 @@ def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
     make_student(cfg, paths)
     root = run_loop(exp)
     out = compare([root])
-    print(f"\nquickstart: done in {time.monotonic() - t0:.0f}s", flush=True)
+    print(f"quickstart: done in {time.monotonic() - t0:.0f}s", flush=True)
     print(f"quickstart: report  {out / 'report.md'}  (numbers: {out / 'report.json'})")
     print(f"quickstart: plot    {out / 'accuracy.png'}  (and {out / 'response_length.png'})")
     return out

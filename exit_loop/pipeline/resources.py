@@ -41,6 +41,7 @@ class SlurmConfig(Resources):
     verify: Resources = field(default_factory=Resources)
     filter: Resources = field(default_factory=Resources)
     train: Resources = field(default_factory=Resources)    # >1 GPU: accelerate launch unless train.launcher
+    nodes: int = 1                # train jobs span this many nodes (accelerate launch on each, through srun)
     signal_s: int = 180           # USR1 this long before the time limit: the job requeues itself
     env: dict[str, str] = field(default_factory=dict)      # exported in every job
     setup: list[str] = field(default_factory=list)         # shell lines every job runs first (module load …)
@@ -49,6 +50,8 @@ class SlurmConfig(Resources):
         super().__post_init__()
         if self.signal_s < 0:
             raise ValueError(f"signal_s must be >= 0, got {self.signal_s}")
+        if self.nodes < 1:
+            raise ValueError(f"slurm.nodes must be at least 1, got {self.nodes}")
 
     def resources(self, section: str, gpus: int) -> Resources:
         """The section's resources over the defaults; `gpus` where neither sets them."""

@@ -103,6 +103,7 @@ class TrainSection:
     truncated: Literal["drop", "no_eos"] = "drop"  # rows the sampler cut at max_tokens (an all split's)
     budget: Budget = field(default_factory=Budget)  # training compute per round (compute-matched arms)
     launcher: str = ""   # e.g. "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8"
+    hub_model_id: str | None = None  # ORG/NAME: each round's merged ckpt/ to this model repo (exit_loop.hub)
 
 
 @dataclass
@@ -160,6 +161,8 @@ class ExperimentConfig:
     arms: dict[str, ArmConfig] = field(default_factory=lambda: {"main": ArmConfig()})
     isolate: bool = True              # heavy stages in their own process
     slurm: SlurmConfig = field(default_factory=SlurmConfig)     # `exit-loop slurm submit` resources
+    # round metrics and each round's SFT run to these trackers (exit_loop.pipeline.track)
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -309,8 +312,9 @@ def policy_warnings(cfg: ExperimentConfig) -> list[str]:
 
 
 def check_config_change(run: Run, allow: bool) -> None:
-    """Refuse to continue a run under another config (the slurm section and the number of engine
-    processes, sample.data_parallel, may change; `rounds` may grow), naming the keys that differ."""
+    """Refuse to continue a run under another config (the slurm section, the trackers and the
+    number of engine processes, sample.data_parallel, may change; `rounds` may grow), naming the
+    keys that differ."""
     check_unchanged(run.top / "config.yaml", run.top_cfg, allow, "run was made",
                     "Use another experiment name, or --allow_config_change to continue anyway",
-                    ignore=("slurm", "sample.data_parallel"), growable=GROWABLE_KEYS)
+                    ignore=("slurm", "report_to", "sample.data_parallel"), growable=GROWABLE_KEYS)

@@ -14,7 +14,9 @@ array over shards, task 0 also evaluating, then `merge`), `verify`, `filter`, `t
 the one before, round after round. Generation: `generate` (an array over shards), then `merge`
 (merge, verify, filter). Job names are `<experiment>-r<k>-<stage>`; scripts, logs and the job ids
 (`jobs.json`) go to `<run dir>/slurm/`. Resources per stage come from the config's `slurm:`
-section (`SlurmConfig`, exit_loop.pipeline.resources).
+section (`SlurmConfig`, exit_loop.pipeline.resources). With `slurm.nodes: N` (N > 1) each train
+job holds N nodes and `srun` starts `accelerate launch` on every one of them, with the node count,
+that node's rank (`$SLURM_NODEID`) and the first node's address from SLURM.
 
 Every job is submitted with --requeue (SLURM puts a preempted job back in the queue) and
 --signal=B:USR1@slurm.signal_s (near its time limit the job requeues itself); either way the
@@ -49,8 +51,9 @@ from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
+from exit_loop.hub import check_hub
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
-from exit_loop.pipeline.stages import round_questions
+from exit_loop.pipeline.stages import hub_settings, round_questions
 from exit_loop.sample import SampleConfig, check_model_path, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
 
@@ -60,7 +63,10 @@ log = logging.getLogger(__name__)
 
 SHARD = "{shard}"   # in a job's argv: the array task id
 PORT = "{port}"     # in a job's argv: a port derived from the job id (distributed training)
-_SHELL = {SHARD: '"$SLURM_ARRAY_TASK_ID"', PORT: '"$((20000 + SLURM_JOB_ID % 20000))"'}
+NODE_RANK = "{node_rank}"  # in a job's argv: this node's rank in a multi-node job (srun sets it per node)
+MAIN_ADDR = "{main_addr}"  # in a job's argv: the first node of the job (the script exports it)
+_SHELL = {SHARD: '"$SLURM_ARRAY_TASK_ID"', PORT: '"$((20000 + SLURM_JOB_ID % 20000))"',
+          NODE_RANK: '"$SLURM_NODEID"', MAIN_ADDR: '"$MAIN_ADDR"'}
 
 
 @dataclass
@@ -113,7 +119,12 @@ def exit_jobs(run: Run) -> list[Job]:
         prefix = prefix if owner == "shared" or not run.multi else f"{prefix}-{arm}"
         launcher = cfg.train.launcher if stage == "train" else ""
         train_gpus = cfg.slurm.resources("train", 1).gpus or 0
-        if stage == "train" and not launcher and train_gpus > 1:
+        nodes = cfg.slurm.nodes
+        if stage == "train" and not launcher and nodes > 1:  # one accelerate launch per node (srun)
+            launcher = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --multi_gpu "
+                        f"--num_machines {nodes} --machine_rank {NODE_RANK} --main_process_ip {MAIN_ADDR} "
+                        f"--main_process_port {PORT} --num_processes {nodes * max(train_gpus, 1)}")
+        elif stage == "train" and not launcher and train_gpus > 1:
             launcher = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch --multi_gpu "
                         f"--num_processes {train_gpus} --main_process_port {PORT}")
         argv = run.stage_cmd(stage, arm, k, launcher) + (["--shard", SHARD] if shard else [])
@@ -193,7 +204,7 @@ def generate_jobs(cfg: GenerateConfig, config_file: Path) -> list[Job]:
 
 def shell_word(arg: str) -> str:
     """Quote `arg` for bash, with SHARD and PORT left for the shell to expand."""
-    parts = re.split(r"(\{shard\}|\{port\})", arg)
+    parts = re.split("(" + "|".join(map(re.escape, _SHELL)) + ")", arg)
     return "".join(_SHELL.get(p) or (shlex.quote(p) if p else "") for p in parts) or "''"
 
 
@@ -212,6 +223,7 @@ def array_ranges(tasks: list[int]) -> str:
 def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None = None) -> str:
     """The sbatch script of `job` (an array over `tasks` when given)."""
     r = cfg.resources(job.section, job.gpus)
+    nodes = cfg.nodes if job.section == "train" else 1
     log = slurm_dir.resolve() / "logs" / ("%x-%A_%a.out" if tasks is not None else "%x-%j.out")
     lines = ["#!/bin/bash",
              f"# {job.name}: written by `exit-loop slurm submit`, which submits it again when needed",
@@ -219,8 +231,8 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
              f"#SBATCH --output={log}",
              "#SBATCH --open-mode=append",
              f"#SBATCH --chdir={os.getcwd()}",
-             "#SBATCH --nodes=1",
-             "#SBATCH --ntasks=1",
+             f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks=1" if nodes == 1 else "#SBATCH --ntasks-per-node=1",
              "#SBATCH --requeue",
              f"#SBATCH --signal=B:USR1@{cfg.signal_s}"]
     if tasks is not None:
@@ -235,6 +247,9 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in cfg.env.items()]
     lines += cfg.setup
     command = " ".join(shell_word(a) for a in job.argv)
+    if nodes > 1:  # the launcher on every node; each expands its own $SLURM_NODEID
+        lines.append('export MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+        command = f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(command)}"
     lines += [
         'echo "exit-loop: $SLURM_JOB_NAME job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (task '
         '$SLURM_ARRAY_TASK_ID)} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
@@ -488,6 +503,8 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
     ecfg = load_config(ExperimentConfig, src, overrides)
     resolve_styles(ecfg)
+    if write:  # before anything is queued (a dry run only prints)
+        check_hub(hub_settings(ecfg))
     check_model_path(ecfg.student)
     if ecfg.teacher:
         check_model_path(ecfg.teacher.model)

@@ -19,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
+from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError, DataError, NothingToTrain
 from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
+from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
 from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
-from exit_loop.pipeline.run import STAGES, Run, shard_path
+from exit_loop.pipeline.run import STAGES, ExperimentConfig, Run, shard_path
+from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
-from exit_loop.verify import read_samples, verify_rows
+from exit_loop.verify import count_lines, read_samples, verify_rows, with_progress
 
 
 def wall(t0: float) -> dict[str, float]:
@@ -263,7 +266,8 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / "samples.jsonl"
-    out = write_jsonl(d / "verified.jsonl", label(src, run.cfg.data.task))
+    out = write_jsonl(d / "verified.jsonl", with_progress(label(src, run.cfg.data.task), count_lines(src),
+                                                          d / "verified.jsonl"))
     write_manifest(d, "verify", wall(t0), input=str(src), output=str(out))
 
 
@@ -281,6 +285,11 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
     src = run.real_dir(arm, k, "verify") / "verified.jsonl"
     summary = write_splits(iter_jsonl(src), replace(cfg.filter, input=str(src), output_dir=str(d)),
                            allow_empty=True)  # empty: every question already solved
+    if cfg.filter.push_to_hub:  # before the manifest: a failed upload is tried again on resume
+        repo = cfg.filter.push_to_hub
+        staged = stage_splits(run.root / "hub" / repo.split("/")[1], hub_name(run, arm, k),
+                              d / cfg.filter.correct_name, d / cfg.filter.all_name)
+        say(f"filter: pushed {hub_name(run, arm, k)} to {upload(staged, repo, 'dataset', f'{arm} round {k}')}")
     write_manifest(d, "filter", wall(t0), split=cfg.arms[arm].split)
     return summary
 
@@ -302,6 +311,8 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     model = cfg.student if cfg.policy.retrain_from == "base" else run.policy(arm, k)
     budget = cfg.arms[arm].budget or cfg.train.budget
     original = cfg.arms[arm].split == "original"
+    tracked, _ = sft_tracking(run, arm, k)  # report_to and run_name, under what train.sft sets
+    sft, _ = route_push(cfg.train.sft, cfg.train.hub_model_id)  # the merged ckpt/ is pushed, not trainer/
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
                        num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
@@ -311,7 +322,7 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
                        budget_steps=budget.steps, budget_tokens=budget.tokens,
                        use_chat_template=cfg.train.use_chat_template, system_prompt=cfg.sample.system_prompt,
                        truncated=cfg.train.truncated, peft=cfg.train.peft,
-                       sft=dict(cfg.train.sft), trust_remote_code=cfg.sample.trust_remote_code)
+                       sft={**tracked, **sft}, trust_remote_code=cfg.sample.trust_remote_code)
 
 
 def local_model_dir(model: str) -> str:
@@ -335,7 +346,7 @@ def carry_over(run: Run, arm: str, k: int, reason: str) -> None:
     os.symlink(local_model_dir(policy), out / "ckpt")
     write_json(out / "manifest.json", {"stage": "train", "skipped": reason, "model": policy,
                                        "examples": 0, "tokens": 0})
-    print(f"train: {reason} in round {k}; the policy carries over", flush=True)
+    say(f"train: {reason} in round {k}; the policy carries over")
 
 
 def train_stage(run: Run, arm: str, k: int) -> None:
@@ -343,14 +354,43 @@ def train_stage(run: Run, arm: str, k: int) -> None:
     if all(Path(p).stat().st_size == 0 for p in tcfg.data):
         carry_over(run, arm, k, "no training rows")
         return
+    os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
     try:
-        train(tcfg)
+        train(tcfg, callbacks=[train_progress()])
     except NothingToTrain as e:
         carry_over(run, arm, k, f"no training rows left ({e})")
+        return
+    repo = hub_settings(run.cfg)["train.hub_model_id"]
+    if repo:
+        staged = stage_checkpoint(run.root / "hub" / repo.split("/")[1] / hub_name(run, arm, k, "-"),
+                                  Path(tcfg.output_dir) / "ckpt", run.cfg.student, hub_name(run, arm, k, "-"))
+        url = upload(staged, repo, "model", f"{arm} round {k}", revision=hub_name(run, arm, k, "-"))
+        say(f"train: pushed the checkpoint to {url}")
+
+
+def hub_name(run: Run, arm: str, k: int, sep: str = "_") -> str:
+    """Round k's name on the hub: its dataset config (round_00, <arm>_round_00) or model
+    revision (round_00, <arm>-round_00)."""
+    return f"round_{k:02d}" if not run.multi else f"{arm}{sep}round_{k:02d}"
+
+
+def hub_settings(cfg: ExperimentConfig) -> dict[str, str | None]:
+    """The run's settings that need the hub, by config key (exit_loop.hub.check_hub)."""
+    return {"filter.push_to_hub": cfg.filter.push_to_hub,
+            "train.hub_model_id": route_push(cfg.train.sft, cfg.train.hub_model_id)[1]}
 
 
 def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -> None:
-    """Run one stage in this process (the `exit-loop stage` command and the cheap stages)."""
+    """Run one stage in this process (the `exit-loop stage` command and the cheap stages), other
+    libraries' output in the stage directory's stage.log (rollout: eval's; merge: sample's)."""
+    where = {"rollout": "eval", "merge": "sample"}.get(name, name)
+    with stage_log(run.real_dir(arm, k, where)):
+        _run_stage(run, name, arm, k, shard)
+    for stage in STAGES:
+        run.link(arm, k, stage)
+
+
+def _run_stage(run: Run, name: str, arm: str, k: int, shard: int | None) -> None:
     if name == "rollout":
         rollout_stage(run, arm, k, shard)
     elif name == "merge":
@@ -365,5 +405,3 @@ def run_stage(run: Run, name: str, arm: str, k: int, shard: int | None = None) -
         train_stage(run, arm, k)
     else:
         raise ValueError(f"unknown stage {name!r}")
-    for stage in STAGES:
-        run.link(arm, k, stage)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from exit_loop.console import say, stream
 from exit_loop.jsonl import AppendLog
 from exit_loop.prompts import normalise_response, student_prompt, teacher_prompt
 from exit_loop.sample.hf import HFBackend
@@ -104,10 +105,11 @@ class Sampled:
 
 
 def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
-           backend: VLLMBackend | HFBackend | None = None) -> Sampled:
+           backend: VLLMBackend | HFBackend | None = None, summary: bool = True) -> Sampled:
     """Sample `cfg.num_samples` traces for each problem of this shard into `out_path` (JSONL),
     resuming from what is there (the file exists afterwards, empty if there was nothing to do).
-    Returns the path with the file's sample and token counts, so no caller reads it back."""
+    Returns the path with the file's sample and token counts, so no caller reads it back.
+    `summary`: end with a line on the console (off where the caller prints its own)."""
     from tqdm.auto import tqdm
 
     if cfg.prompt_style == "auto":
@@ -120,8 +122,8 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         total = len(problems) * cfg.num_samples
         todo_problems = [p for p in problems if any((p.id, k) not in done for k in range(cfg.num_samples))]
         if not todo_problems:
-            if problems:
-                print(f"sample: {out_path} already complete ({len(done)} samples)", flush=True)
+            if problems and summary:
+                say(f"sample: {out_path} already complete ({len(done)} samples)")
             return Sampled(out_path, *counts)
         owned = backend is None
         backend = backend or start_backend(cfg)
@@ -131,7 +133,7 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         requests = pending_requests(todo_problems, done, cfg.num_samples,
                                     lambda p: teacher_prompt(p.question, style, tok, system))
         bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0, file=stream())
         last_sync = time.monotonic()
 
         def on_done(req: Request, comps: list[Completion]) -> None:
@@ -154,6 +156,7 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         bar.close()
         n_new = sum(len(r.sample_indices) for r in requests)
         dt = time.monotonic() - t0
-        print(f"sample: {n_new} new samples in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} samples/s) "
-              f"-> {out_path}", flush=True)
+        if summary:
+            say(f"sample: {n_new} new samples in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} samples/s) "
+                f"-> {out_path}")
     return Sampled(out_path, *counts)
