@@ -10,7 +10,9 @@ with a `train` split:
 
 - `--format trl` (default): `{"prompt": <student prompt>, "completion": <response>}`, the
   completion exactly as stored (a student's trace keeps the whitespace it wrote after `<think>`),
-  so TRL trains on the completion only, on the tokens the student sampled, and appends the EOS.
+  so TRL trains on the completion only and appends the EOS. TRL tokenises prompt + completion as
+  one string: with a byte-level BPE, `<think>` followed by a newline can merge across the
+  boundary (TRL warns once); `exit-loop train` tokenises the two apart and avoids that.
 - `--chat`: conversational rows, the form `exit-loop train use_chat_template=true` trains on:
   `{"prompt": [system, user: the question], "completion": [assistant: "<think> " + response]}`.
 
@@ -23,11 +25,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import Any
+
 from exit_loop.console import say
 from exit_loop.jsonl import write_jsonl
-from exit_loop.train import read_splits, to_trl_rows
+from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
+from exit_loop.train import read_splits
 
 FORMATS = ("trl",)
+
+
+def to_trl_rows(rows: list[dict[str, str]], chat: bool) -> list[dict[str, Any]]:
+    """Our rows as TRL prompt-completion rows: plain text, or conversational (`chat`)."""
+    if not chat:
+        return [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
+    return [{
+        "prompt": [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
+                   {"role": "user", "content": r.get("question") or question_of(r["prompt"])}],
+        "completion": [{"role": "assistant", "content": f"<think> {r['response']}"}],
+    } for r in rows]
 
 
 def default_output(split: str | Path, chat: bool) -> Path:
