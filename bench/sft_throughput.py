@@ -304,6 +304,7 @@ def _run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir:
     trainer.train()
     train_s = time.perf_counter() - t0
 
+    compiled = sum(type(m).__name__ == "OptimizedModule" for m in trainer.model_wrapped.modules())
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = sum(p.numel() for p in model.parameters())
     cfg_m = model.config
@@ -343,7 +344,7 @@ def _run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir:
             "max_length": args.max_length, "packing": args.packing, "padding_free": args.padding_free,
             "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": attn,
             "use_liger_kernel": args.use_liger_kernel, "bf16": args.bf16, "optim": str(args.optim),
-            "torch_compile": args.torch_compile,
+            "torch_compile": args.torch_compile, "compiled_modules": compiled,
         },
     }
     del trainer, model
