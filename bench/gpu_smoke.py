@@ -15,10 +15,10 @@ its output shown as it comes and kept, then reads back what the run wrote and pr
   when it closes, against its time generating: the share of a round's sampler time that starting
   the backend anew costs;
 - what starting the sampler costs, measured again after the run on its own checkpoints (the
-  student, then the filtered arm's rounds), each a whole rollout (the 200 test questions greedy,
-  then the round's 2 samples of every training question): a fresh backend in a fresh process
-  (cold: the process's first compile), a fresh backend after another (warm: what starting anew
-  each round costs), and a backend that takes the kept model and decoder (`HFBackend.kept`);
+  student, then the filtered arm's first round), each a whole rollout (the 200 test questions
+  greedy, then the round's 2 samples of every training question) with a fresh backend: the
+  first in this process (cold: the process's first compile), then another (warm: what starting
+  anew costs every later round);
 - the report's held-out accuracies (95% Wilson intervals, n) and the paired filtered - unfiltered
   difference (paired bootstrap interval, exact McNemar p).
 
@@ -84,7 +84,7 @@ def stage_times(run_root: Path) -> list[dict[str, Any]]:
 
 
 def start_cost(run_root: Path, data_dir: Path) -> list[dict[str, Any]]:
-    """Rollouts (eval + sample) on the run's checkpoints: cold fresh, warm fresh, kept."""
+    """Rollouts (eval + sample) on the run's checkpoints, each with a fresh backend: cold, warm."""
     import tempfile
     from dataclasses import replace
 
@@ -98,12 +98,9 @@ def start_cost(run_root: Path, data_dir: Path) -> list[dict[str, Any]]:
     train, test = load_problems(exp.data), load_problems(exp.eval.data)
     ckpts = [data_dir / "student" / "ckpt"] + [run_root / "filtered" / f"round_{k:02d}" / "train" / "ckpt"
                                                  for k in range(exp.rounds)]
-    ckpts = [c for c in ckpts if c.exists()][:3]
+    ckpts = [c for c in ckpts if c.exists()][:2]
     out, work = [], Path(tempfile.mkdtemp(prefix="start_cost_"))
-    HFBackend.release()
-    for i, (ckpt, how) in enumerate(zip(ckpts, ("fresh, cold process", "fresh, warm process", "kept"))):
-        if how.startswith("fresh"):
-            HFBackend.release()
+    for i, (ckpt, how) in enumerate(zip(ckpts, ("fresh, cold process", "fresh, warm process"))):
         cfg = replace(exp.sample, model_name=str(ckpt), backend="hf")
         t0 = time.monotonic()
         backend = HFBackend(cfg)
@@ -118,7 +115,6 @@ def start_cost(run_root: Path, data_dir: Path) -> list[dict[str, Any]]:
         print(f"start cost: {how}: load {t['load_s']:.1f}s + {t['decoders_built']} decoder(s) "
               f"{t['decoder_build_s']:.1f}s = {t['start_s']:.1f}s of a {t['rollout_s']:.1f}s rollout "
               f"({t['start_share']:.0%})", flush=True)
-    HFBackend.release()
     return out
 
 

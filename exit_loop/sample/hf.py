@@ -1,13 +1,5 @@
 """The HF backend: transformers, batched, left padding, prompts sorted by length, bf16 on GPU; on
 a GPU, decoding runs through the CUDA-graph decoder (`exit_loop.sample.graph`).
-
-Across rounds in one process (`isolate: false`, as the quickstart runs), a closed GPU backend
-keeps its model and decoder (`HFBackend.kept`), and the next backend for a model of the same
-architecture copies the new checkpoint's weights into them in place instead of loading a model
-and compiling and capturing its graphs again: the captured graphs read the same parameter
-memory, now holding the new weights (tests/test_hf_reuse.py: the same greedy outputs as a fresh
-backend). Only models whose weights and KV cache take at most `KEEP_MAX_BYTES` are kept, since
-the kept model holds GPU memory while the round trains; `HFBackend.release()` frees it.
 """
 
 from __future__ import annotations
@@ -15,64 +7,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from exit_loop.sample.graph import GraphDecoder
 from exit_loop.sample.request import Completion, OnDone, Request, SampleConfig
 
 log = logging.getLogger(__name__)
-
-KEEP_MAX_BYTES = 4 << 30  # weights + KV cache of a model kept across rounds, at most
-_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
-
-
-@dataclass
-class Kept:
-    """A closed backend's model and decoder, kept for the next backend of the same architecture."""
-    key: tuple
-    model: Any
-    decoder: GraphDecoder | None
-    compile_ok: bool
-
-
-def _architecture_key(model_name: str, dtype, device, trust_remote_code: bool) -> tuple:
-    """What must match for a kept model to take another checkpoint's weights: the model config
-    (but its path and the dtype it was saved in), the dtype and the device it runs in."""
-    import json
-
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code).to_dict()
-    for key in _VOLATILE_CONFIG_KEYS:
-        config.pop(key, None)
-    return (json.dumps(config, sort_keys=True, default=str), str(dtype), str(device))
-
-
-def load_weights_into(model, model_name: str) -> bool:
-    """Copy the safetensors weights of `model_name` (a local directory) into `model`'s parameters
-    in place (cast to their dtype, as `from_pretrained(dtype=...)` casts), so that CUDA graphs
-    captured on them run with the new weights. False, with nothing copied, where the checkpoint's
-    tensors do not map one to one onto the model's (only a tied output embedding may be absent)."""
-    import torch
-    from safetensors.torch import load_file
-
-    files = sorted(Path(model_name).glob("*.safetensors"))
-    if not files:
-        return False
-    state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(f, device=str(model.device)))
-    own = model.state_dict()
-    tied = {"lm_head.weight"} if getattr(model.config.get_text_config(), "tie_word_embeddings", False) else set()
-    if set(state) - set(own) or set(own) - set(state) - tied \
-            or any(own[k].shape != v.shape for k, v in state.items()):
-        return False
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
-    return True
 
 
 class HFBackend:
@@ -81,20 +21,7 @@ class HFBackend:
     On a GPU, decoding runs through `GraphDecoder` (a static KV cache and one CUDA graph per
     token: bench/hf_sampler.py has the speed-up over plain `generate`); every batch is padded to
     `hf_batch_size` rows so the graph keeps one shape. On CPU, with `sample.sampling.min_p` or
-    `repetition_penalty`, or if the graph cannot be built, it is plain `model.generate`.
-    A GPU backend's model and decoder are kept for the next one (the module docstring)."""
-
-    kept: Kept | None = None  # the last closed GPU backend's model and decoder, in this process
-
-    @classmethod
-    def release(cls) -> None:
-        """Free the kept model and decoder (GPU memory)."""
-        import torch
-
-        if cls.kept is not None:
-            cls.kept = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    `repetition_penalty`, or if the graph cannot be built, it is plain `model.generate`."""
 
     def __init__(self, cfg: SampleConfig):
         import torch
@@ -116,34 +43,17 @@ class HFBackend:
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+        ).to(self.device).eval()
         self.graphs = self.device.type == "cuda"  # decode through GraphDecoder
         self.compile_ok = True  # False once compiling the decoding step has failed
         self.decoder: GraphDecoder | None = None
-        self.key = _architecture_key(cfg.model_name, dtype, self.device, cfg.trust_remote_code) \
-            if self.graphs and Path(cfg.model_name).is_dir() else None
-        kept, HFBackend.kept = HFBackend.kept, None
-        self.reused = kept is not None and kept.key == self.key and load_weights_into(kept.model, cfg.model_name)
-        if self.reused:
-            assert kept is not None
-            from transformers import GenerationConfig
-
-            self.model, self.decoder, self.compile_ok = kept.model, kept.decoder, kept.compile_ok
-            try:
-                self.model.generation_config = GenerationConfig.from_pretrained(cfg.model_name)
-            except OSError:
-                pass
-        else:
-            del kept
-            if self.graphs:
-                torch.cuda.empty_cache()
-            self.model = AutoModelForCausalLM.from_pretrained(
-                cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-            ).to(self.device).eval()
         torch.manual_seed(cfg.seed)
         # where a backend's time goes (logged at close): the start (model load) and the decoders
         # built (torch.compile and CUDA-graph capture), against the time spent generating
         self.timings = {"load_s": time.monotonic() - t0, "decoder_build_s": 0.0, "decoders_built": 0,
-                        "generate_s": 0.0, "reused": self.reused}
+                        "generate_s": 0.0}
 
     def tokenizer(self):
         return self.tok
@@ -153,22 +63,12 @@ class HFBackend:
 
         t = self.timings
         log.info("hf backend: model load %.1fs, %d decoder(s) built in %.1fs (compile and graph capture), "
-                 "generating %.1fs (decoder builds included)%s", t["load_s"], t["decoders_built"],
-                 t["decoder_build_s"], t["generate_s"], "; model and decoder reused" if self.reused else "")
-        if self.key is not None and self._bytes() <= KEEP_MAX_BYTES:
-            HFBackend.kept = Kept(self.key, self.model, self.decoder, self.compile_ok)
+                 "generating %.1fs (decoder builds included)", t["load_s"], t["decoders_built"],
+                 t["decoder_build_s"], t["generate_s"])
         self.decoder = None
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def _bytes(self) -> int:
-        """GPU memory of the model's weights and the decoder's KV cache."""
-        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        for layer in getattr(getattr(self.decoder, "cache", None), "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                n += t.numel() * t.element_size() if t is not None and hasattr(t, "numel") else 0
-        return n
 
     def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
         t0 = time.monotonic()
