@@ -105,6 +105,7 @@ def test_gpu_configuration_validates(monkeypatch):
     cfg, config, exp_overrides, gpu = resolve(["--gpu", "rounds=2"])
     assert gpu and config == GPU_CONFIG and exp_overrides == ["rounds=2"]
     assert (cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.warmup.learning_rate) == (512, 8, 1e-3)
+    assert (cfg.task.num_train, cfg.warmup.num_examples) == (4096, 1024)
     exp = load_config(ExperimentConfig, config, exp_overrides)
     cpu = load_config(ExperimentConfig, DEFAULT_CONFIG)
     assert exp.rounds == 2 and set(exp.arms) == set(cpu.arms) and exp.eval.data.split == "test"
