@@ -3,6 +3,8 @@
 # make test        installs the CPU build and the test tools, then runs every test tier
 # make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
+# make gpu-smoke   on one GPU: exit-loop quickstart --gpu (a 21M-parameter student, two arms, three
+#                  rounds, report) and where its time goes (bench/gpu_smoke.py); no install step
 # make test-fast   the unit tier alone (no engine, no SLURM; about 65 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
@@ -12,7 +14,7 @@ DEMO_DIR ?= runs/demo
 # that already carry that wheel locally (pip find-links) don't need the index.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install quickstart demo test test-fast gpu-check
+.PHONY: install quickstart demo test test-fast gpu-check gpu-smoke
 
 install:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
@@ -36,6 +38,9 @@ test: install
 gpu-check:
 	$(PYTHON) -m pytest -q -m gpu -p no:cacheprovider
 	$(PYTHON) bench/sft_learning.py --arms stage,plain --train_seeds 0,1,2
+
+gpu-smoke:
+	HF_HUB_OFFLINE=1 $(PYTHON) bench/gpu_smoke.py --json runs/gpu_smoke/gpu_smoke.json
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not engine and not slurm"

@@ -17,7 +17,8 @@ of other questions). Each arm, in one process, one after the other, on the same 
 
 Arms: `stage` (the SFT stage's defaults: on a GPU its speed defaults), `plain` (`speed_defaults:
 false`: TRL's plain recipe, padded batches, SDPA), and `--variant NAME:key=value;key=value` for
-`sft` overrides on top of the stage's defaults (YAML values). Prints a table; `--json` writes the
+`sft` overrides on top of the stage's defaults (YAML values; the key `env`, a YAML mapping, sets
+environment variables for that arm alone, as in bench/sft_throughput.py). Prints a table; `--json` writes the
 checks of every arm. On a CPU the stage and plain recipes are the same.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -76,13 +78,24 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, seed: int, wor
 
     q, gold, check, test = inputs
     w = q.warmup
+    env = {str(k): str(v) for k, v in (sft.get("env") or {}).items()}
+    sft = {k: v for k, v in sft.items() if k != "env"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     tok = AutoTokenizer.from_pretrained(work / "init")
     history: list[dict[str, Any]] = []
     out = work / f"{name}-seed{seed}"
     cfg = TrainConfig(data=[str(gold)], model=str(work / "init"), output_dir=str(out), seed=seed,
                       speed_defaults=speed_defaults, sft={**w.sft(), "max_steps": a.max_steps, **sft})
     t0 = time.monotonic()
-    train(cfg, [stop_at_accuracy(w, check, tok, history)])
+    try:
+        train(cfg, [stop_at_accuracy(w, check, tok, history)])
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     wall = time.monotonic() - t0
     manifest = json.loads((out / "manifest.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out / "ckpt")
@@ -91,7 +104,7 @@ def run_arm(name: str, sft: dict[str, Any], speed_defaults: bool, seed: int, wor
     acc = greedy_accuracy(model, AutoTokenizer.from_pretrained(out / "ckpt"), test)
     k = round(acc * len(test))
     reached = next((h["step"] for h in history if h["accuracy"] >= w.target_accuracy), None)
-    return {"arm": name, "train_seed": seed, "sft": sft, "speed_defaults": speed_defaults, "checks": history,
+    return {"arm": name, "train_seed": seed, "sft": sft, "env": env, "speed_defaults": speed_defaults, "checks": history,
             "target_reached_at": reached, "steps": manifest["steps"],
             "examples_per_step": manifest.get("examples_per_step"),
             "tokens_per_step": manifest.get("tokens_per_step"),

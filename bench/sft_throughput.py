@@ -14,7 +14,10 @@ to learn). Arms, each trained for `--warmup` + `--steps` optimizer steps:
           checkpointing, SDPA attention, padded batches, bf16 autocast over fp32 weights)
   stage   the SFT stage: `exit_loop.train.build_trainer` with the stage's defaults
           (`SFT_DEFAULTS`, and on a GPU `gpu_sft_defaults()`), checked by `check_prepared`
-  NAME    `--variant NAME:key=value;key=value`: the stage with these `sft` overrides (YAML values)
+  NAME    `--variant NAME:key=value;key=value`: the stage with these `sft` overrides (YAML values);
+          the key `env` (a YAML mapping) sets environment variables for that arm alone, e.g.
+          `env={ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION: "1"}` with `torch_compile=true`
+          (accelerate then compiles each decoder layer, not the whole model)
 
 Only what cannot change speed is set equal in every arm: `max_steps`, no saving, and one
 optimisation schedule for the loss curves (`--lr`, constant, no warm-up). The
@@ -29,7 +32,9 @@ FLOPs per token = 6 x parameters + 6 x layers x hidden x mean sequence length (t
 example, packed or not) and peak = `--peak_tflops` (989 TFLOP/s: H100 SXM dense bf16), the peak
 GPU memory allocated, and the loss of every optimizer step (summed from what `training_step`
 returns, read after training). On a GPU each arm runs in its own process.
-Prints a table; `--json PATH` writes everything, loss curves included.
+Prints a table; `--json PATH` writes everything, loss curves included. `--profile ARM` runs
+one more optimizer step of that arm, after the timed window, under `torch.profiler`, and prints
+and saves the operators that took the most GPU time.
 """
 
 from __future__ import annotations
@@ -192,6 +197,21 @@ def stage_tokens_per_step(a: argparse.Namespace, model_dir: str, mean_len: float
 
 def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: str, data_file: str,
             trl_ga: int) -> dict[str, Any]:
+    env = {str(k): str(v) for k, v in (extra.get("env") or {}).items()}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _run_arm(a, name, {k: v for k, v in extra.items() if k != "env"}, model_dir, data_file, trl_ga, env)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: str, data_file: str,
+             trl_ga: int, env: dict[str, str]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -237,6 +257,10 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     trainer.data_collator = counting_collator
     step = trainer.training_step
 
+    profile = a.profile == name
+    if profile:  # one more step after the timed window, under the profiler
+        trainer.args.max_steps += 1
+
     def counting_step(*args_, **kwargs_):
         consumed["tokens"] += produced[consumed["i"]]
         consumed["i"] += 1
@@ -247,12 +271,28 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     trainer.training_step = counting_step
     ends: list[tuple[float, int]] = []  # (time, tokens consumed) at each optimizer step's end
     last_step = a.warmup + a.steps
+    prof: dict[str, Any] = {}
 
     class Clock(TrainerCallback):
         """Synchronises only where the timed window opens and closes: a sync every step would
         leave the GPU idle while the host prepares the next batch."""
 
+        def on_step_begin(self, args_, state, control, **kwargs_):
+            if profile and state.global_step == last_step:
+                from torch.profiler import ProfilerActivity, profile as profiler
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                prof["p"] = profiler(activities=acts)
+                prof["p"].__enter__()
+
         def on_step_end(self, args_, state, control, **kwargs_):
+            if "p" in prof and state.global_step == last_step + 1:
+                if cuda:
+                    torch.cuda.synchronize()
+                prof["p"].__exit__(None, None, None)
+                prof["table"] = prof.pop("p").key_averages().table(
+                    sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30, max_name_column_width=60)
+                return
             step_losses.append(torch.stack(micro_losses).sum())
             micro_losses.clear()
             if cuda and state.global_step in (a.warmup, last_step):
@@ -264,10 +304,13 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
     trainer.train()
     train_s = time.perf_counter() - t0
 
+    compiled = sum(type(m).__name__ == "OptimizedModule" for m in trainer.model_wrapped.modules())
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = sum(p.numel() for p in model.parameters())
     cfg_m = model.config
     flops_per_token = 6 * params + 6 * cfg_m.num_hidden_layers * cfg_m.hidden_size * mean_len
+    if "table" in prof:
+        print(f"profile of arm {name}, one optimizer step after the timed window:\n{prof['table']}", flush=True)
     timed = ends[a.warmup - 1:] if a.warmup >= 1 else [(t0, 0)] + ends
     dt = timed[-1][0] - timed[0][0]
     tokens = timed[-1][1] - timed[0][1]
@@ -293,13 +336,15 @@ def run_arm(a: argparse.Namespace, name: str, extra: dict[str, Any], model_dir: 
         "loss": losses,
         "tokens_cum": cum[:len(losses)],
         "prepared": prepared,
+        "env": env,
+        "profile": prof.get("table"),
         "settings": {
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_length": args.max_length, "packing": args.packing, "padding_free": args.padding_free,
             "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": attn,
             "use_liger_kernel": args.use_liger_kernel, "bf16": args.bf16, "optim": str(args.optim),
-            "torch_compile": args.torch_compile,
+            "torch_compile": args.torch_compile, "compiled_modules": compiled,
         },
     }
     del trainer, model
@@ -380,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="each arm in its own process (auto: on a GPU)")
     p.add_argument("--arm_timeout", type=float, default=420, help="seconds an isolated arm may take")
     p.add_argument("--json", metavar="PATH", help="write all results here")
+    p.add_argument("--profile", metavar="ARM", help="profile one extra step of this arm (torch.profiler)")
     p.add_argument("--_arm", help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -412,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trl_ga = max(1, round(stage_tps / (8 * mean_len))) if a.trl_ga == "auto" else int(a.trl_ga)
     per_step = max(stage_tps, 8 * trl_ga * mean_len)
     for name, extra in variants.items():
-        _, kw = stage_sft(a, model_dir, str(work), extra)
+        _, kw = stage_sft(a, model_dir, str(work), {k: v for k, v in extra.items() if k != "env"})
         rows_ = kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"]
         per_step = max(per_step, rows_ * (kw["max_length"] if kw.get("packing") else mean_len))
     n_rows = int(per_step * (a.warmup + a.steps) / mean_len * 1.15) + 16
@@ -450,11 +496,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cmd = [sys.executable, __file__, "--_arm", name, "--_work", str(work), "--shape", a.shape,
                        "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr),
                        "--seed", str(a.seed), "--peak_tflops", str(a.peak_tflops)]
+                if a.profile:
+                    cmd += ["--profile", a.profile]
                 for v in a.variant:
                     cmd += ["--variant", v]
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.arm_timeout)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr[-3000:])
+                if a.profile == name:
+                    print(proc.stdout[proc.stdout.find("profile of arm"):], flush=True)
                 res = json.loads((work / f"{name}.json").read_text())
             else:
                 res = run_arm(a, name, variants.get(name, {}), model_dir, str(data_file), trl_ga)

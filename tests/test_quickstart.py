@@ -16,7 +16,7 @@ import pytest
 from exit_loop.tasks.arith import ArithTaskConfig, generate, make_problem, write_task
 from exit_loop.baseline import baseline_row
 from exit_loop.config import ConfigError, load_config
-from exit_loop.pipeline.quickstart import DEFAULT_CONFIG, Paths, split_overrides
+from exit_loop.pipeline.quickstart import DEFAULT_CONFIG, GPU_CONFIG, Paths, command, resolve, split_overrides
 from exit_loop.pipeline.run import ExperimentConfig
 from exit_loop.tasks import DataConfig, load_problems
 from exit_loop.verify import verify_rows
@@ -97,6 +97,49 @@ def test_overrides_split_and_paths_come_from_the_experiment():
     assert paths.data_dir == Path("data/quickstart") and paths.student == Path("data/quickstart/student/ckpt")
     with pytest.raises(ConfigError, match="ckpt"):
         Paths.of(load_config(ExperimentConfig, ROOT / DEFAULT_CONFIG, ["student=data/quickstart/student"]))
+
+
+def test_gpu_configuration_validates(monkeypatch):
+    """`exit-loop quickstart --gpu`: its own YAML and student preset, checked before anything loads;
+    the command line still wins over the preset; on a machine without CUDA it stops at once."""
+    monkeypatch.chdir(ROOT)
+    cfg, config, exp_overrides, gpu = resolve(["--gpu", "rounds=2"])
+    assert gpu and config == GPU_CONFIG and exp_overrides == ["rounds=2"]
+    assert (cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.warmup.learning_rate) == (512, 8, 1e-3)
+    assert (cfg.task.num_train, cfg.warmup.num_examples) == (4096, 1024)
+    exp = load_config(ExperimentConfig, config, exp_overrides)
+    cpu = load_config(ExperimentConfig, DEFAULT_CONFIG)
+    assert exp.rounds == 2 and set(exp.arms) == set(cpu.arms) and exp.eval.data.split == "test"
+    assert exp.sample.backend == "auto" and exp.sample.dtype == "auto" and not exp.sample.enforce_eager
+    assert exp.sample.hf_batch_size == 256
+    # the GPU run writes nowhere the CPU quickstart does
+    assert Paths.of(exp).data_dir != Paths.of(cpu).data_dir and exp.experiment != cpu.experiment
+    # the same recipe as the CPU quickstart but for the learning rate: arms, rounds' budget, data policy
+    assert {k: v for k, v in exp.train.sft.items() if k != "learning_rate"} == \
+        {k: v for k, v in cpu.train.sft.items() if k != "learning_rate"}
+    assert (exp.sample.num_samples, exp.sample.max_tokens, exp.policy) == \
+        (cpu.sample.num_samples, cpu.sample.max_tokens, cpu.policy)
+    # "tens of millions of parameters": the preset's student, counted on the meta device
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    t = cfg.tiny
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                             intermediate_size=2 * t.hidden_size, num_hidden_layers=t.num_layers,
+                                             num_attention_heads=t.hidden_size // 64, tie_word_embeddings=True,
+                                             num_key_value_heads=t.hidden_size // 64, head_dim=64))
+    assert 10e6 < sum(p.numel() for p in model.parameters()) < 100e6
+    cfg, _, _, _ = resolve(["--gpu", "tiny.num_layers=4"])  # the command line over the preset
+    assert cfg.tiny.num_layers == 4 and cfg.tiny.hidden_size == 512
+    with pytest.raises(ConfigError, match="tiny.bogus"):
+        resolve(["--gpu", "tiny.bogus=1"])
+    with pytest.raises(ConfigError, match="sample.bogus"):
+        resolve(["--gpu", "sample.bogus=1"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            command(["--gpu", "runs_dir=/nonexistent/never-written"])
+        assert not Path("/nonexistent/never-written").exists()
 
 
 def reduced_overrides(tmp: Path) -> list[str]:

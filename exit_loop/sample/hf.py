@@ -5,6 +5,7 @@ a GPU, decoding runs through the CUDA-graph decoder (`exit_loop.sample.graph`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        t0 = time.monotonic()
         self.cfg = cfg
         self.name = "hf"
         if cfg.gpu_device:
@@ -49,6 +51,10 @@ class HFBackend:
         self.compile_ok = True  # False once compiling the decoding step has failed
         self.decoder: GraphDecoder | None = None
         torch.manual_seed(cfg.seed)
+        # where a backend's time goes (logged at close): the start (model load) and the decoders
+        # built (torch.compile and CUDA-graph capture), against the time spent generating
+        self.timings = {"load_s": time.monotonic() - t0, "decoder_build_s": 0.0, "decoders_built": 0,
+                        "generate_s": 0.0}
 
     def tokenizer(self):
         return self.tok
@@ -56,13 +62,23 @@ class HFBackend:
     def close(self) -> None:
         import torch
 
+        t = self.timings
+        log.info("hf backend: model load %.1fs, %d decoder(s) built in %.1fs (compile and graph capture), "
+                 "generating %.1fs (decoder builds included)", t["load_s"], t["decoders_built"],
+                 t["decoder_build_s"], t["generate_s"])
         self.decoder = None
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig | None = None) -> None:
-        cfg = cfg or self.cfg
+        t0 = time.monotonic()
+        try:
+            self._generate(requests, on_done, cfg or self.cfg)
+        finally:
+            self.timings["generate_s"] += time.monotonic() - t0
+
+    def _generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig) -> None:
         # one row per (request, sample); longest prompts first so each batch pads little
         ids_of = {id(r): encode_prompt(self.tok, r.prompt) for r in requests}
         rows = [(r, k) for r in sorted(requests, key=lambda r: -len(ids_of[id(r)])) for k in r.sample_indices]
@@ -149,8 +165,12 @@ class HFBackend:
             self.decoder = d = None
             torch.cuda.empty_cache()
             max_len = -(-(prompt_len + max_tokens) // 128) * 128
+            t0 = time.monotonic()
             self.decoder = d = GraphDecoder(self.model, batch, max_len, eos_ids, self.tok.pad_token_id,
                                               top_k, top_p, compile, kv_bucket)
+            torch.cuda.synchronize()
+            self.timings["decoder_build_s"] += time.monotonic() - t0
+            self.timings["decoders_built"] += 1
         return d
 
 
