@@ -173,21 +173,22 @@ def test_gpu_defaults_train_the_same_examples_per_step_as_the_cpu_recipe(tmp_pat
     assert not fast.args.packing and fast.args.max_length == 240
     assert fast.args.per_device_train_batch_size == 4 and fast.args.gradient_accumulation_steps == 2
     assert check_prepared(plain, cfg) == check_prepared(fast, cfg)
-    assert check_prepared(fast, cfg)["truncated_examples"] == 1
+    assert check_prepared(fast, cfg)["truncated_examples"] == 0  # the long one is dropped, not cut
+    assert plain.dropped["too_long"] == fast.dropped["too_long"] == 1
 
     seen = 0
     for a, b in zip(plain.get_train_dataloader(), fast.get_train_dataloader()):
         mask = a["attention_mask"].bool()
         plain_seqs = [(ids[m].tolist(), lab[m].tolist()) for ids, lab, m in zip(a["input_ids"], a["labels"], mask)]
         cu = b["cu_seq_lens_q"].tolist()
-        assert b["input_ids"].shape[0] == 1 and len(cu) - 1 == 4  # one row, the 4 examples asked for
+        assert b["input_ids"].shape[0] == 1 and len(cu) - 1 == min(4, 39 - 4 * seen)  # one row, the examples asked for
         fast_seqs = [(b["input_ids"][0, s:e].tolist(), b["labels"][0, s:e].tolist()) for s, e in zip(cu, cu[1:])]
         # the padding-free collator masks each example's first label (a position id of 0); the
         # first token is the prompt's, never trained either way
         assert [(i, [-100] + lab[1:]) for i, lab in plain_seqs] == fast_seqs
         assert max(len(i) for i, _ in fast_seqs) <= 240
         seen += 1
-    assert seen == 10  # 40 examples, 4 per micro-batch
+    assert seen == 10  # 39 examples (one dropped), 4 per micro-batch
 
 
 @pytest.fixture(scope="module")
