@@ -24,7 +24,7 @@ from exit_loop.config import load_config, to_dict
 from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
-from exit_loop.sample import HFBackend, SampleConfig, VLLMBackend, check_model_path, sample, start_backend
+from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path, sample, start_backend
 from exit_loop.stats import pass_at_k
 from exit_loop.tasks import DataConfig, count_failures, load_problems
 from exit_loop.tasks.gsm8k import parse_number
@@ -146,7 +146,7 @@ def eval_draws(cfg: EvalConfig) -> list[tuple[str, SampleConfig, Path]]:
     return draws
 
 
-def evaluate(cfg: EvalConfig, backend: VLLMBackend | HFBackend | None = None,
+def evaluate(cfg: EvalConfig, backend: SamplerBackend | None = None,
              started_at: float | None = None) -> Path:
     """Generate and score; returns `output_dir`. A `backend` already holding the model is reused
     (`started_at`: when its start began, so the stage's time includes it)."""

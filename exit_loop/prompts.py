@@ -75,14 +75,22 @@ def teacher_prompt(question: str, style: PromptStyle, tokenizer: Any = None,
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"prompt style {style!r} needs a tokenizer with a chat template; "
                          "use prompt_style=r1_zero for base models")
-    messages = []
+    return tokenizer.apply_chat_template(teacher_messages(question, style, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def teacher_messages(question: str, style: PromptStyle, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The chat turns of the `chat` and `reasoning` styles: what `teacher_prompt` renders through
+    the chat template, and what a server's chat endpoint is sent."""
+    _check_style(style)
+    if style == "r1_zero":
+        raise ValueError("prompt style 'r1_zero' is a raw prompt, not chat turns")
     if style == "chat":
-        messages.append({"role": "system", "content": system_prompt or CHAT_SYSTEM_PROMPT})
-        messages.append({"role": "user", "content": question.strip()})
-    else:  # reasoning models: DeepSeek recommends no system prompt, the instruction in the user turn
-        instruction = system_prompt or "Please reason step by step, and put your final answer within \\boxed{}."
-        messages.append({"role": "user", "content": f"{question.strip()}\n{instruction}"})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [{"role": "system", "content": system_prompt or CHAT_SYSTEM_PROMPT},
+                {"role": "user", "content": question.strip()}]
+    # reasoning models: DeepSeek recommends no system prompt, the instruction in the user turn
+    instruction = system_prompt or "Please reason step by step, and put your final answer within \\boxed{}."
+    return [{"role": "user", "content": f"{question.strip()}\n{instruction}"}]
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -5,6 +5,7 @@
     exit-loop generate --config configs/generate_gsm8k_qwen2.5-72b.yaml sample.num_shards=8 sample.shard_id=3
     exit-loop merge --config configs/generate_gsm8k_qwen2.5-72b.yaml
     exit-loop generate --config configs/generate_gsm8k_qwen2.5-32b.yaml --data_parallel 4   # 8 GPUs, TP 2
+    exit-loop generate --config configs/generate_gsm8k_deepseek-r1_server.yaml --base_url http://node12:8000/v1
 
 Writes into `output_dir` (default `data/gsm8k/`): `samples.jsonl` (raw samples, streamed;
 with shards `samples/shard-KKKKK-of-NNNNN.jsonl`), `sft_r1_all.jsonl`, `sft_r1_correct.jsonl`,
@@ -12,7 +13,10 @@ with shards `samples/shard-KKKKK-of-NNNNN.jsonl`), `sft_r1_all.jsonl`, `sft_r1_c
 again generates only the (problem, sample) pairs that are missing. On a node with several GPUs the
 unsharded generation runs one engine per `sample.tensor_parallel_size` GPUs at once
 (`sample.data_parallel`, `exit_loop.pipeline.parallel`), each drawing its shards into `samples/`,
-then merges them into `samples.jsonl`.
+then merges them into `samples.jsonl`. With `sample.backend: server` the teacher is an
+OpenAI-compatible server (`exit_loop.sample.server`): `sample.server.base_url`, or a server that
+`exit-loop slurm submit` launches (`sample.server.launch`), whose address its job writes to
+`<output_dir>/server/address`.
 
 A generation is the one-round case of an ExIt run's stages (`exit_loop.pipeline.stages`): the same
 sampling (`draw`), merge of shards (`merge_shards`), verifier (`label`) and filter
@@ -65,6 +69,18 @@ def check_existing_samples(path: Path, cfg: SampleConfig) -> None:
         break
 
 
+def server_address(cfg: GenerateConfig) -> None:
+    """A launched server (no base_url) is found through the address file its job writes."""
+    s = cfg.sample.server
+    if cfg.sample.backend == "server" and not s.base_url and s.launch and not s.address_file:
+        s.address_file = str(address_file(Path(cfg.output_dir)))
+
+
+def address_file(directory: Path) -> Path:
+    """Where a launched server's job writes its host:port: `<directory>/server/address`."""
+    return directory / "server" / "address"
+
+
 def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -> Path:
     """Verify the merged samples, write the splits, the summary and (last) the manifest."""
     out = Path(cfg.output_dir)
@@ -92,6 +108,7 @@ def generate(cfg: GenerateConfig) -> Path:
         cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
         print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
     out = Path(cfg.output_dir)
+    server_address(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     t0 = time.monotonic()
@@ -135,6 +152,7 @@ FLAGS = {  # flag -> config key
     "gpu_device": "sample.gpu_device",
     "student": "sample.student",
     "data_parallel": "sample.data_parallel",
+    "base_url": "sample.server.base_url",
     "output_dir": "output_dir",
 }
 
@@ -148,7 +166,8 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--dataset", help="hub id (openai/gsm8k) or local JSONL path (data.dataset)")
     p.add_argument("--split", help="data set split, default train (data.split)")
     p.add_argument("--num_samples", type=int, help="samples per problem (sample.num_samples)")
-    p.add_argument("--backend", choices=["auto", "vllm", "hf"], help="sampler backend (sample.backend)")
+    p.add_argument("--backend", choices=["auto", "vllm", "hf", "server"],
+                   help="sampler backend (sample.backend); server: an OpenAI-compatible server")
     p.add_argument("--prompt_style", choices=["auto", "r1_zero", "chat", "reasoning"],
                    help="how the teacher is asked (sample.prompt_style)")
     p.add_argument("--gpu_device", help="e.g. cuda:0 (sample.gpu_device)")
@@ -158,6 +177,8 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--data_parallel", type=int, metavar="N",
                    help="engine processes at once, each on its own GPUs (CPU: cores); default: the visible "
                         "GPUs / sample.tensor_parallel_size, 1 without a GPU (sample.data_parallel)")
+    p.add_argument("--base_url", help="with --backend server: the server's URL, e.g. http://node12:8000/v1 "
+                   "(sample.server.base_url; the API key comes from the variable sample.server.api_key_env names)")
     p.add_argument("--output_dir", help="where files go, default data/gsm8k (output_dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config key, e.g. sample.temperature=0.6 sample.max_tokens=2048")

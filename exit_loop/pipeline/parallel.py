@@ -98,6 +98,8 @@ def visible_gpus() -> list[str]:
 
 def data_parallel(cfg: SampleConfig, gpus: Sequence[str] | None = None) -> int:
     """How many engine processes `cfg` asks for on this machine (see the module docstring)."""
+    if cfg.backend == "server":  # no engine here: the server's requests in flight are server.max_concurrency
+        return 1
     gpus = visible_gpus() if gpus is None else gpus
     n = cfg.data_parallel
     if n is None:

@@ -23,7 +23,7 @@ from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.prompts import PromptStyle
-from exit_loop.sample import SampleConfig, resolve_prompt_style
+from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style
 from exit_loop.sample.request import Backend
 from exit_loop.tasks import DataConfig
 from exit_loop.train import LoraSettings
@@ -129,10 +129,13 @@ class TeacherConfig:
     trust_remote_code: bool = False
     sampling: dict[str, Any] | None = None   # vllm.SamplingParams keys (replacing the student's)
     engine: dict[str, Any] | None = None     # vllm.LLM keyword arguments (replacing the student's)
+    server: ServerConfig | None = None       # backend: server: the OpenAI-compatible server to sample from
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("teacher.model: give the teacher's hub id or path (or teacher: null)")
+        if self.server is not None and self.backend is None:
+            self.backend = "server"
 
     def sample_config(self, student: SampleConfig, student_model: str) -> SampleConfig:
         """The sampler settings for the teacher: the student's, with the teacher's own on top; its
@@ -272,11 +275,20 @@ class Run:
 
     def sampler_config(self, arm: str, k: int) -> SampleConfig:
         """Round k's sampler settings: the teacher's in round 0 where one is set, else the policy's
-        under `sample:`. Prompt styles are the ones `resolve_styles` fixed at the run's start."""
+        under `sample:`. Prompt styles are the ones `resolve_styles` fixed at the run's start. A
+        teacher's server that `exit-loop slurm submit` launches is found through its address file."""
         base = dataclasses.replace(self.cfg.sample, seed=self.cfg.seed + k, round=k)
         if k == 0 and self.cfg.teacher:
-            return dataclasses.replace(self.cfg.teacher.sample_config(base, self.cfg.student), round=k)
+            scfg = dataclasses.replace(self.cfg.teacher.sample_config(base, self.cfg.student), round=k)
+            srv = scfg.server
+            if scfg.backend == "server" and not srv.base_url and srv.launch and not srv.address_file:
+                scfg.server = dataclasses.replace(srv, address_file=str(self.server_address()))
+            return scfg
         return dataclasses.replace(base, model_name=self.policy(arm, k))
+
+    def server_address(self) -> Path:
+        """Where a launched teacher server's job writes its host:port (one server for every seed)."""
+        return self.top / "server" / "address"
 
 
 def resolve_styles(cfg: ExperimentConfig) -> None:
@@ -299,6 +311,10 @@ def resolve_styles(cfg: ExperimentConfig) -> None:
             "set both for the chat template, or neither")
     if cfg.teacher and cfg.teacher.prompt_style == "auto":
         cfg.teacher.prompt_style = resolve_prompt_style(cfg.teacher.model)
+    if cfg.sample.backend == "server":
+        raise ConfigError("sample.backend=server: the student evaluates and samples in this process (its "
+                          "checkpoints change every round); a server samples a teacher: teacher.backend: server "
+                          "with teacher.server.base_url")
 
 
 def policy_warnings(cfg: ExperimentConfig) -> list[str]:

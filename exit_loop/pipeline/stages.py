@@ -28,7 +28,7 @@ from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
 from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
 from exit_loop.pipeline.run import STAGES, ExperimentConfig, Run, shard_path
 from exit_loop.pipeline.track import sft_tracking
-from exit_loop.sample import HFBackend, SampleConfig, Sampled, VLLMBackend, generated_tokens, sample, start_backend
+from exit_loop.sample import SampleConfig, SamplerBackend, Sampled, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
 from exit_loop.verify import count_lines, read_samples, verify_rows, with_progress
@@ -43,7 +43,7 @@ def wall(t0: float) -> dict[str, float]:
 
 
 def draw(cfg: SampleConfig, problems: list[Problem], samples_file: Path, shard_dir: Path,
-         shard: int | None = None, backend: VLLMBackend | HFBackend | None = None,
+         shard: int | None = None, backend: SamplerBackend | None = None,
          hint: str = "") -> Sampled | None:
     """Sample every problem `cfg.num_samples` times. Unsharded: into `samples_file`. With
     `cfg.num_shards` > 1: into the shard files in `shard_dir`, either every shard with one engine

@@ -5,12 +5,13 @@
     from exit_loop.sample import SampleConfig, sample, start_backend
     sampled = sample(SampleConfig(model_name=path, num_samples=4), problems, "samples.jsonl")
 
-Two backends behind one interface (`generate(requests, on_done, cfg)`, `tokenizer()`, `close()`):
+Three backends behind one interface (`generate(requests, on_done, cfg)`, `tokenizer()`, `close()`):
 `vllm` (`exit_loop.sample.vllm`: the offline `LLM` engine, each request's samples written the
-moment it finishes) and `hf` (`exit_loop.sample.hf`: transformers, batched, left padding,
-length-sorted; on a GPU through the CUDA-graph decoder of `exit_loop.sample.graph`). `auto` uses
-vLLM and falls back to HF, with a warning that says why, when vLLM cannot be imported or its
-engine fails to start. `exit_loop.sample.request` holds what they share (`SampleConfig`,
+moment it finishes), `hf` (`exit_loop.sample.hf`: transformers, batched, left padding,
+length-sorted; on a GPU through the CUDA-graph decoder of `exit_loop.sample.graph`) and `server`
+(`exit_loop.sample.server`: an OpenAI-compatible server, for teachers too big for an engine in
+this process). `auto` uses vLLM and falls back to HF, with a warning that says why, when vLLM
+cannot be imported or its engine fails to start. `exit_loop.sample.request` holds what they share (`SampleConfig`,
 `Request`, `Completion`).
 
 Resume: the samples file is append-only; on start, rows already there are read back (a line torn
@@ -28,24 +29,31 @@ from typing import Any
 
 from exit_loop.console import say, stream
 from exit_loop.jsonl import AppendLog
-from exit_loop.prompts import normalise_response, student_prompt, teacher_prompt
+from exit_loop.prompts import normalise_response, student_prompt, teacher_messages, teacher_prompt
 from exit_loop.sample.hf import HFBackend
-from exit_loop.sample.request import (Completion, Request, SampleConfig, check_model_path, check_sampling_keys,
-                                      pending_requests, resolve_prompt_style, select_shard)
+from exit_loop.sample.request import (Completion, LaunchConfig, Request, SampleConfig, ServerConfig,
+                                      check_model_path, check_sampling_keys, pending_requests,
+                                      resolve_prompt_style, select_shard)
+from exit_loop.sample.server import ServerBackend, ServerError
 from exit_loop.sample.vllm import VLLMBackend
 from exit_loop.tasks import Problem
 from exit_loop.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HFBackend", "SampleConfig", "Sampled", "VLLMBackend", "check_model_path", "check_sampling_keys",
-           "generated_tokens", "resolve_prompt_style", "sample", "select_shard", "start_backend"]
+__all__ = ["HFBackend", "LaunchConfig", "SampleConfig", "Sampled", "SamplerBackend", "ServerBackend", "ServerConfig",
+           "ServerError", "VLLMBackend", "check_model_path", "check_sampling_keys", "generated_tokens",
+           "resolve_prompt_style", "sample", "select_shard", "start_backend"]
+
+SamplerBackend = VLLMBackend | HFBackend | ServerBackend
 
 
-def start_backend(cfg: SampleConfig) -> VLLMBackend | HFBackend:
+def start_backend(cfg: SampleConfig) -> SamplerBackend:
     """Start the configured backend; `auto` tries vLLM first and says why it falls back."""
     if cfg.backend == "hf":
         return HFBackend(cfg)
+    if cfg.backend == "server":
+        return ServerBackend(cfg)
     if cfg.backend == "vllm":
         return VLLMBackend(cfg)
     try:
@@ -105,7 +113,7 @@ class Sampled:
 
 
 def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
-           backend: VLLMBackend | HFBackend | None = None, summary: bool = True) -> Sampled:
+           backend: SamplerBackend | None = None, summary: bool = True) -> Sampled:
     """Sample `cfg.num_samples` traces for each problem of this shard into `out_path` (JSONL),
     resuming from what is there (the file exists afterwards, empty if there was nothing to do).
     Returns the path with the file's sample and token counts, so no caller reads it back.
@@ -128,10 +136,13 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         owned = backend is None
         backend = backend or start_backend(cfg)
         style, system = cfg.prompt_style, cfg.system_prompt
-        tok = backend.tokenizer() if style != "r1_zero" else None
+        chat_turns = isinstance(backend, ServerBackend) and backend.endpoint == "chat"  # the server's template
+        tok = backend.tokenizer() if style != "r1_zero" and not chat_turns else None
         student_tok = backend.tokenizer() if cfg.student is None else load_tokenizer(cfg.student, cfg)
         requests = pending_requests(todo_problems, done, cfg.num_samples,
-                                    lambda p: teacher_prompt(p.question, style, tok, system))
+                                    lambda p: "" if chat_turns else teacher_prompt(p.question, style, tok, system))
+        for r in requests if chat_turns else []:
+            r.messages = teacher_messages(r.problem.question, style, system)
         bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
                    dynamic_ncols=True, mininterval=1.0, file=stream())
         last_sync = time.monotonic()

@@ -15,7 +15,59 @@ from exit_loop.errors import ConfigError
 from exit_loop.prompts import PromptStyle
 from exit_loop.tasks import Problem
 
-Backend = Literal["auto", "vllm", "hf"]
+Backend = Literal["auto", "vllm", "hf", "server"]
+
+
+@dataclass
+class LaunchConfig:
+    """A server that `exit-loop slurm submit` starts as a job of its own beside the sampling jobs
+    (`exit_loop.pipeline.slurm`). `command` is a shell command line; these placeholders are filled
+    in the job: {host} (the address to bind), {port} (a port from the job id unless `port` is set),
+    {nodes}, {node_rank} (this node's rank), {main_addr} (the first node), {headless} (`--headless`
+    on every node but the first: vLLM's multi-node serving). Where it has neither {host} nor
+    {port}, `--host {host} --port {port}` is appended."""
+    command: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    host: str = "0.0.0.0"            # what the server binds; the address file gets the node's name
+    port: int | None = None          # None: 20000 + job id % 20000
+    ready_timeout_s: float = 3600.0  # how long a sampling task waits for the server to answer /health
+
+    def __post_init__(self) -> None:
+        if not self.command.strip():
+            raise ValueError("server.launch.command: give the serve command, e.g. 'vllm serve MODEL "
+                             "--tensor-parallel-size 8'")
+        if self.nodes < 1:
+            raise ValueError(f"server.launch.nodes must be at least 1, got {self.nodes}")
+
+
+@dataclass
+class ServerConfig:
+    """An OpenAI-compatible server to sample from (`backend: server`; exit_loop.sample.server):
+    vLLM's or SGLang's server, or a hosted API. The API key is read from the environment variable
+    named by `api_key_env` and is never written anywhere."""
+    base_url: str = ""               # e.g. http://node12:8000/v1; empty: the address file of `launch`
+    model: str | None = None         # the name the server knows the model by (default: sample.model_name)
+    endpoint: Literal["auto", "completions", "chat"] = "auto"  # auto: chat, except r1_zero (a raw prompt)
+    api_key_env: str | None = None   # the NAME of the environment variable holding the key
+    max_concurrency: int = 64        # requests in flight at once
+    timeout_s: float = 600.0         # one request, retries not counted
+    max_retries: int = 8             # per request: 429/5xx/dropped connections, backoff with jitter, Retry-After
+    n: bool = True                   # ask for several samples through `n` (False: one request per sample)
+    token_ids: bool = True           # completions: send the prompt's token ids (exit_loop.tokens), not text
+    tokenizer: str | None = None     # the model's tokenizer (hub id or path; default: model, then sample.model_name)
+    extra_body: dict[str, Any] = field(default_factory=dict)  # further request fields (e.g. top_k for vLLM)
+    address_file: str | None = None  # where a launched server's host:port is read (set by the run)
+    launch: LaunchConfig | None = None  # started by `exit-loop slurm submit` as a job of its own
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"server.max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"server.max_retries must be >= 0, got {self.max_retries}")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", self.api_key_env):
+            raise ValueError("server.api_key_env: give the name of an environment variable (capitals, digits, "
+                             "underscores), not the key itself")
 
 
 @dataclass
@@ -48,6 +100,7 @@ class SampleConfig:
     # engine processes at once on this machine, each on its own GPUs (exit_loop.pipeline.parallel);
     # unset: the visible GPUs / tensor_parallel_size, 1 without a GPU; SLURM array tasks draw one shard each
     data_parallel: int | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)  # backend: server (an OpenAI-compatible API)
     round: int = 0                         # provenance, set by the loop
 
     def __post_init__(self) -> None:
@@ -76,6 +129,7 @@ class Request:
     problem: Problem
     prompt: str                    # what the model is given (teacher prompt)
     sample_indices: list[int]
+    messages: list[dict[str, str]] | None = None  # the chat turns instead, for a server's chat endpoint
 
 
 @dataclass
