@@ -41,6 +41,7 @@ class SlurmConfig(Resources):
     verify: Resources = field(default_factory=Resources)
     filter: Resources = field(default_factory=Resources)
     train: Resources = field(default_factory=Resources)    # >1 GPU: accelerate launch unless train.launcher
+    server: Resources = field(default_factory=Resources)   # a launched server (sample.server.launch): its job
     nodes: int = 1                # train jobs span this many nodes (accelerate launch on each, through srun)
     signal_s: int = 180           # USR1 this long before the time limit: the job requeues itself
     env: dict[str, str] = field(default_factory=dict)      # exported in every job

@@ -41,20 +41,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from exit_loop.config import check_unchanged, dump_yaml, load_config, read_yaml
 from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.pipeline.generate import GenerateConfig, shard_file
+from exit_loop.pipeline.generate import GenerateConfig, address_file, shard_file
 from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.hub import check_hub
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
 from exit_loop.pipeline.stages import hub_settings, round_questions
-from exit_loop.sample import SampleConfig, check_model_path, select_shard
+from exit_loop.sample import LaunchConfig, SampleConfig, check_model_path, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ class Job:
     done: Callable[[], bool]          # finished: its manifests exist
     shards: Callable[[], list[int]] | None = None  # an array job: the tasks still to run
     gpus: int = 0                     # when the config sets none
+    shell: str | None = None          # a shell command line instead of argv ({jobs:KEY}: that job's ids)
+    nodes: int = 1                    # train jobs: slurm.nodes instead
+    pre: list[str] = field(default_factory=list)   # shell lines before the command
+    dependency: str = "afterok"       # how it waits for `after` (afterany: whatever became of them)
+    clear: list[Path] = field(default_factory=list)  # files removed when it is submitted anew
 
 
 def unfinished_shards(paths: list[Path], problems: Callable[[], list[Problem]], num_samples: int) -> list[int]:
@@ -175,28 +180,73 @@ def exit_jobs(run: Run) -> list[Job]:
 
 
 def generate_jobs(cfg: GenerateConfig, config_file: Path) -> list[Job]:
-    """A generation: one job, or an array over shards and a merge."""
+    """A generation: one job, or an array over shards and a merge; with a server to launch, its
+    job and the job that stops it."""
     out = Path(cfg.output_dir)
     name = out.resolve().name
     base = [sys.executable, "-m", "exit_loop.cli"]
     config = ["--config", str(config_file)]
     n = cfg.sample.num_shards
-    gpus = cfg.sample.tensor_parallel_size
+    server = cfg.sample.backend == "server"
+    gpus = 0 if server else cfg.sample.tensor_parallel_size  # a server's client needs no GPU
 
     def done() -> bool:
         return (out / "manifest.json").exists()
 
     if n == 1:
-        return [Job("generate", f"{name}-r0-generate", "rollout", [*base, "generate", *config], [], done, None, gpus)]
+        jobs = [Job("generate", f"{name}-r0-generate", "rollout", [*base, "generate", *config], [], done, None, gpus)]
+        sampled = done
+    else:
+        def todo() -> list[int]:
+            if done():
+                return []
+            paths = [shard_file(cfg, i) for i in range(n)]
+            return unfinished_shards(paths, lambda: load_problems(cfg.data), cfg.sample.num_samples)
 
-    def todo() -> list[int]:
-        if done():
-            return []
-        paths = [shard_file(cfg, i) for i in range(n)]
-        return unfinished_shards(paths, lambda: load_problems(cfg.data), cfg.sample.num_samples)
+        jobs = sharded_sampling("generate", f"{name}-r0-generate",
+                                [*base, "generate", *config, f"sample.shard_id={SHARD}"],
+                                "merge", f"{name}-r0-merge", [*base, "merge", *config], [], todo, done, gpus)
 
-    return sharded_sampling("generate", f"{name}-r0-generate", [*base, "generate", *config, f"sample.shard_id={SHARD}"],
-                            "merge", f"{name}-r0-merge", [*base, "merge", *config], [], todo, done, gpus)
+        def sampled() -> bool:
+            return not todo()
+    launch = cfg.sample.server.launch
+    if server and launch and not cfg.sample.server.base_url:
+        return server_jobs(launch, name, address_file(out), ["generate"], sampled, jobs)
+    return jobs
+
+
+def server_jobs(launch: LaunchConfig, name: str, addr: Path, users: list[str], sampled: Callable[[], bool],
+                jobs: list[Job]) -> list[Job]:
+    """`jobs` with a launched server: its job first (no dependency: it runs beside the sampling
+    jobs, which wait for its address file and /health), and a job that cancels it once the jobs
+    `users` have ended, whatever became of them (afterany). Both are done once sampling is."""
+    addr = addr.resolve()
+    status = addr.with_name("status")
+    bind = launch.host or "0.0.0.0"
+    shown = "$(hostname)" if bind in ("0.0.0.0", "::") else shlex.quote(bind)
+    multi = launch.nodes > 1
+    fill = {"{host}": shlex.quote(bind), "{port}": '"$SERVER_PORT"', "{nodes}": str(launch.nodes),
+            "{node_rank}": '"$SLURM_NODEID"' if multi else "0",
+            "{main_addr}": '"$MAIN_ADDR"' if multi else "$(hostname)",
+            "{headless}": '$([ "$SLURM_NODEID" = 0 ] || echo --headless)' if multi else ""}
+    command = launch.command.strip()
+    if "{host}" not in command and "{port}" not in command:
+        command += " --host {host} --port {port}"
+    for key, value in fill.items():
+        command = command.replace(key, value)
+    port = str(launch.port) if launch.port else "$((20000 + SLURM_JOB_ID % 20000))"
+    pre = [f"export SERVER_PORT={port}",
+           f"ADDR_FILE={shlex.quote(str(addr))}",
+           f"STATUS_FILE={shlex.quote(str(status))}",
+           'mkdir -p "$(dirname "$ADDR_FILE")"; rm -f "$ADDR_FILE" "$STATUS_FILE"',
+           "# the sampling jobs read host:port here and wait for /health; gone once the server's job ends",
+           'trap \'rm -f "$ADDR_FILE"; echo "server job $SLURM_JOB_ID ended" > "$STATUS_FILE"\' EXIT',
+           f'printf "%s:%s\\n" {shown} "$SERVER_PORT" > "$ADDR_FILE.tmp" && mv "$ADDR_FILE.tmp" "$ADDR_FILE"']
+    serve = Job("server", f"{name}-server", "server", [], [], sampled, gpus=launch.gpus_per_node, shell=command,
+                nodes=launch.nodes, pre=pre, clear=[addr, status])
+    stop = Job("server-stop", f"{name}-server-stop", "merge", [], users, sampled,
+               shell="scancel {jobs:server}", dependency="afterany")
+    return [serve, *jobs, stop]
 
 
 # --------------------------------------------------------------------------- scripts
@@ -223,7 +273,7 @@ def array_ranges(tasks: list[int]) -> str:
 def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None = None) -> str:
     """The sbatch script of `job` (an array over `tasks` when given)."""
     r = cfg.resources(job.section, job.gpus)
-    nodes = cfg.nodes if job.section == "train" else 1
+    nodes = cfg.nodes if job.section == "train" else job.nodes
     log = slurm_dir.resolve() / "logs" / ("%x-%A_%a.out" if tasks is not None else "%x-%j.out")
     lines = ["#!/bin/bash",
              f"# {job.name}: written by `exit-loop slurm submit`, which submits it again when needed",
@@ -246,7 +296,8 @@ def render(job: Job, cfg: SlurmConfig, slurm_dir: Path, tasks: list[int] | None 
     lines += ["set -uo pipefail"]
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in cfg.env.items()]
     lines += cfg.setup
-    command = " ".join(shell_word(a) for a in job.argv)
+    lines += job.pre
+    command = job.shell if job.shell is not None else " ".join(shell_word(a) for a in job.argv)
     if nodes > 1:  # the launcher on every node; each expands its own $SLURM_NODEID
         lines.append('export MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
         command = f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(command)}"
@@ -306,10 +357,10 @@ def job_states(ids: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _sbatch(script: Path, deps: list[str]) -> str:
+def _sbatch(script: Path, deps: list[str], kind: str = "afterok") -> str:
     cmd = ["sbatch", "--parsable"]
     if deps:
-        cmd.append("--dependency=afterok:" + ":".join(deps))
+        cmd.append(f"--dependency={kind}:" + ":".join(deps))
     res = _run([*cmd, str(script)])
     if res.returncode != 0:
         raise SlurmError(f"sbatch {script}: {res.stderr.strip() or res.stdout.strip()}")
@@ -387,6 +438,8 @@ def submit_jobs(jobs: list[Job], cfg: SlurmConfig, slurm_dir: Path, dry_run: boo
             print(f"{job.name}: queued or running as job {' '.join(j for _, j in active)}")
             continue
         deps = [w for a in job.after for w in waits[a]]
+        if job.shell is not None:  # {jobs:KEY}: the ids of that job (dry run: its name)
+            job.shell = re.sub(r"\{jobs:([^}]+)\}", lambda m: " ".join(waits.get(m.group(1), [])), job.shell)
         script = render(job, cfg, slurm_dir, tasks)
         array = f" [array {array_ranges(tasks)}]" if tasks is not None else ""
         if dry_run:  # dependents name the job instead of its id
@@ -396,11 +449,14 @@ def submit_jobs(jobs: list[Job], cfg: SlurmConfig, slurm_dir: Path, dry_run: boo
             path = slurm_dir / "scripts" / f"{job.name}.sh"
             (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, script)
-            jid = _sbatch(path, deps)
+            for stale_file in job.clear:
+                stale_file.unlink(missing_ok=True)
+            jid = _sbatch(path, deps, job.dependency)
             book.add(job.key, {"id": jid, "tasks": tasks, "name": job.name, "after": deps,
                                "script": str(path), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
             print(f"{job.name}: submitted job {jid}{array} after {', '.join(deps) or 'nothing'}")
-        graph.append(f"  {job.name}{array} after {', '.join(deps) or 'nothing'}")
+        kind = "" if job.dependency == "afterok" else f" ({job.dependency})"
+        graph.append(f"  {job.name}{array} after {', '.join(deps) or 'nothing'}{kind}")
         waits[job.key].append(jid)
         renewed.add(job.key)
     if dry_run:

@@ -173,8 +173,9 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
         if need_eval:
             ecfg = eval_config(run, arm, k)
             t0 = time.monotonic()
-            if need_sample and run.sampler_model(arm, k) == run.policy(arm, k):
-                backend = start_backend(ecfg.sample)
+            scfg = run.sampler_config(arm, k)
+            if need_sample and scfg.model_name == ecfg.sample.model_name and scfg.backend == ecfg.sample.backend:
+                backend = start_backend(ecfg.sample)  # one engine for both (never a teacher's server)
             evaluate(ecfg, backend, started_at=t0)
         if need_sample:
             t0 = time.monotonic()

@@ -110,6 +110,10 @@ def wait_for_server(server: ServerConfig) -> str:
         url = read_address(path)
         if url and healthy(url):
             return url
+        ended = path.with_name("status")
+        if ended.exists():  # the server's job wrote it on its way out
+            raise ServerError(f"the launched server's job has ended ({ended.read_text().strip()}; {ended}): see its "
+                              "log in the run's slurm/logs/, then submit again")
         if time.monotonic() - t0 > limit:
             where = f"at {url} (from {path})" if url else f"no address in {path} yet"
             raise ServerError(f"the launched server is not up after {limit:.0f} s ({where}); see the server job's "

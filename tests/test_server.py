@@ -1,0 +1,221 @@
+"""The `server` backend against a real OpenAI-compatible server: vLLM's (the CPU build) on
+127.0.0.1 with the tiny model, started once for the module. Between client and server, where a
+test needs it, a fault-injecting proxy (tests/fault_proxy.py): 429 and 500 answers, dropped
+connections, `reasoning_content`, a slow server, a server that stops mid-run. Then a generation
+whose server `exit-loop slurm submit` launches as a job of its own, on the local SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from exit_loop.config import load_config
+from exit_loop.jsonl import read_jsonl
+from exit_loop.pipeline.generate import GenerateConfig, generate
+from exit_loop.prompts import canonical_response
+from exit_loop.sample import ServerError
+
+from fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.engine
+
+QUESTIONS, SAMPLES = 6, 3
+KEY_ENV = "EXIT_LOOP_TEST_API_KEY"
+KEY = "sk-test-0123456789-do-not-log"   # a dummy key: it must appear in no file and no output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(model: Path, port: int | str) -> list[str]:
+    # one engine process and no worker process: the CPU build starts in about 45 s rather than 65
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni"]
+
+
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM OpenAI-compatible server; yields its root URL (http://127.0.0.1:P)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(serve_cmd(tiny_model_dir, port), env={**os.environ, **SERVER_ENV}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the vLLM server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield root
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def gen_config(tmp: Path, name: str, model: Path, gsm8k_dir: Path, base_url: str, *extra: str) -> GenerateConfig:
+    return load_config(GenerateConfig, None, [
+        f"output_dir={tmp / name}", f"data.dataset={gsm8k_dir / 'train.jsonl'}", f"data.num_examples={QUESTIONS}",
+        f"sample.model_name={model}", "sample.backend=server", f"sample.num_samples={SAMPLES}",
+        "sample.max_tokens=24", "sample.temperature=1.0", f"sample.server.base_url={base_url}",
+        "sample.server.max_retries=8", *extra])
+
+
+def pairs(path: Path) -> list[tuple[str, int]]:
+    return [(r["problem_id"], r["sample_index"]) for r in read_jsonl(path)]
+
+
+def check_every_pair_once(out: Path) -> list[dict]:
+    rows = read_jsonl(out / "samples.jsonl")
+    got = pairs(out / "samples.jsonl")
+    assert len(got) == len(set(got)) == QUESTIONS * SAMPLES, f"{len(got)} rows, {len(set(got))} distinct"
+    assert {k for _, k in got} == set(range(SAMPLES))
+    return rows
+
+
+def tree_text(root: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
+
+
+def test_generation_through_a_server_writes_the_splits_of_the_other_backends(
+        server: str, tiny_model_dir: Path, gsm8k_dir: Path, tmp_path: Path, monkeypatch, capfd):
+    """Completions with the prompt's token ids: both splits with the keys the HF backend writes;
+    `prompt_tokens` is what the student's tokenizer gives; the key (from the environment) reaches
+    the server and appears in no file and no output."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with FaultProxy(server, require_key=KEY) as proxy:
+        cfg = gen_config(tmp_path, "server", tiny_model_dir, gsm8k_dir, proxy.url, f"sample.server.api_key_env={KEY_ENV}")
+        out = generate(cfg)
+    assert proxy.keys_seen == {f"Bearer {KEY}"} and proxy.forwarded > 0
+    rows = check_every_pair_once(out)
+    assert {r["backend"] for r in rows} == {"server"} and all(r["prompt_tokens"] > 0 for r in rows)
+    hf = generate(load_config(GenerateConfig, None, [
+        f"output_dir={tmp_path / 'hf'}", f"data.dataset={gsm8k_dir / 'train.jsonl'}", "data.num_examples=2",
+        f"sample.model_name={tiny_model_dir}", "sample.backend=hf", "sample.num_samples=1", "sample.max_tokens=8"]))
+    for split in ("sft_r1_all.jsonl", "sft_r1_correct.jsonl", "samples.jsonl"):
+        a, b = read_jsonl(out / split), read_jsonl(hf / split)
+        if a and b:
+            assert set(a[0]) == set(b[0]), split
+    from transformers import AutoTokenizer
+
+    from exit_loop.tokens import encode_prompt
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert all(r["prompt_tokens"] == len(encode_prompt(tok, r["prompt"])) for r in rows)
+    seen = capfd.readouterr()
+    assert KEY not in seen.out + seen.err
+    assert KEY not in tree_text(out) and KEY_ENV in (out / "config.yaml").read_text()
+
+
+def test_faults_are_retried_and_reasoning_is_normalised(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
+                                                         tmp_path: Path):
+    """429 (with Retry-After), 500 and dropped connections, and the reasoning returned apart
+    (`reasoning_content`) through the chat endpoint: every pair exactly once, each response the
+    canonical `{reasoning} </think> <answer>{answer}</answer>`."""
+    faults = ["429", "ok", "500", "drop", "ok", "ok"]
+    with FaultProxy(server, faults=faults, reasoning=True) as proxy:
+        out = generate(gen_config(tmp_path, "faults", tiny_model_dir, gsm8k_dir, proxy.url,
+                                  "sample.prompt_style=reasoning", "sample.server.max_concurrency=4"))
+    assert all(proxy.faults_served.get(k, 0) > 0 for k in ("429", "500", "drop")), proxy.faults_served
+    rows = check_every_pair_once(out)
+    clean = 0
+    for r in rows:
+        raw = r["raw_output"]
+        assert raw.startswith("<think>") and "</think><answer>" in raw
+        reasoning, _, answer = raw[len("<think>"):].rpartition("</think>")
+        assert answer == f"<answer>{len(reasoning.strip())}</answer>"
+        if reasoning.strip() and not any(t in reasoning for t in ("<think>", "</think>", "<answer>", "</answer>")):
+            assert r["response"] == canonical_response(reasoning, str(len(reasoning.strip())))
+            clean += 1
+    assert clean >= len(rows) // 2
+
+
+def test_a_killed_client_and_a_stopped_server_lose_nothing(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
+                                                           tmp_path: Path):
+    """The client SIGKILLed mid-run, then run again; the server gone mid-run: a clear error naming
+    it, every sample written so far kept, and a rerun against the server back up completes."""
+    out = tmp_path / "killed"
+    port = free_port()
+    with FaultProxy(server, port=port, delay_s=0.4):
+        cmd = [sys.executable, "-m", "exit_loop", "generate", f"--output_dir={out}",
+               f"--dataset={gsm8k_dir / 'train.jsonl'}", f"--num_examples={QUESTIONS}", f"--num_samples={SAMPLES}",
+               f"--model_name={tiny_model_dir}", "--backend=server", f"--base_url=http://127.0.0.1:{port}/v1",
+               "sample.max_tokens=24", "sample.temperature=1.0", "sample.server.max_concurrency=1"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        samples = out / "samples.jsonl"
+        deadline = time.monotonic() + 120
+        while not (samples.exists() and len(samples.read_text().splitlines()) >= SAMPLES * 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the generation ended before it was killed"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = pairs(samples)
+    assert SAMPLES * 2 <= len(before) < QUESTIONS * SAMPLES
+    # the server stops after two more requests: the run stops, naming it; nothing is lost
+    cfg = gen_config(tmp_path, "killed", tiny_model_dir, gsm8k_dir, f"http://127.0.0.1:{port}/v1",
+                     "sample.server.max_retries=2", "sample.server.max_concurrency=1")
+    with FaultProxy(server, port=port, stop_after=2) as proxy:
+        with pytest.raises(ServerError, match=rf"127\.0\.0\.1:{port}.*run the same command again"):
+            generate(cfg)
+        proxy.stopped.wait(5)
+    after = pairs(samples)
+    assert after[:len(before)] == before and len(after) == len(before) + 2 * SAMPLES
+    with FaultProxy(server, port=port):  # the server back: the same command completes
+        out_dir = generate(cfg)
+    rows = check_every_pair_once(out_dir)
+    assert pairs(samples)[:len(after)] == after and len(rows) == QUESTIONS * SAMPLES
+    assert (out_dir / "manifest.json").exists()
+
+
+def test_an_exit_run_takes_round_0_from_a_server_teacher(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
+                                                         tmp_path: Path):
+    """`teacher.server`: round 0 is sampled through the server, the student's eval in process."""
+    from exit_loop.pipeline.loop import run_loop
+    from exit_loop.pipeline.run import ExperimentConfig
+
+    cfg = {"experiment": "srv", "runs_dir": str(tmp_path / "runs"), "rounds": 1, "student": str(tiny_model_dir),
+           "isolate": False,
+           "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 4},
+           "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 4},
+                    "sample": {"max_tokens": 16}},
+           "sample": {"num_samples": 2, "max_tokens": 16, "backend": "hf"},
+           "teacher": {"model": str(tiny_model_dir), "prompt_style": "r1_zero", "temperature": 1.0,
+                       "server": {"base_url": f"{server}/v1"}},
+           "filter": {"dedup": False},
+           "train": {"truncated": "no_eos", "sft": {"max_steps": 1, "per_device_train_batch_size": 4,
+                                                    "save_strategy": "no", "gradient_checkpointing": False}},
+           "arms": {"main": {"split": "all"}}}
+    path = tmp_path / "srv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = run_loop(load_config(ExperimentConfig, path))
+    rows = read_jsonl(root / "round_00" / "sample" / "samples.jsonl")
+    assert len(rows) == 8 and {r["backend"] for r in rows} == {"server"}
+    assert json.loads((root / "round_00" / "eval" / "manifest.json").read_text())
+    assert (root / "round_00" / "train" / "manifest.json").exists()
+    with pytest.raises(Exception, match="teacher.backend: server"):
+        bad = dict(cfg, sample={**cfg["sample"], "backend": "server"}, experiment="bad")
+        path.write_text(yaml.safe_dump(bad))
+        run_loop(load_config(ExperimentConfig, path))
