@@ -26,6 +26,7 @@ from exit_loop.prompts import canonical_response
 from exit_loop.sample import ServerError
 
 from fault_proxy import FaultProxy
+from test_slurm import cancel_after, slurm_cluster  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.engine
 
@@ -219,3 +220,60 @@ def test_an_exit_run_takes_round_0_from_a_server_teacher(server: str, tiny_model
         bad = dict(cfg, sample={**cfg["sample"], "backend": "server"}, experiment="bad")
         path.write_text(yaml.safe_dump(bad))
         run_loop(load_config(ExperimentConfig, path))
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def test_shipped_r1_config_launches_a_two_node_server_beside_client_tasks(capsys):
+    """configs/generate_gsm8k_deepseek-r1_server.yaml, --dry-run: one 2-node x 8-GPU server job
+    (vLLM, TP 8 in a node, PP 2 across, node 1 headless) that depends on nothing, client tasks
+    without GPUs beside it, and a job that cancels the server once they have ended (afterany)."""
+    from exit_loop.pipeline.slurm import command
+
+    root = Path(__file__).resolve().parents[1]
+    assert command(["submit", str(root / "configs" / "generate_gsm8k_deepseek-r1_server.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    scripts = {b.split("\n", 1)[0].strip(): b for b in out.split("# ---- ")[1:]}
+    server = scripts["gsm8k_r1-server"]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "srun --nodes=2 --ntasks-per-node=1",
+                 "--tensor-parallel-size 8 --pipeline-parallel-size 2", '--nnodes 2 --node-rank "$SLURM_NODEID"',
+                 '--master-addr "$MAIN_ADDR" $([ "$SLURM_NODEID" = 0 ] || echo --headless)',
+                 '--port "$SERVER_PORT"', "data/gsm8k_r1/server/address"):
+        assert line in server, line
+    clients = scripts["gsm8k_r1-r0-generate"]
+    assert "#SBATCH --array=0-3" in clients and "--gpus-per-node" not in clients
+    assert "scancel <gsm8k_r1-server>" in scripts["gsm8k_r1-server-stop"]
+    graph = out.split("dependency graph", 1)[1]
+    assert "gsm8k_r1-server after nothing" in graph and "gsm8k_r1-r0-generate [array 0-3] after nothing" in graph
+    assert "gsm8k_r1-server-stop after <gsm8k_r1-r0-generate> (afterany)" in graph
+    assert not (root / "data" / "gsm8k_r1").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slurm
+def test_a_generation_whose_server_the_slurm_job_launches(tiny_model_dir: Path, gsm8k_dir: Path, tmp_path: Path,
+                                                          cancel_after):
+    """On the local SLURM: the server job (the real vLLM server), two client array tasks that wait
+    for its address file and /health, the merge, and the job that cancels the server."""
+    from test_slurm import SLURM, cli, logs, wait_idle
+
+    out = tmp_path / "gen"
+    launch = " ".join(serve_cmd(tiny_model_dir, "{port}")).replace("--host 127.0.0.1", "--host {host}")
+    cfg = {"output_dir": str(out),
+           "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": QUESTIONS},
+           "sample": {"model_name": str(tiny_model_dir), "backend": "server", "num_samples": SAMPLES,
+                      "max_tokens": 24, "temperature": 1.0, "num_shards": 2,
+                      "server": {"launch": {"command": launch, "host": "127.0.0.1", "ready_timeout_s": 300}}},
+           "slurm": {**SLURM, "env": {**SLURM["env"], **SERVER_ENV}}}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cancel_after.append(out / "slurm")
+    res = cli("slurm", "submit", str(path))
+    assert res.returncode == 0, res.stderr
+    wait_idle(out / "slurm", 420)
+    assert (out / "manifest.json").exists(), logs(out / "slurm")
+    rows = check_every_pair_once(out)
+    assert {r["backend"] for r in rows} == {"server"}
+    assert not (out / "server" / "address").exists() and "ended" in (out / "server" / "status").read_text()
+    status = cli("slurm", "status", str(out)).stdout
+    assert all(" done " in line for line in status.splitlines()), status

@@ -572,7 +572,13 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     check_config_change(run, allow_change)
     if write:
         atomic_write_text(run.top / "config.yaml", dump_yaml(ecfg))
-    return [j for r in Run.every_seed(ecfg) for j in exit_jobs(r)], ecfg.slurm, run.top / "slurm"
+    jobs = [j for r in Run.every_seed(ecfg) for j in exit_jobs(r)]
+    srv = ecfg.teacher.server if ecfg.teacher else None
+    if srv and srv.launch and not srv.base_url:  # the teacher's server, for every seed's round 0
+        users = [j for j in jobs if j.key.endswith("r0/rollout")]
+        jobs = server_jobs(srv.launch, ecfg.experiment, run.server_address(), [j.key for j in users],
+                           lambda: all(j.done() for j in users), jobs)
+    return jobs, ecfg.slurm, run.top / "slurm"
 
 
 def status_jobs(run_dir: str) -> tuple[list[Job], Path]:
