@@ -69,7 +69,7 @@ def _to_reasoning(body: bytes) -> bytes:
 class FaultProxy:
     def __init__(self, upstream: str, *, port: int = 0, faults: Sequence[str] = (),
                  retry_after: float | None = 0.05, reasoning: bool = False, delay_s: float = 0.0,
-                 require_key: str | None = None, stop_after: int | None = None) -> None:
+                 require_key: str | None = None, stop_after: int | None = None, refuse_n: bool = False) -> None:
         bad = [f for f in faults if f not in FAULT_KINDS]
         if bad:
             raise ValueError(f"unknown fault kinds {bad}; expected {FAULT_KINDS}")
@@ -80,6 +80,8 @@ class FaultProxy:
         self.faults = list(faults)
         self.retry_after, self.reasoning, self.delay_s = retry_after, reasoning, delay_s
         self.require_key, self.stop_after = require_key, stop_after
+        self.refuse_n = refuse_n  # answer 400 to a request asking for n > 1 (servers without `n`)
+        self.n_seen: list[int] = []  # each forwarded or refused POST's n
         self._port_wanted = port
         self._lock = threading.Lock()
         self.requests = 0  # POSTs received
@@ -150,6 +152,14 @@ class FaultProxy:
             if method == "POST" and self.require_key is not None and auth != f"Bearer {self.require_key}":
                 self._count("401")
                 return self._reply(h, 401, _error_body("invalid api key (fault proxy)", "authentication_error", 401))
+            if method == "POST" and kind == "ok":
+                n = int((json.loads(body or b"{}") or {}).get("n") or 1)
+                with self._lock:
+                    self.n_seen.append(n)
+                if self.refuse_n and n > 1:
+                    self._count("400")
+                    return self._reply(h, 400, _error_body("n > 1 is not supported (fault proxy)",
+                                                           "invalid_request_error", 400))
             if kind == "drop":
                 self._count(kind)
                 h.close_connection = True

@@ -28,8 +28,6 @@ from exit_loop.sample import ServerError
 from fault_proxy import FaultProxy
 from test_slurm import cancel_after, slurm_cluster  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.engine
-
 QUESTIONS, SAMPLES = 6, 3
 KEY_ENV = "EXIT_LOOP_TEST_API_KEY"
 KEY = "sk-test-0123456789-do-not-log"   # a dummy key: it must appear in no file and no output
@@ -129,6 +127,7 @@ def test_generation_through_a_server_writes_the_splits_of_the_other_backends(
     assert KEY not in tree_text(out) and KEY_ENV in (out / "config.yaml").read_text()
 
 
+@pytest.mark.engine
 def test_faults_are_retried_and_reasoning_is_normalised(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
                                                          tmp_path: Path):
     """429 (with Retry-After), 500 and dropped connections, and the reasoning returned apart
@@ -152,6 +151,17 @@ def test_faults_are_retried_and_reasoning_is_normalised(server: str, tiny_model_
     assert clean >= len(rows) // 2
 
 
+@pytest.mark.engine
+def test_a_server_that_refuses_n_is_asked_once_per_sample(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
+                                                          tmp_path: Path):
+    with FaultProxy(server, refuse_n=True) as proxy:
+        out = generate(gen_config(tmp_path, "no_n", tiny_model_dir, gsm8k_dir, proxy.url,
+                                  "sample.server.max_concurrency=1"))
+    check_every_pair_once(out)
+    assert proxy.faults_served == {"400": 1} and proxy.n_seen == [SAMPLES] + [1] * (QUESTIONS * SAMPLES)
+
+
+@pytest.mark.engine
 def test_a_killed_client_and_a_stopped_server_lose_nothing(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
                                                            tmp_path: Path):
     """The client SIGKILLed mid-run, then run again; the server gone mid-run: a clear error naming
@@ -191,6 +201,7 @@ def test_a_killed_client_and_a_stopped_server_lose_nothing(server: str, tiny_mod
     assert (out_dir / "manifest.json").exists()
 
 
+@pytest.mark.engine
 def test_an_exit_run_takes_round_0_from_a_server_teacher(server: str, tiny_model_dir: Path, gsm8k_dir: Path,
                                                          tmp_path: Path):
     """`teacher.server`: round 0 is sampled through the server, the student's eval in process."""
@@ -251,6 +262,7 @@ def test_shipped_r1_config_launches_a_two_node_server_beside_client_tasks(capsys
 
 
 @pytest.mark.slurm
+@pytest.mark.engine
 def test_a_generation_whose_server_the_slurm_job_launches(tiny_model_dir: Path, gsm8k_dir: Path, tmp_path: Path,
                                                           cancel_after):
     """On the local SLURM: the server job (the real vLLM server), two client array tasks that wait
@@ -277,3 +289,34 @@ def test_a_generation_whose_server_the_slurm_job_launches(tiny_model_dir: Path, 
     assert not (out / "server" / "address").exists() and "ended" in (out / "server" / "status").read_text()
     status = cli("slurm", "status", str(out)).stdout
     assert all(" done " in line for line in status.splitlines()), status
+
+
+def test_keys_are_named_never_written(tmp_path: Path, monkeypatch):
+    """`api_key_env` takes a variable's name; a key put there is refused without being echoed, and
+    an unset variable is named, not guessed."""
+    from exit_loop.config import ConfigError
+    from exit_loop.sample import SampleConfig, ServerBackend, ServerConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(GenerateConfig, None, ["sample.backend=server", f"sample.server.api_key_env={KEY}"])
+    assert KEY not in str(e.value) and "name of an environment variable" in str(e.value)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"environment variable {KEY_ENV} is not set"):
+        ServerBackend(SampleConfig(backend="server", server=ServerConfig(base_url="http://127.0.0.1:9/v1",
+                                                                         api_key_env=KEY_ENV)))
+
+
+def test_an_exit_run_launches_its_teachers_server_beside_round_0(tmp_path: Path, gsm8k_dir: Path, capsys):
+    """teacher.server.launch in a run: one server job for round 0 of every seed, cancelled once
+    those rollouts have ended; the later rounds never wait for it."""
+    from exit_loop.pipeline.slurm import command
+    from test_slurm import exit_config
+
+    path = exit_config(tmp_path, "tsrv", "org/student-1.5B", gsm8k_dir, seeds=[0, 1],
+                       teacher={"model": "org/Teacher-R1-70B",
+                                "server": {"launch": {"command": "vllm serve org/Teacher-R1-70B", "gpus_per_node": 4}}})
+    assert command(["submit", str(path), "--dry-run"]) == 0
+    graph = capsys.readouterr().out.split("dependency graph", 1)[1]
+    assert "tsrv-server after nothing" in graph
+    assert "tsrv-server-stop after <tsrv-s0-r0-rollout>, <tsrv-s1-r0-rollout> (afterany)" in graph
+    assert "tsrv-s0-r1-rollout after <tsrv-s0-r0-train>" in graph
