@@ -98,6 +98,7 @@ def tree_text(root: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.engine
 def test_generation_through_a_server_writes_the_splits_of_the_other_backends(
         server: str, tiny_model_dir: Path, gsm8k_dir: Path, tmp_path: Path, monkeypatch, capfd):
     """Completions with the prompt's token ids: both splits with the keys the HF backend writes;
