@@ -151,6 +151,9 @@ class ServerBackend:
         self.endpoint = endpoint_of(cfg)
         self.use_n = s.n
         self._tok: Any = None
+        self._uncounted = False
+        if self.endpoint == "completions" and s.token_ids:
+            self.tokenizer()  # token-id prompts need it: fail now rather than at the first request
 
     def tokenizer(self):
         """The model's tokenizer (`server.tokenizer`, else `server.model`, else `sample.model_name`),
@@ -182,6 +185,7 @@ class ServerBackend:
             asyncio.run(self._generate(requests, on_done, cfg or self.cfg))
 
     async def _generate(self, requests: list[Request], on_done: OnDone, cfg: SampleConfig) -> None:
+        import openai
         from openai import AsyncOpenAI
 
         s = self.cfg.server
@@ -204,6 +208,8 @@ class ServerBackend:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if not isinstance(e, openai.OpenAIError):
+                raise  # not the server's: a full disk, a bad row
             raise ServerError(f"server {self.base_url} ({self.endpoint}, model {self.model}): a request failed "
                               f"after {s.max_retries} retries: {type(e).__name__}: {e}. The {done[0]} requests "
                               "finished before it are in the samples file; run the same command again to draw "
@@ -282,7 +288,14 @@ class ServerBackend:
         total = getattr(usage, "completion_tokens", None) if usage is not None else None
         if len(choices) == 1 and isinstance(total, int):
             return [total]
-        return [count_tokens(self.tokenizer(), t) for t in texts]
+        if not self._uncounted:
+            try:
+                return [count_tokens(self.tokenizer(), t) for t in texts]
+            except ConfigError as e:  # no tokenizer for the served name: share the server's total
+                log.warning("%s; teacher_num_tokens of n > 1 samples is the server's total shared by text length", e)
+                self._uncounted = True
+        chars = sum(len(t) for t in texts) or 1
+        return [round((total or 0) * len(t) / chars) for t in texts]
 
 
 def _field(obj: Any, name: str) -> Any:
