@@ -321,3 +321,23 @@ def test_an_exit_run_launches_its_teachers_server_beside_round_0(tmp_path: Path,
     assert "tsrv-server after nothing" in graph
     assert "tsrv-server-stop after <tsrv-s0-r0-rollout>, <tsrv-s1-r0-rollout> (afterany)" in graph
     assert "tsrv-s0-r1-rollout after <tsrv-s0-r0-train>" in graph
+
+
+@pytest.mark.engine
+def test_each_samples_token_count_is_the_servers(server: str, tiny_model_dir: Path, gsm8k_dir: Path):
+    """n > 1 from vLLM's server: each sample's count comes from its token ids (asked for once the
+    server says it is vLLM's), so a sample cut at max_tokens counts exactly max_tokens."""
+    from exit_loop.sample import SampleConfig, ServerConfig, start_backend
+    from exit_loop.sample.request import Request
+    from exit_loop.tasks import DataConfig, load_problems
+
+    cfg = SampleConfig(model_name=str(tiny_model_dir), backend="server", max_tokens=16, temperature=1.0,
+                       stop=[], server=ServerConfig(base_url=f"{server}/v1"))
+    problems = load_problems(DataConfig(dataset=str(gsm8k_dir / "train.jsonl"), num_examples=3))
+    got = []
+    backend = start_backend(cfg)
+    backend.generate([Request(p, "User: " + p.question, [0, 1, 2, 3]) for p in problems],
+                     lambda req, comps: got.extend(comps))
+    assert backend.vllm and len(got) == 12
+    assert all(c.num_tokens == 16 for c in got if c.finish_reason == "length")
+    assert all(0 < c.num_tokens <= 16 for c in got)

