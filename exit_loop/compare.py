@@ -410,10 +410,12 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     return out
 
 
-# What an eval's manifest config may differ in between arms: which model and round it measured.
+# What an eval's manifest config may differ in between arms: which model and round it measured, and
+# where it ran (engine placement; `sample.server`, which an in-process eval never uses, and which
+# manifests written before it existed lack).
 _EVAL_OWN = {"output_dir", "sample.model_name", "sample.round", "sample.seed", "sample.student",
              "sample.gpu_device", "sample.num_shards", "sample.shard_id", "sample.hf_batch_size",
-             "sample.gpu_memory_utilization", "sample.engine"}
+             "sample.gpu_memory_utilization", "sample.engine", "sample.server"}
 
 
 def eval_settings(run: Run) -> dict[str, Any]:
@@ -424,7 +426,7 @@ def eval_settings(run: Run) -> dict[str, Any]:
         config = _get(manifest, "config")
         if isinstance(config, dict):
             return {k: v for k, v in flatten(config).items()
-                    if k not in _EVAL_OWN and not k.startswith("sample.engine.")}
+                    if k not in _EVAL_OWN and not k.startswith(("sample.engine.", "sample.server."))}
     return {}
 
 

@@ -328,9 +328,10 @@ def policy_warnings(cfg: ExperimentConfig) -> list[str]:
 
 
 def check_config_change(run: Run, allow: bool) -> None:
-    """Refuse to continue a run under another config (the slurm section, the trackers and the
-    number of engine processes, sample.data_parallel, may change; `rounds` may grow), naming the
-    keys that differ."""
+    """Refuse to continue a run under another config (the slurm section, the trackers, the
+    number of engine processes, sample.data_parallel, and where a server runs, sample.server and
+    teacher.server, may change; `rounds` may grow), naming the keys that differ."""
     check_unchanged(run.top / "config.yaml", run.top_cfg, allow, "run was made",
                     "Use another experiment name, or --allow_config_change to continue anyway",
-                    ignore=("slurm", "report_to", "sample.data_parallel"), growable=GROWABLE_KEYS)
+                    ignore=("slurm", "report_to", "sample.data_parallel", "sample.server", "teacher.server"),
+                    growable=GROWABLE_KEYS)

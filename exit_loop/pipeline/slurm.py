@@ -553,7 +553,7 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         slurm_dir = Path(gcfg.output_dir) / "slurm"
         cfg_file = slurm_dir / "config.yaml"
         check_unchanged(cfg_file, gcfg, allow_change, "generation was submitted",
-                        "Use another output_dir, or --allow_config_change", ignore=("slurm",))
+                        "Use another output_dir, or --allow_config_change", ignore=("slurm", "sample.server"))
         if write:
             atomic_write_text(cfg_file, dump_yaml(gcfg))
         return generate_jobs(gcfg, cfg_file.resolve()), gcfg.slurm, slurm_dir
