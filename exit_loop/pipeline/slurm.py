@@ -18,6 +18,13 @@ section (`SlurmConfig`, exit_loop.pipeline.resources). With `slurm.nodes: N` (N 
 job holds N nodes and `srun` starts `accelerate launch` on every one of them, with the node count,
 that node's rank (`$SLURM_NODEID`) and the first node's address from SLURM.
 
+A server to launch (`sample.server.launch` for a generation, `teacher.server.launch` in a run:
+exit_loop.sample.server) gets a job of its own, `<name>-server`, that depends on nothing and
+writes its host:port to `<output_dir or run>/server/address` (removed again when it ends, and
+`server/status` written); the sampling jobs run beside it and wait for that file and /health, and
+`<name>-server-stop` cancels it once they have ended (afterany). With `nodes` > 1 the serve command
+runs on every node through srun, with {node_rank}, {main_addr} and {headless} filled per node.
+
 Every job is submitted with --requeue (SLURM puts a preempted job back in the queue) and
 --signal=B:USR1@slurm.signal_s (near its time limit the job requeues itself); either way the
 stage starts again and resumes from what is on disk. A failed stage stops the chain (its dependents never run). Submitting again continues from the
