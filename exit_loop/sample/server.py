@@ -160,6 +160,7 @@ class ServerBackend:
         self.use_n = s.n
         self._tok: Any = None
         self._uncounted = False
+        self._unsaid_stop = False
         self.vllm: bool | None = None  # a vLLM server: asked for each sample's token ids (exact counts)
         if self.endpoint == "completions" and s.token_ids:
             self.tokenizer()  # token-id prompts need it: fail now rather than at the first request
@@ -290,6 +291,11 @@ class ServerBackend:
         matched = _field(choice, "stop_reason") or _field(choice, "matched_stop")
         if isinstance(matched, str) and matched in stops and not text.endswith(matched):
             text += matched
+        elif stops and matched is None and choice.finish_reason == "stop" and not self._unsaid_stop:
+            self._unsaid_stop = True  # a hosted API: cut stop strings cannot be put back
+            log.warning("server %s does not say which stop string ended a sample (no stop_reason): a sample "
+                        "that stopped on one (%s) is stored without it; set sample.stop=[] (or use a "
+                        "vLLM/SGLang server) where the format needs it", self.base_url, ", ".join(stops))
         return text
 
     def _counts(self, choices: list[Any], texts: list[str], usage: Any) -> list[int]:
