@@ -291,7 +291,8 @@ class ServerBackend:
         matched = _field(choice, "stop_reason") or _field(choice, "matched_stop")
         if isinstance(matched, str) and matched in stops and not text.endswith(matched):
             text += matched
-        elif stops and matched is None and choice.finish_reason == "stop" and not self._unsaid_stop:
+        elif stops and choice.finish_reason == "stop" and not self._unsaid_stop \
+                and not any(_has(choice, k) for k in ("stop_reason", "matched_stop")):
             self._unsaid_stop = True  # a hosted API: cut stop strings cannot be put back
             log.warning("server %s does not say which stop string ended a sample (no stop_reason): a sample "
                         "that stopped on one (%s) is stored without it; set sample.stop=[] (or use a "
@@ -325,6 +326,11 @@ async def is_vllm(client: Any) -> bool:
         return any(getattr(m, "owned_by", "") == "vllm" for m in models.data)
     except Exception:  # noqa: BLE001 - hosted APIs need not list models; the requests will say what is wrong
         return False
+
+
+def _has(obj: Any, name: str) -> bool:
+    """Whether the answer carries the field at all (vLLM sends stop_reason: null for an EOS)."""
+    return name in (getattr(obj, "model_extra", None) or {}) or name in getattr(type(obj), "model_fields", {})
 
 
 def _field(obj: Any, name: str) -> Any:
