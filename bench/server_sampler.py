@@ -44,7 +44,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -140,20 +139,12 @@ def count_params(model_dir: str) -> int:
 # --- the machine ------------------------------------------------------------------------------
 
 def machine_info() -> dict:
-    import torch
-    import vllm
-
-    cpu = ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "")
-    except OSError:
-        pass
+    """sampler_overhead.py's (CPU, torch, vLLM, load), with the openai client's version."""
     import openai
 
-    return {"nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "python": platform.python_version(),
-            "torch": torch.__version__, "vllm": vllm.__version__, "openai": openai.__version__,
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
+    from sampler_overhead import machine_info as engine_machine_info  # bench/ is on sys.path as the script's dir
+
+    return {**engine_machine_info(), "openai": openai.__version__}
 
 
 def load() -> float:

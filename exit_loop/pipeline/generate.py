@@ -69,18 +69,6 @@ def check_existing_samples(path: Path, cfg: SampleConfig) -> None:
         break
 
 
-def server_address(cfg: GenerateConfig) -> None:
-    """A launched server (no base_url) is found through the address file its job writes."""
-    s = cfg.sample.server
-    if cfg.sample.backend == "server" and not s.base_url and s.launch and not s.address_file:
-        s.address_file = str(address_file(Path(cfg.output_dir)))
-
-
-def address_file(directory: Path) -> Path:
-    """Where a launched server's job writes its host:port: `<directory>/server/address`."""
-    return directory / "server" / "address"
-
-
 def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -> Path:
     """Verify the merged samples, write the splits, the summary and (last) the manifest."""
     out = Path(cfg.output_dir)
@@ -108,7 +96,8 @@ def generate(cfg: GenerateConfig) -> Path:
         cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
         print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
     out = Path(cfg.output_dir)
-    server_address(cfg)
+    if cfg.sample.backend == "server":  # a launched server is found through the address file its job writes
+        cfg.sample.server = cfg.sample.server.launched_from(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     t0 = time.monotonic()

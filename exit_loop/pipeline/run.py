@@ -280,15 +280,10 @@ class Run:
         base = dataclasses.replace(self.cfg.sample, seed=self.cfg.seed + k, round=k)
         if k == 0 and self.cfg.teacher:
             scfg = dataclasses.replace(self.cfg.teacher.sample_config(base, self.cfg.student), round=k)
-            srv = scfg.server
-            if scfg.backend == "server" and not srv.base_url and srv.launch and not srv.address_file:
-                scfg.server = dataclasses.replace(srv, address_file=str(self.server_address()))
+            if scfg.backend == "server":  # one launched server for every seed: its address file in `top`
+                scfg.server = scfg.server.launched_from(self.top)
             return scfg
         return dataclasses.replace(base, model_name=self.policy(arm, k))
-
-    def server_address(self) -> Path:
-        """Where a launched teacher server's job writes its host:port (one server for every seed)."""
-        return self.top / "server" / "address"
 
 
 def resolve_styles(cfg: ExperimentConfig) -> None:

@@ -55,13 +55,13 @@ from typing import Any
 from exit_loop.config import check_unchanged, dump_yaml, load_config, read_yaml
 from exit_loop.errors import ConfigError, DataError, SlurmError
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.pipeline.generate import GenerateConfig, address_file, shard_file
+from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.hub import check_hub
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
 from exit_loop.pipeline.stages import hub_settings, round_questions
-from exit_loop.sample import LaunchConfig, SampleConfig, check_model_path, select_shard
+from exit_loop.sample import LaunchConfig, SampleConfig, check_model_path, launch_address, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def generate_jobs(cfg: GenerateConfig, config_file: Path) -> list[Job]:
             return not todo()
     launch = cfg.sample.server.launch
     if server and launch and not cfg.sample.server.base_url:
-        return server_jobs(launch, name, address_file(out), ["generate"], sampled, jobs)
+        return server_jobs(launch, name, launch_address(out), ["generate"], sampled, jobs)
     return jobs
 
 
@@ -583,7 +583,7 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     srv = ecfg.teacher.server if ecfg.teacher else None
     if srv and srv.launch and not srv.base_url:  # the teacher's server, for every seed's round 0
         users = [j for j in jobs if j.key.endswith("r0/rollout")]
-        jobs = server_jobs(srv.launch, ecfg.experiment, run.server_address(), [j.key for j in users],
+        jobs = server_jobs(srv.launch, ecfg.experiment, launch_address(run.top), [j.key for j in users],
                            lambda: all(j.done() for j in users), jobs)
     return jobs, ecfg.slurm, run.top / "slurm"
 

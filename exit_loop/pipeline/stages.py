@@ -169,18 +169,17 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     if shard is None and (need_eval or need_sample) and (dp := data_parallel(base)) > 1:
         return parallel_rollout(run, arm, k, need_eval, need_sample, dp)
     backend = None
+    scfg = run.sampler_config(arm, k)
     try:
         if need_eval:
             ecfg = eval_config(run, arm, k)
             t0 = time.monotonic()
-            scfg = run.sampler_config(arm, k)
             if need_sample and scfg.model_name == ecfg.sample.model_name and scfg.backend == ecfg.sample.backend:
                 backend = start_backend(ecfg.sample)  # one engine for both (never a teacher's server)
             evaluate(ecfg, backend, started_at=t0)
         if need_sample:
             t0 = time.monotonic()
             d = run.real_dir(arm, k, "sample")
-            scfg = run.sampler_config(arm, k)
             problems = round_questions(run, arm, k)
             if backend is None and problems and n == 1:
                 backend = start_backend(scfg)

@@ -32,7 +32,7 @@ from exit_loop.jsonl import AppendLog
 from exit_loop.prompts import normalise_response, student_prompt, teacher_messages, teacher_prompt
 from exit_loop.sample.hf import HFBackend
 from exit_loop.sample.request import (Completion, LaunchConfig, Request, SampleConfig, ServerConfig,
-                                      check_model_path, check_sampling_keys, pending_requests,
+                                      check_model_path, check_sampling_keys, launch_address, pending_requests,
                                       resolve_prompt_style, select_shard)
 from exit_loop.sample.server import ServerBackend, ServerError
 from exit_loop.sample.vllm import VLLMBackend
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HFBackend", "LaunchConfig", "SampleConfig", "Sampled", "SamplerBackend", "ServerBackend", "ServerConfig",
            "ServerError", "VLLMBackend", "check_model_path", "check_sampling_keys", "generated_tokens",
-           "resolve_prompt_style", "sample", "select_shard", "start_backend"]
+           "launch_address", "resolve_prompt_style", "sample", "select_shard", "start_backend"]
 
 SamplerBackend = VLLMBackend | HFBackend | ServerBackend
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,12 @@ class LaunchConfig:
             raise ValueError(f"server.launch.nodes must be at least 1, got {self.nodes}")
 
 
+def launch_address(directory: str | Path) -> Path:
+    """Where a launched server's job writes its host:port: `<directory>/server/address` (the output
+    dir of a generation, the experiment dir of a run)."""
+    return Path(directory) / "server" / "address"
+
+
 @dataclass
 class ServerConfig:
     """An OpenAI-compatible server to sample from (`backend: server`; exit_loop.sample.server):
@@ -60,6 +66,13 @@ class ServerConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)  # further request fields (e.g. top_k for vLLM)
     address_file: str | None = None  # where a launched server's host:port is read (set by the run)
     launch: LaunchConfig | None = None  # started by `exit-loop slurm submit` as a job of its own
+
+    def launched_from(self, directory: str | Path) -> ServerConfig:
+        """A server to launch and no address given: this config reading the address file its job
+        writes in `directory` (`launch_address`); else this config as it is."""
+        if self.base_url or not self.launch or self.address_file:
+            return self
+        return replace(self, address_file=str(launch_address(directory)))
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
