@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from exit_loop.environment import environment
 from exit_loop.errors import DataError, naming_a_full_disk
 
 
@@ -185,5 +186,7 @@ def sha256_file(path: str | Path) -> str:
 
 def write_manifest(directory: str | Path, stage: str, timings: dict[str, Any], **fields: Any) -> Path:
     """A stage's `manifest.json`, written last (its existence marks the stage done):
-    {"stage": ..., **fields, "timings": ...}."""
-    return write_json(Path(directory) / "manifest.json", {"stage": stage, **fields, "timings": timings})
+    {"stage": ..., **fields, "timings": ..., "environment": ...} (`exit_loop.environment`: the
+    versions, CPU, ISA and GPU it ran with)."""
+    return write_json(Path(directory) / "manifest.json",
+                      {"stage": stage, **fields, "timings": timings, "environment": environment()})

@@ -66,6 +66,7 @@ from typing import Any, Literal
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.console import say
+from exit_loop.environment import environment
 from exit_loop.errors import NothingToTrain
 from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
 from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
@@ -744,6 +745,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "wall_time_s": round(time.time() - t0, 2),
             "versions": _versions(),
+            "environment": environment(),
             "config": to_dict(cfg),
             "sft_args": sft_kwargs(cfg),  # SFT_DEFAULTS + cfg.sft, as passed to trl.SFTConfig
         }

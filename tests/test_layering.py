@@ -118,9 +118,10 @@ def test_the_lower_layers_never_import_the_pipeline():
     below = [m for m in graph if not m.startswith(f"{PACKAGE}.pipeline") and m != f"{PACKAGE}.cli"]
     wrong = sorted(f"{m} imports {t}" for m in below for t in graph[m] if t.startswith(f"{PACKAGE}.pipeline"))
     assert not wrong, wrong
-    for leaf in ("errors", "tasks.problem", "prompts", "jsonl", "config", "pipeline.resources"):
+    for leaf in ("errors", "environment", "tasks.problem", "prompts", "jsonl", "config", "pipeline.resources"):
         assert not {t for t in graph[f"{PACKAGE}.{leaf}"]} - {f"{PACKAGE}.errors", f"{PACKAGE}.jsonl",
-                                                          f"{PACKAGE}.prompts"}, leaf
+                                                          f"{PACKAGE}.prompts", f"{PACKAGE}.environment"}, leaf
+    assert not graph[f"{PACKAGE}.environment"], "environment imports nothing of the package"
 
 
 def test_no_private_name_crosses_a_module():
