@@ -42,7 +42,8 @@ from typing import Any
 from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
-from exit_loop.stats import accuracy_interval, paired_difference, pooled_difference, wilson
+from exit_loop.environment import describe
+from exit_loop.stats import accuracy_interval, paired_difference, pooled_difference, t_interval, wilson
 from exit_loop.verify import verify_rows
 
 log = logging.getLogger(__name__)
@@ -290,12 +291,14 @@ def read_run(run: Run) -> dict[str, Any]:
     return arm
 
 
-def read_outcomes(run: Run, rounds: list[int]) -> list[dict[str, bool] | None]:
+def read_outcomes(run: Run, rounds: list[int]) -> tuple[list[dict[str, bool] | None], dict[str, str]]:
     """Per round, each held-out question's greedy verdict (problem_id -> is_correct), from
     `eval/greedy.jsonl` (labelled by the verifier here, with the eval's task, where its rows carry
-    no verdict); None where the round holds no generations."""
+    no verdict); None where the round holds no generations. And each question's group, where
+    the rows carry one (`data.group_by`)."""
     rounds_dirs = _round_dirs(run.path)
     out: list[dict[str, bool] | None] = []
+    groups: dict[str, str] = {}
     for k in rounds:
         path = rounds_dirs.get(k, run.path / f"round_{k:02d}") / "eval" / "greedy.jsonl"
         if not path.is_file():
@@ -307,7 +310,31 @@ def read_outcomes(run: Run, rounds: list[int]) -> list[dict[str, bool] | None]:
             task = _get(manifest, "config", "data", "task") or "gsm8k"
             rows = list(verify_rows(rows, task=task))
         out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
+        groups.update({str(row["problem_id"]): str(row["group"]) for row in rows if row.get("group") is not None})
+    return out, groups
+
+
+def group_accuracy(outcomes: list[dict[str, bool] | None], groups: dict[str, str]) -> dict[str, Any]:
+    """Per group of questions (`data.group_by`), each round's accuracy, its Wilson interval and n."""
+    out: dict[str, Any] = {}
+    for g in sorted(set(groups.values())):
+        acc, ci, ns = [], [], []
+        for q in outcomes:
+            xs = [v for pid, v in (q or {}).items() if groups.get(pid) == g]
+            acc.append(round(sum(xs) / len(xs), 4) if xs else None)
+            ci.append([round(x, 4) for x in wilson(sum(xs), len(xs))] if xs else None)
+            ns.append(len(xs) if xs else None)
+        out[g] = {"accuracy": acc, "accuracy_ci95": ci, "n": ns}
     return out
+
+
+def run_environment(run: Run) -> dict[str, Any] | None:
+    """The environment (versions, CPU and its ISA, GPU) a run's first recorded eval ran in."""
+    for _, d in sorted(_round_dirs(run.path).items()):
+        env = _get(_read_json(d / "eval" / "manifest.json"), "environment")
+        if isinstance(env, dict):
+            return env
+    return None
 
 
 def _interval(outcomes: dict[str, bool] | None, accuracy: float | None, n: int | None) -> list[float] | None:
@@ -383,16 +410,62 @@ def pooled_paired(report: dict[str, Any], outcomes: dict[str, list[dict[str, boo
                         pairs.append(([qa[q] for q in shared], [qb[q] for q in shared]))
                 if len(pairs) < 2 or not all(p[0] for p in pairs):
                     continue
-                d = pooled_difference(pairs)
-                out.append({"a": a, "b": b, "round": rnd, "seed": None, "seeds": len(pairs),
-                            "diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
-                            "p_mcnemar": None, "n": d["n"]})
+                out.append({"a": a, "b": b, "round": rnd, **over_seeds(pairs, seeds)})
     return out
 
 
-def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]]) -> dict[str, Any]:
-    """Across seeds, per arm and round: the mean accuracy over seeds and its 95% interval from a
-    two-level bootstrap over seeds and questions (`accuracy_interval`)."""
+def over_seeds(pairs: list[tuple[list[bool], list[bool]]], seeds: list[int]) -> dict[str, Any]:
+    """A difference pooled over seeds (one (a, b) pair of outcome lists per seed): each seed's
+    difference and sign, their mean with the t-interval over seeds (`t_ci95`), and the two-level
+    bootstrap over seeds and questions (`ci95`) beside it."""
+    d = pooled_difference(pairs)
+    per_seed = [round(sum(x) / len(x) - sum(y) / len(y), 4) for x, y in pairs]
+    t = t_interval(per_seed)
+    return {"seed": None, "seeds": len(pairs), "seed_list": seeds[:len(pairs)], "per_seed": per_seed,
+            "positive": sum(v > 0 for v in per_seed), "diff": round(d["diff"], 4),
+            "t_ci95": [round(x, 4) for x in t] if t else None,
+            "ci95": [round(x, 4) for x in d["ci95"]], "p_mcnemar": None, "n": d["n"]}
+
+
+def gain_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]]) -> list[dict[str, Any]]:
+    """Each arm's accuracy at every later round minus its own round 0, on the same questions: per
+    run (paired bootstrap, exact McNemar) and, where the arm ran under several seeds, pooled over
+    them (`over_seeds`)."""
+    out: list[dict[str, Any]] = []
+    by_arm: dict[str, dict[Any, str]] = {}
+    for name, arm in report["arms"].items():
+        by_arm.setdefault(arm["arm"], {})[arm["seed"]] = name
+        q = outcomes[name]
+        for r in range(1, len(q)):
+            if q[0] and q[r]:
+                shared = sorted(set(q[0]) & set(q[r]))
+                d = paired_difference([q[r][x] for x in shared], [q[0][x] for x in shared])
+                out.append({"arm": arm["arm"], "seed": arm["seed"], "round": arm["rounds"][r], "from_round": arm["rounds"][0],
+                            "diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
+                            "p_mcnemar": d["p_mcnemar"], "n": d["n"]})
+    for arm, names in by_arm.items():
+        seeds = sorted(s for s in names if s is not None)
+        if len(seeds) < 2:
+            continue
+        rounds = report["arms"][names[seeds[0]]]["rounds"]
+        for r in range(1, len(rounds)):
+            pairs = []
+            for s in seeds:
+                q = outcomes[names[s]]
+                if r < len(q) and q[0] and q[r]:
+                    shared = sorted(set(q[0]) & set(q[r]))
+                    pairs.append(([q[r][x] for x in shared], [q[0][x] for x in shared]))
+            if len(pairs) >= 2:
+                out.append({"arm": arm, "round": rounds[r], "from_round": rounds[0], **over_seeds(pairs, seeds)})
+    return out
+
+
+def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]],
+                groups: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Across seeds, per arm and round (and per group of questions, where they have groups): the
+    mean accuracy over seeds and its 95% interval from a two-level bootstrap over seeds and
+    questions (`accuracy_interval`)."""
+    groups = groups or {}
     by_arm: dict[str, list[str]] = {}
     for name, arm in report["arms"].items():
         if arm.get("seed") is not None:
@@ -406,7 +479,16 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
             acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
             ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
         out[arm] = {"rounds": rounds, "seeds": [report["arms"][n]["seed"] for n in names],
-                    "accuracy": acc, "accuracy_ci95": ci}
+                    "accuracy": acc, "accuracy_ci95": ci, "by_group": {}}
+        for g in sorted({g for n in names for g in groups.get(n, {}).values()}):
+            acc, ci = [], []
+            for r in range(len(rounds)):
+                per_seed = [[v for pid, v in outcomes[n][r].items() if groups[n].get(pid) == g]
+                            for n in names if r < len(outcomes[n]) and outcomes[n][r]]
+                per_seed = [x for x in per_seed if x]
+                acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
+                ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
+            out[arm]["by_group"][g] = {"accuracy": acc, "accuracy_ci95": ci}
     return out
 
 
@@ -451,19 +533,30 @@ def check_eval_settings(runs: list[Run], allow_mismatch: bool = False) -> None:
 
 def build_report(runs: list[Run], allow_mismatch: bool = False) -> dict[str, Any]:
     check_eval_settings(runs, allow_mismatch)
-    arms, outcomes = {}, {}
+    arms, outcomes, groups = {}, {}, {}
+    envs: list[dict[str, Any]] = []
     for run in runs:
         arm = read_run(run)
-        outcomes[run.arm] = read_outcomes(run, arm["rounds"])
+        outcomes[run.arm], groups[run.arm] = read_outcomes(run, arm["rounds"])
+        arm["by_group"] = group_accuracy(outcomes[run.arm], groups[run.arm])
+        env = run_environment(run)
+        for e in envs:
+            if e["environment"] == env:
+                e["runs"].append(run.arm)
+                break
+        else:
+            if env is not None:
+                envs.append({"environment": env, "runs": [run.arm]})
         ns = arm.pop("n")
         arm["accuracy_ci95"] = [_interval(q, acc, n) for q, acc, n in zip(outcomes[run.arm], arm["accuracy"], ns)]
         arm["n_questions"] = [len(q) if q else n for q, n in zip(outcomes[run.arm], ns)]
         arm["arm"], arm["seed"] = run.base_arm or run.arm, run.seed
         arms[run.arm] = arm
-    report: dict[str, Any] = {"arms": arms, "generated_by": "exit-loop compare"}
+    report: dict[str, Any] = {"arms": arms, "generated_by": "exit-loop compare", "environments": envs}
     report["paired"] = paired_rows(report, outcomes, allow_mismatch)
+    report["gains"] = gain_rows(report, outcomes)
     if any(arm["seed"] is not None for arm in arms.values()):
-        report["pooled"] = pooled_arms(report, outcomes)
+        report["pooled"] = pooled_arms(report, outcomes, groups)
     return report
 
 
@@ -537,6 +630,79 @@ def paired_lines(report: dict[str, Any], last_only: bool = False) -> list[str]:
     return out
 
 
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _ci_pts(ci: list[float] | None) -> str:
+    return "—" if ci is None else f"[{_pts(ci[0])}, {_pts(ci[1])}]"
+
+
+TRUST = ("Which interval to trust: the t-interval over seeds treats each seed (its own initialisation, warm "
+         "start, sampling and training) as one draw of the method, so it carries the variance a claim about the "
+         "method has to beat; with {n} seeds it is the one this report's verdicts use. The two-level bootstrap "
+         "beside it resamples seeds and questions and covers less than 95% with few seeds (about 83-90% with 3 "
+         "seeds, 93% with 5, in simulation with the quickstart's spread).")
+
+
+def over_seeds_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's claims over seeds: the last round of every arm pair and of every arm against its
+    own round 0, each seed's difference, how many are positive, the mean with its t-interval over
+    seeds, the pooled bootstrap beside it, and a verdict."""
+    rows = [r for r in report.get("paired") or [] if "seeds" in r]
+    gains = [g for g in report.get("gains") or [] if "seeds" in g]
+    if not rows and not gains:
+        return []
+    last_pair: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        last_pair[(r["a"], r["b"])] = r
+    last_gain: dict[str, dict[str, Any]] = {}
+    for g in gains:
+        last_gain[g["arm"]] = g
+    entries = [(f"{g['arm']} round {g['round']} − round {g['from_round']}", g) for g in last_gain.values()]
+    entries += [(f"{a} − {b}, round {r['round']}", r) for (a, b), r in last_pair.items()]
+    n = max(e["seeds"] for _, e in entries)
+    lines = ["", "## Over seeds: the claims", "",
+             "Each seed's difference in held-out accuracy (points), how many seeds are positive, the mean over "
+             "seeds with its 95% t-interval over seeds, and the two-level bootstrap over seeds and questions. "
+             "A verdict needs the t-interval above (or below) zero.", "",
+             "| comparison | seeds | per seed | positive | mean | 95% t over seeds | 95% pooled bootstrap | verdict |",
+             "|---|---:|---|---:|---:|---|---|---|"]
+    for label, e in entries:
+        t = e.get("t_ci95")
+        verdict = ("higher" if t and t[0] > 0 else "lower" if t and t[1] < 0 else "not shown")
+        lines.append(f"| {label} | {e['seeds']} | {', '.join(_pts(v) for v in e['per_seed'])} | "
+                     f"{e['positive']}/{e['seeds']} | {_pts(e['diff'])} | {_ci_pts(t)} | {_ci_pts(e['ci95'])} | {verdict} |")
+    lines += ["", TRUST.format(n=n)]
+    if n < 5:
+        lines.append(f"With {n} seeds the t-interval is wide (its t quantile is {'12.7' if n == 2 else '4.30' if n == 3 else '3.18'}); "
+                     "a claim the project makes needs at least 5.")
+    return lines
+
+
+def group_lines(report: dict[str, Any]) -> list[str]:
+    """Accuracy per group of held-out questions (`data.group_by`): pooled over seeds where there are
+    several, else per run."""
+    source = report.get("pooled") or report["arms"]
+    have = {name: a.get("by_group") for name, a in source.items() if a.get("by_group")}
+    if not have:
+        return []
+    rounds = max((a["rounds"] for a in source.values()), key=len)
+    lines = ["", "## By group of questions", "",
+             "Held-out accuracy % per group of questions (the eval data's `group_by` key)"
+             + (", mean over seeds with the two-level bootstrap's 95% interval." if report.get("pooled")
+                else ", with its 95% Wilson interval."), "",
+             "| arm | group | " + " | ".join(f"round {r}" for r in rounds) + " |",
+             "|---|---|" + "---|" * len(rounds)]
+    for name, groups in have.items():
+        for g, v in groups.items():
+            cells = []
+            for acc, ci in zip(v["accuracy"], v["accuracy_ci95"]):
+                cells.append("—" if acc is None else f"{_pct(acc)} [{_pct(ci[0])}, {_pct(ci[1])}]")
+            lines.append(f"| {name} | {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any], plots: list[str], note: str | None = None) -> str:
     k = _k_label(report)
     head = ["arm", "round", "accuracy %", "95% CI", "n", f"pass@{k} %", f"maj@{k} %", "format errors %",
@@ -566,6 +732,8 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
             for r, acc, ci in zip(pooled["rounds"], pooled["accuracy"], pooled["accuracy_ci95"]):
                 interval = "—" if ci is None else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
                 lines.append(f"| {name} | {', '.join(map(str, pooled['seeds']))} | {r} | {_pct(acc)} | {interval} |")
+    lines += over_seeds_lines(report)
+    lines += group_lines(report)
     lines += ["", "## Training compute", "",
               "What each round's SFT optimised: arms compared on equal terms train the same steps "
               "(`train.budget`); rows and tokens are one epoch of the round's training data.", "",
@@ -583,6 +751,21 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                   "Accuracy of a minus accuracy of b on the same questions: 95% paired-bootstrap interval "
                   "over questions, exact McNemar p-value.", ""]
         lines += [f"- {line}" for line in paired_lines(report)]
+    gains = [g for g in report.get("gains") or [] if "seeds" not in g]
+    if gains:
+        lines += ["", "## Gains over round 0", "",
+                  "Each run's accuracy at a round minus its own round 0, on the same questions: 95% paired-bootstrap "
+                  "interval, exact McNemar p-value.", ""]
+        for g in gains:
+            lo, hi = g["ci95"]
+            seed = f", seed {g['seed']}" if g["seed"] is not None else ""
+            lines.append(f"- {g['arm']}{seed}, round {g['round']} − round {g['from_round']}: {100 * g['diff']:+.1f} points "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}], p = {g['p_mcnemar']:.3g}, n = {g['n']}")
+    if report.get("environments"):
+        lines += ["", "## Environment", ""]
+        for e in report["environments"]:
+            which = "" if len(report["environments"]) == 1 else f" ({', '.join(e['runs'])})"
+            lines.append(f"- {describe(e['environment'])}{which}")
     lines += ["", "## Runs", ""]
     lines += [f"- **{name}**: `{arm['run_dir']}` (experiment `{arm['experiment']}`)"
               for name, arm in report["arms"].items()]

@@ -1,6 +1,7 @@
 """Statistics the project reports numbers with: the Wilson score interval of a proportion, the
 exact McNemar test, paired and pooled (several seeds) bootstrap intervals of the difference
-between two arms, an interval for an accuracy over one or several seeds, and the unbiased pass@k.
+between two arms, the t-interval over seeds, an interval for an accuracy over one or several
+seeds, and the unbiased pass@k.
 
     from exit_loop.stats import wilson
     lo, hi = wilson(k=140, n=200)   # 95% interval of 70% measured on 200 questions
@@ -140,6 +141,24 @@ def accuracy_interval(per_seed: list[Sequence[bool]], n_resamples: int = 9999, s
         return list(wilson(sum(bool(v) for v in x), len(x)))
     pairs = [(x, [False] * len(x)) for x in per_seed]  # accuracy = difference against an arm always wrong
     return pooled_difference(pairs, n_resamples=n_resamples, seed=seed)["ci95"]
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """The `level` t-interval [lo, hi] of the mean of `values` (one per seed: the seeds are the
+    unit, and their spread is the variance a claim about a method has to beat); None for fewer
+    than two values.
+
+        lo, hi = t_interval([0.05, 0.08, 0.02, 0.06, 0.04])   # mean 0.05 +- 2.776 * sd / sqrt(5)
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
