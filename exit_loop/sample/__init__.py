@@ -84,6 +84,8 @@ def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: 
         "num_tokens": count_tokens(student_tok, norm.response),
         "finish_reason": c.finish_reason,
     }
+    if req.problem.group is not None:
+        row["group"] = req.problem.group  # the data set's group of the question (data.group_by)
     if cfg.student is not None:
         row["teacher_num_tokens"] = c.num_tokens
     elif c.prompt_tokens is not None and cfg.prompt_style == "r1_zero":

@@ -21,12 +21,13 @@ import re
 
 from exit_loop.errors import ConfigError
 from exit_loop.tasks import gsm8k, math
-from exit_loop.tasks.problem import FAILURES, DataConfig, count_failures, Problem, Verdict, problem_index, subset
+from exit_loop.tasks.problem import (FAILURES, DataConfig, Problem, Verdict, count_failures, problem_index,
+                                    solution_steps, subset)
 
 TASKS = ("gsm8k", "math")
 
 __all__ = ["FAILURES", "TASKS", "check_overlap", "count_failures", "DataConfig", "Problem", "Verdict", "load_problems",
-           "problem_index", "question_key"]
+           "problem_index", "question_key", "solution_steps"]
 
 
 def load_problems(cfg: DataConfig) -> list[Problem]:

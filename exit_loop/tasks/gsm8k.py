@@ -20,7 +20,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from exit_loop.errors import DataError
-from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, source_rows, verdict
+from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, row_group, source_rows, verdict
 
 MAX_NUMBER_TEXT = 1000  # a longer answer is not one value: ambiguous
 _CALCULATOR = re.compile(r"<<.*?>>")
@@ -63,7 +63,8 @@ def load(cfg: DataConfig) -> list[Problem]:
             raise DataError(f"{where(i)}: key 'answer': {e}") from None
         if parse_number(gt) is None:
             raise DataError(f"{where(i)}: key 'answer': the final answer after '####' is not a number: {gt!r}")
-        problems.append(Problem(f"{split}-{i}", str(row["question"]), gt, str(row["answer"])))
+        problems.append(Problem(f"{split}-{i}", str(row["question"]), gt, str(row["answer"]),
+                                row_group(row, cfg, where(i))))
     return problems
 
 

@@ -29,7 +29,7 @@ from exit_loop.errors import DataError
 from exit_loop.prompts import last_boxed
 from exit_loop.tasks.gsm8k import AMBIGUOUS, is_hedged, read_answer
 from exit_loop.tasks.math_pool import DECIMAL_LITERAL, REL_TOL, TIMEOUT, MathPool, shared_pool
-from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, source_rows, verdict
+from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, row_group, source_rows, verdict
 
 _INTEGER = re.compile(r"-?\d{1,15}", re.ASCII)
 # what a plain number may hold once its LaTeX is set aside: digits, signs, separators, braces
@@ -56,7 +56,7 @@ def load(cfg: DataConfig) -> list[Problem]:
             truth = last_boxed(solution)
         if not truth:
             raise DataError(f"{where(i)}: key 'solution': no \\boxed{{...}} answer in it (and no 'answer' key)")
-        problems.append(Problem(f"{split}-{i}", str(row["problem"]), truth, solution))
+        problems.append(Problem(f"{split}-{i}", str(row["problem"]), truth, solution, row_group(row, cfg, where(i))))
     return problems
 
 

@@ -40,6 +40,7 @@ class DataConfig:
     shuffle: bool = False            # take a seeded random subset instead of the first N
     seed: int = 0
     task: Literal["gsm8k", "math"] = "gsm8k"  # row format and answer checker: GSM8K or MATH
+    group_by: str | None = None      # a row key naming each question's group (MATH: level); reports split by it
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples < 1:
@@ -52,6 +53,7 @@ class Problem:
     question: str
     ground_truth: str
     solution: str  # the data set's own worked solution (for baseline data)
+    group: str | None = None  # the row's `DataConfig.group_by` value: rows carry it, reports split by it
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,25 @@ def source_rows(cfg: DataConfig, required: tuple[str, ...] = ()
         return ([row for _, row in numbered], lambda i: f"{path}:{numbered[i][0]}",
                 cfg.split if cfg.split else path.stem)
     return rows_from_hub(cfg), lambda i: f"{cfg.dataset}[{cfg.split}][{i}]", cfg.split
+
+
+def solution_steps(solution: str) -> int:
+    """How many steps a worked solution takes: its non-empty lines before the final `#### N` line
+    (GSM8K's own solutions and the arithmetic task's: one line per step). A common proxy for a
+    question's difficulty."""
+    reasoning = solution.rsplit("####", 1)[0]
+    return sum(1 for line in reasoning.splitlines() if line.strip())
+
+
+def row_group(row: dict[str, Any], cfg: DataConfig, where: str) -> str | None:
+    """A source row's group under `cfg.group_by` (None where that is unset); DataError naming the
+    row where the key is missing."""
+    if cfg.group_by is None:
+        return None
+    if row.get(cfg.group_by) is None:
+        raise DataError(f"{where}: no key {cfg.group_by!r} (data.group_by); every row needs its group, "
+                        f"found keys {sorted(row)}")
+    return str(row[cfg.group_by])
 
 
 def problem_index(problem_id: str) -> int:
