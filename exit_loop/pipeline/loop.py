@@ -43,7 +43,8 @@ from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles
+from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
+                                    seed_students, training_data)
 from exit_loop.pipeline.stages import hub_settings, run_stage
 from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
@@ -78,11 +79,13 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
         log.warning("run: %s", warning)
     run = Run(cfg)
     check_hub(hub_settings(cfg))  # no token or no hub: fail now, before any GPU work
-    check_model_path(cfg.student)
+    for student in seed_students(cfg):
+        check_model_path(student)
     if cfg.teacher:
         check_model_path(cfg.teacher.model)
     # a bad or empty data set fails now, not rounds later; so does a held-out set that trains
-    check_overlap(load_problems(cfg.data), load_problems(cfg.eval.data), allow_overlap)
+    check_overlap([p for data in training_data(cfg) for p in load_problems(data)], load_problems(cfg.eval.data),
+                  allow_overlap)
     check_config_change(run, allow_config_change)
     run.top.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))

@@ -55,6 +55,14 @@ class ArmConfig:
     split: Literal["correct", "all", "formatted", "original"] = "correct"
     num_examples: int | None = None  # training rows per round (data-size arms), seeded subset
     budget: Budget | None = None     # this arm's own training compute (default: train.budget)
+    # an `original` arm: whose solutions it trains on (default: the run's `data`), e.g. the warm
+    # start's own gold solutions, for a control that keeps training on them
+    data: DataConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is not None and self.split != "original":
+            raise ValueError(f"arm data: only an arm with split: original trains on a data set's own "
+                             f"solutions; this arm's split is {self.split!r}")
 
 
 @dataclass
@@ -151,7 +159,7 @@ class ExperimentConfig:
     experiment: str = "exit"
     runs_dir: str = "runs"
     rounds: int = 3
-    student: str = ""                 # the base model every arm starts from
+    student: str = ""                 # the base model every arm starts from; `{seed}` in it: each seed's own
     teacher: TeacherConfig | None = None  # round 0 samples from it when set (else from the student)
     seed: int = 0
     seeds: list[int] | None = None    # run every arm under each seed (None: `seed` alone)
@@ -186,6 +194,30 @@ class ExperimentConfig:
         return list(self.seeds) if self.seeds else [self.seed]
 
 
+SEED_FIELD = "{seed}"
+
+
+def seed_student(student: str, seed: int) -> str:
+    """The base student of one seed: `student` with `{seed}` replaced (a student per seed, e.g. the
+    quickstart's, each with its own initialisation and warm start); as it is without the field."""
+    return student.replace(SEED_FIELD, str(seed))
+
+
+def seed_students(cfg: ExperimentConfig) -> list[str]:
+    """Every seed's base student, each once."""
+    return list(dict.fromkeys(seed_student(cfg.student, s) for s in cfg.all_seeds))
+
+
+def training_data(cfg: ExperimentConfig) -> list[DataConfig]:
+    """Every data set a run trains from: its questions (`data`) and any arm's own gold solutions
+    (the held-out set must share no question with any of them)."""
+    out = [cfg.data]
+    for arm in cfg.arms.values():
+        if arm.data is not None and arm.data not in out:
+            out.append(arm.data)
+    return out
+
+
 def shard_path(directory: Path, shard: int, num_shards: int) -> Path:
     """Shard `shard` of `num_shards` in `directory`: `shard-KKKKK-of-NNNNN.jsonl`. A run keeps its
     shards in `<sample dir>/shards/`, a generation in `<output_dir>/samples/`."""
@@ -214,7 +246,7 @@ class Run:
         if seed not in seeds:
             raise ConfigError(f"--seed {seed}: not a seed of this run; seeds: {', '.join(map(str, seeds))}")
         self.top_cfg = cfg  # as written to config.yaml (every seed)
-        self.cfg = dataclasses.replace(cfg, seed=seed)
+        self.cfg = dataclasses.replace(cfg, seed=seed, student=seed_student(cfg.student, seed))
         self.top = Path(cfg.runs_dir) / cfg.experiment
         self.several_seeds = len(seeds) > 1
         self.root = self.top / f"seed_{seed}" if self.several_seeds else self.top

@@ -59,7 +59,8 @@ from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.hub import check_hub
-from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change, resolve_styles
+from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, resolve_styles, seed_students,
+                                    training_data)
 from exit_loop.pipeline.stages import hub_settings, round_questions
 from exit_loop.sample import LaunchConfig, SampleConfig, check_model_path, launch_address, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
@@ -568,14 +569,15 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
     resolve_styles(ecfg)
     if write:  # before anything is queued (a dry run only prints)
         check_hub(hub_settings(ecfg))
-    check_model_path(ecfg.student)
+    for student in seed_students(ecfg):
+        check_model_path(student)
     if ecfg.teacher:
         check_model_path(ecfg.teacher.model)
     if check:
         check_engines_fit(ecfg.sample, ecfg.slurm)
     run = Run(ecfg)
     if not allow_overlap:  # held-out questions that also train: refused before any job is queued
-        check_overlap(load_problems(ecfg.data), load_problems(ecfg.eval.data))
+        check_overlap([p for data in training_data(ecfg) for p in load_problems(data)], load_problems(ecfg.eval.data))
     check_config_change(run, allow_change)
     if write:
         atomic_write_text(run.top / "config.yaml", dump_yaml(ecfg))

@@ -278,9 +278,10 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
     cfg = run.cfg
     d = run.stage_dir(arm, k, "filter")
     if cfg.arms[arm].split == "original":
-        problems = load_problems(cfg.data)
+        data = cfg.arms[arm].data or cfg.data
+        problems = load_problems(data)
         write_jsonl(d / "sft_original.jsonl", (baseline_row(p) for p in problems))
-        write_manifest(d, "filter", wall(t0), split="original", rows=len(problems))
+        write_manifest(d, "filter", wall(t0), split="original", rows=len(problems), dataset=data.dataset)
         return None
     src = run.real_dir(arm, k, "verify") / "verified.jsonl"
     summary = write_splits(iter_jsonl(src), replace(cfg.filter, input=str(src), output_dir=str(d)),
@@ -315,7 +316,9 @@ def train_config(run: Run, arm: str, k: int) -> TrainConfig:
     sft, _ = route_push(cfg.train.sft, cfg.train.hub_model_id)  # the merged ckpt/ is pushed, not trainer/
     return TrainConfig(data=data or [str(train_split(run, arm, k))], model=model,
                        output_dir=str(run.stage_dir(arm, k, "train")),
-                       num_examples=cfg.arms[arm].num_examples, seed=cfg.seed,
+                       # a new training seed every round (data order, dropout): rounds are not
+                       # replays of one draw
+                       num_examples=cfg.arms[arm].num_examples, seed=cfg.seed + k,
                        # one rule set for whatever split trains: K across the data window, dedup
                        max_per_question=None if original else cfg.filter.max_correct_per_question,
                        dedup=cfg.filter.dedup and not original,
