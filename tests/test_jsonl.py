@@ -189,3 +189,24 @@ def test_append_log_refuses_a_bad_complete_line(tmp_path):
     path.write_text('{"id": 0}\nnot json\n{"id": 2}\n', encoding="utf-8")
     with pytest.raises(DataError, match=f"{path}:2:"):
         AppendLog(path)
+
+
+def test_every_manifest_records_its_environment(tmp_path):
+    """The versions and the machine a stage ran with, in its manifest: the packages that matter,
+    the CPU, and (torch imported) the kernel ISA and threads; a forced ISA is said."""
+    import torch
+
+    from exit_loop.environment import describe, environment
+    from exit_loop.jsonl import write_manifest
+
+    path = write_manifest(tmp_path, "eval", {"wall_s": 1.0}, counts={"n": 3})
+    m = json.loads(path.read_text())
+    env = m["environment"]
+    assert (m["stage"], m["counts"], m["timings"]) == ("eval", {"n": 3}, {"wall_s": 1.0})
+    assert env["packages"]["torch"] == torch.__version__ and "exit-loop" in env["packages"]
+    assert env["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and env["torch_threads"] >= 1
+    line = describe(env)
+    assert f"torch {torch.__version__}" in line and f"({env['cpu_isa']})" in line
+    assert "forced" in describe({**env, "ATEN_CPU_CAPABILITY": "avx2"})
+    assert "GPU H100 x 2, CUDA 12.8" in describe({**env, "gpus": ["H100", "H100"], "cuda": "12.8"})
+    assert environment()["cpu"] == env["cpu"]

@@ -453,3 +453,31 @@ def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_r
     ev, ev1 = (json.loads((d / "round_00" / "eval" / "eval.json").read_text()) for d in (root, straight_run))
     assert ev["accuracy"] == ev1["accuracy"] and ev["n"] == 12
     assert json.loads((r0 / "sample" / "manifest.json").read_text())["data_parallel"] == 2
+
+
+def test_a_student_per_seed_and_a_gold_arm_on_its_own_data(tmp_path: Path):
+    """`{seed}` in `student`: each seed's run starts from its own student, and every one must exist
+    before anything runs; an `original` arm may train on its own data set (a gold control), which
+    counts as training data for the held-out overlap check; only `original` arms take data."""
+    from exit_loop.pipeline.loop import run_loop
+    from exit_loop.pipeline.run import seed_students
+
+    data, gold, test = tmp_path / "d.jsonl", tmp_path / "gold.jsonl", tmp_path / "t.jsonl"
+    write_jsonl(data, [{"question": "What is 2 + 3?", "answer": "#### 5"}])
+    write_jsonl(gold, [{"question": "What is 1 + 1?", "answer": "1+1=2\n#### 2"}])
+    write_jsonl(test, [{"question": "What is 1+1 ?", "answer": "#### 2"}])
+    for s in (0, 1):
+        (tmp_path / f"s{s}" / "ckpt").mkdir(parents=True)
+        (tmp_path / f"s{s}" / "ckpt" / "config.json").write_text("{}")
+    arms = f"arms={{ex: {{split: correct}}, gold: {{split: original, data: {{dataset: {gold}, split: gold}}}}}}"
+    args = [f"data.dataset={data}", f"eval.data.dataset={test}", "seeds=[0, 1, 2]", arms]
+    cfg = base_cfg(tmp_path, *args, f"student={tmp_path}/s{{seed}}/ckpt")
+    assert [Run(cfg, seed=s).cfg.student for s in (0, 1)] == [f"{tmp_path}/s0/ckpt", f"{tmp_path}/s1/ckpt"]
+    assert seed_students(cfg)[2] == f"{tmp_path}/s2/ckpt"
+    with pytest.raises(FileNotFoundError, match=r"s2/ckpt does not exist"):   # seed 2's student
+        run_loop(cfg)
+    cfg = base_cfg(tmp_path, *args[:2], "seeds=[0, 1]", arms, f"student={tmp_path}/s{{seed}}/ckpt")
+    with pytest.raises(ConfigError, match="held-out questions are also training questions"):
+        run_loop(cfg)                                    # the gold arm's question is a test question
+    with pytest.raises(ConfigError, match="only an arm with split: original"):
+        base_cfg(tmp_path, f"arms={{a: {{split: correct, data: {{dataset: {gold}}}}}}}")

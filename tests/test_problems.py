@@ -176,3 +176,15 @@ def test_real_gsm8k_train(gsm8k_train):
     assert all("," not in p.ground_truth and p.ground_truth for p in ps)
     sub = load_problems(DataConfig(dataset=str(gsm8k_train), num_examples=5, shuffle=True, seed=0))
     assert len(sub) == 5 and all(s == ps[problem_index(s.id)] for s in sub)
+
+
+def test_group_by_names_each_question_group_and_a_missing_one(tmp_path):
+    rows = [{**r, "verbs": "gold verbs" if i % 2 else "held-out verb"} for i, r in enumerate(gsm_rows(4))]
+    path = write_rows(tmp_path / "g.jsonl", rows)
+    assert [p.group for p in load(path, split="test", group_by="verbs")] == \
+        ["held-out verb", "gold verbs", "held-out verb", "gold verbs"]
+    assert [p.group for p in load(path, split="test")] == [None] * 4   # unset: no group
+    del rows[2]["verbs"]
+    write_rows(path, rows)
+    with pytest.raises(DataError, match=rf"{path}:3: no key 'verbs' \(data.group_by\)"):
+        load(path, split="test", group_by="verbs")

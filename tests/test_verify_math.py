@@ -383,3 +383,11 @@ def test_math_loader_from_the_hub(monkeypatch):
                                   task="math"))
     assert calls == [("HuggingFaceH4/MATH-500", "default", "test")]
     assert [(p.id, p.ground_truth) for p in ps] == [("test-0", r"\frac{3}{4}")]
+
+
+def test_math_group_by_level(tmp_path):
+    rows = [{"problem": "p", "solution": r"$\boxed{1}$", "level": "Level 1"},
+            {"problem": "q", "solution": r"$\boxed{2}$", "level": "Level 5"}]
+    path = _write(tmp_path / "m.jsonl", rows)
+    ps = load_problems(DataConfig(dataset=str(path), split="test", task="math", group_by="level"))
+    assert [p.group for p in ps] == ["Level 1", "Level 5"]

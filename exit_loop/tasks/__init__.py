@@ -22,12 +22,12 @@ import re
 from exit_loop.errors import ConfigError
 from exit_loop.tasks import gsm8k, math
 from exit_loop.tasks.problem import (FAILURES, DataConfig, Problem, Verdict, count_failures, problem_index,
-                                    solution_steps, subset)
+                                    subset)
 
 TASKS = ("gsm8k", "math")
 
 __all__ = ["FAILURES", "TASKS", "check_overlap", "count_failures", "DataConfig", "Problem", "Verdict", "load_problems",
-           "problem_index", "question_key", "solution_steps"]
+           "problem_index", "question_key"]
 
 
 def load_problems(cfg: DataConfig) -> list[Problem]:

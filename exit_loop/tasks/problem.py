@@ -87,14 +87,6 @@ def source_rows(cfg: DataConfig, required: tuple[str, ...] = ()
     return rows_from_hub(cfg), lambda i: f"{cfg.dataset}[{cfg.split}][{i}]", cfg.split
 
 
-def solution_steps(solution: str) -> int:
-    """How many steps a worked solution takes: its non-empty lines before the final `#### N` line
-    (GSM8K's own solutions and the arithmetic task's: one line per step). A common proxy for a
-    question's difficulty."""
-    reasoning = solution.rsplit("####", 1)[0]
-    return sum(1 for line in reasoning.splitlines() if line.strip())
-
-
 def row_group(row: dict[str, Any], cfg: DataConfig, where: str) -> str | None:
     """A source row's group under `cfg.group_by` (None where that is unset); DataError naming the
     row where the key is missing."""
