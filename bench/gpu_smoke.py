@@ -3,24 +3,26 @@
     make gpu-smoke                                   # = python bench/gpu_smoke.py --json gpu_smoke.json
     python bench/gpu_smoke.py --runs_dir /tmp/runs -- rounds=2   # after --: quickstart overrides
 
-Runs the GPU quickstart (configs/quickstart_gpu.yaml: a 21M-parameter student trained from
-scratch on the arithmetic task, two arms, three rounds, report and plots) in a child process,
+Runs the GPU quickstart (configs/quickstart_gpu.yaml: per seed a 21M-parameter student trained
+from scratch on the arithmetic task's gold solutions, then the filtered, unfiltered and gold arms,
+three rounds, three seeds, report and plots) in a child process,
 its output shown as it comes and kept, then reads back what the run wrote and prints:
 
 - the time of each step: task, student (tokenizer and random model), warm start, and per arm and
-  round the stages' own wall times from their manifests (eval, sample, verify, filter, train;
-  a shared round 0 counted once), the run's total;
+  seed, arm and round the stages' own wall times from their manifests (eval, sample, verify,
+  filter, train; a shared round 0 counted once), the run's total;
 - the sampler's start per rollout (eval + sample of one round share one backend): the HF
   backend's model load and decoder builds (torch.compile and CUDA-graph capture), which it logs
   when it closes, against its time generating: the share of a round's sampler time that starting
   the backend anew costs;
-- what starting the sampler costs, measured again after the run on its own checkpoints (the
-  student, then the filtered arm's first round), each a whole rollout (the 200 test questions
+- what starting the sampler costs, measured again after the run on its own checkpoints (seed
+  0's student, then its filtered arm's first round), each a whole rollout (the 200 test questions
   greedy, then the round's 2 samples of every training question) with a fresh backend: the
   first in this process (cold: the process's first compile), then another (warm: what starting
   anew costs every later round);
-- the report's held-out accuracies (95% Wilson intervals, n) and the paired filtered - unfiltered
-  difference (paired bootstrap interval, exact McNemar p).
+- the report's held-out accuracies (95% Wilson intervals, n), the paired differences per seed
+  (paired bootstrap interval, exact McNemar p) and over the seeds (every seed's difference, the
+  t-interval over seeds).
 
 `--json PATH` writes all of it. The run directory and data are under `--runs_dir` and
 `--data_dir` (a fresh run each time unless `--keep`).
@@ -42,14 +44,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_LINE = re.compile(r"hf backend: model load ([\d.]+)s, (\d+) decoder\(s\) built in ([\d.]+)s .*generating ([\d.]+)s")
-STEP_LINE = re.compile(r"quickstart: (tokenizer and random model|warm-started the student).*\(([\d.]+)s\)")
+STEP_LINE = re.compile(r"quickstart: (seed \d+: )?(tokenizer and random model|warm-started the student).*\(([\d.]+)s\)")
 
 
 def run_quickstart(a: argparse.Namespace, log_path: Path) -> tuple[int, float]:
     gpu = ["--config", "configs/quickstart_gpu.yaml"] if a.no_gpu else ["--gpu"]
     cmd = [sys.executable, "-m", "exit_loop", "quickstart", *gpu, f"runs_dir={a.runs_dir}",
            f"data.dataset={a.data_dir}/train.jsonl", f"eval.data.dataset={a.data_dir}/test.jsonl",
-           f"student={a.data_dir}/student/ckpt", *a.overrides]
+           f"student={a.data_dir}/seed_{{seed}}/student/ckpt",
+           f"arms={{filtered: {{split: correct}}, unfiltered: {{split: all}}, "
+           f"gold: {{split: original, data: {{dataset: {a.data_dir}/gold.jsonl, split: gold}}}}}}", *a.overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     with log_path.open("w") as log:
@@ -70,15 +74,18 @@ def run_quickstart(a: argparse.Namespace, log_path: Path) -> tuple[int, float]:
 
 
 def stage_times(run_root: Path) -> list[dict[str, Any]]:
-    """Every finished stage's wall time from its manifest: arm (or shared), round, stage."""
+    """Every finished stage's wall time from its manifest: arm (or shared, `seed_N/` before it
+    where the run has several seeds), round, stage."""
     rows = []
-    for manifest in sorted(run_root.glob("*/round_*/*/manifest.json")):
+    for manifest in sorted([*run_root.glob("*/round_*/*/manifest.json"), *run_root.glob("seed_*/*/round_*/*/manifest.json")]):
         stage_dir = manifest.parent
         if stage_dir.parent.parent.is_symlink() or stage_dir.is_symlink() or stage_dir.parent.is_symlink():
             continue  # an arm's link to the shared round 0: counted once, under shared
         data = json.loads(manifest.read_text())
         wall = (data.get("timings") or {}).get("wall_s") or data.get("wall_time_s")
-        rows.append({"arm": stage_dir.parent.parent.name, "round": int(stage_dir.parent.name.split("_")[1]),
+        arm_dir = stage_dir.parent.parent
+        arm = f"{arm_dir.parent.name}/{arm_dir.name}" if arm_dir.parent != run_root else arm_dir.name
+        rows.append({"arm": arm, "round": int(stage_dir.parent.name.split("_")[1]),
                      "stage": stage_dir.name, "wall_s": wall})
     return rows
 
@@ -96,8 +103,9 @@ def start_cost(run_root: Path, data_dir: Path) -> list[dict[str, Any]]:
 
     exp = load_config(ExperimentConfig, run_root / "config.yaml")
     train, test = load_problems(exp.data), load_problems(exp.eval.data)
-    ckpts = [data_dir / "student" / "ckpt"] + [run_root / "filtered" / f"round_{k:02d}" / "train" / "ckpt"
-                                                 for k in range(exp.rounds)]
+    arms = run_root / "seed_0" if (run_root / "seed_0").is_dir() else run_root
+    ckpts = [data_dir / "seed_0" / "student" / "ckpt"] + [arms / "filtered" / f"round_{k:02d}" / "train" / "ckpt"
+                                                          for k in range(exp.rounds)]
     ckpts = [c for c in ckpts if c.exists()][:2]
     out, work = [], Path(tempfile.mkdtemp(prefix="start_cost_"))
     for i, (ckpt, how) in enumerate(zip(ckpts, ("fresh, cold process", "fresh, warm process"))):
@@ -146,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python bench/gpu_smoke.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "returncode": rc, "total_s": round(total, 1),
-        "steps": {m.group(1): float(m.group(2)) for m in STEP_LINE.finditer(text)},
-        "warm_start_checks": re.findall(r"warm start step (\d+): (\d+)%", text),
+        "steps": {f"{m.group(1) or ''}{m.group(2)}": float(m.group(3)) for m in STEP_LINE.finditer(text)},
         "stages": stage_times(run_root),
         "rollouts": [],
     }
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["report"] = {"arms": {name: {"rounds": arm.get("rounds"), "accuracy": arm.get("accuracy"),
                                          "ci95": arm.get("accuracy_ci95"), "n": arm.get("n_questions")}
                                   for name, arm in rep["arms"].items()},
-                         "paired": rep.get("paired")}
+                         "paired": rep.get("paired"), "gains": rep.get("gains"),
+                         "environments": rep.get("environments")}
     for name in ("report.md", "report.json", "accuracy.png"):
         if (run_root / name).exists():
             out.setdefault("files", []).append(str(run_root / name))
@@ -180,7 +188,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  rollout {i}: load {r['load_s']:.1f}s, {r['decoders_built']} decoder(s) {r['decoder_build_s']:.1f}s, "
               f"sampling {r['sampling_s']:.1f}s: start = {r['start_share']:.0%} of the backend's time")
     if "report" in out:
-        print(json.dumps(out["report"], indent=1))
+        for name, arm in out["report"]["arms"].items():
+            print(f"  {name:<22} " + " -> ".join(f"{100 * x:.1f}" for x in arm["accuracy"] if x is not None))
+        for r in [*(out["report"]["paired"] or []), *(out["report"]["gains"] or [])]:
+            if r.get("seeds"):
+                what = f"{r['a']} - {r['b']}" if "a" in r else f"{r['arm']} - its round {r['from_round']}"
+                t = r.get("t_ci95") or [float("nan")] * 2
+                print(f"  over {r['seeds']} seeds, round {r['round']}: {what}: {100 * r['diff']:+.1f} points, "
+                      f"per seed {', '.join(f'{100 * v:+.1f}' for v in r['per_seed'])}, "
+                      f"95% t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], {r['positive']}/{r['seeds']} positive")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     if not a.no_start_cost and (run_root / "config.yaml").exists():

@@ -1,40 +1,48 @@
-"""The offline quickstart: expert iteration visibly working on a CPU in minutes, no GPU, no hub.
+"""The offline quickstart: expert iteration against its controls on a CPU, no GPU, no hub.
 
     make quickstart                       # installs the CPU build, then runs the line below
     exit-loop quickstart                  # or: python -m exit_loop.pipeline.quickstart
-    exit-loop quickstart rounds=2 data.num_examples=128 task.num_test=100   # a smaller run
+    exit-loop quickstart "seeds=[0]" rounds=2     # one seed, two rounds: a smaller run
     exit-loop quickstart --gpu            # on one GPU: a 21M-parameter student (make gpu-smoke)
+
+The question it answers: does training on its own verified answers teach a student what its gold
+data could not? The task (`exit_loop.tasks.arith`, GSM8K's format) counts things through chains of
+verbs ("has", "buys", "gets", "sells", ...). The gold solutions that warm-start the student never
+use two of the verbs (`warmup.held_out_verbs`: "gets", "sells"); expert iteration's questions and
+the test set do. Whatever the student learns about them comes only from the verifier's verdict on
+its own answers, and the `gold` arm, which keeps training on the gold solutions for as many steps,
+shows what more gold data alone would have done.
 
 From the repository root, in one process, each step skipped when its output is already there
 (so running it again resumes, or just prints where the report is):
 
-1. task: a procedurally generated arithmetic word-problem task in GSM8K's format
-   (`exit_loop.tasks.arith`), seeded train/test splits written where the config's
-   `data.dataset` and `eval.data.dataset` point (`data/quickstart/`).
-2. student: a byte-level BPE tokenizer trained on the task's text and a random two-layer Qwen2
-   model (`exit_loop.tiny_model`, in `data/quickstart/tiny_init/`), warm-started by SFT
-   (`exit_loop.train`, TRL's SFTTrainer) on `warmup.num_examples` (256) gold solutions until it
-   answers `warmup.target_accuracy` (60%) of 100 other training questions: it can do the task,
-   unreliably. The other 1,792 training questions are expert iteration's, with no gold solution
-   (only the verifier's verdict on the student's own answers). The result is the config's
-   `student` (`data/quickstart/student/ckpt`; `warmup.json` beside it has the checks).
-3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.pipeline.loop`): a `filtered` arm trained
-   on its correct traces and an `unfiltered` arm trained on all of them, held-out accuracy every
-   round. The config sets `isolate: false` and this command keeps vLLM's engine in this process
-   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so nothing is imported or started twice.
-4. compare: `exit-loop compare runs/quickstart` writes report.md, report.json and the plots;
-   the last lines printed say where they are.
+1. task: seeded train/test splits written where the config's `data.dataset` and
+   `eval.data.dataset` point (`data/quickstart/`): `gold.jsonl` (the first 512 training
+   questions without a held-out verb, with their solutions), `train.jsonl` (the other 1,024:
+   expert iteration's, no solution used) and `test.jsonl`, each test row grouped by whether it
+   uses a held-out verb (`verbs`: report.md's accuracy by group).
+2. students, one per seed: a byte-level BPE tokenizer and a random two-layer Qwen2 initialised
+   with the seed (`exit_loop.tiny_model`, `data/quickstart/seed_N/tiny_init/`), warm-started by
+   SFT (`exit_loop.train`, TRL's SFTTrainer) on the gold solutions for `warmup.steps` (500)
+   steps, the rate decaying to zero: the config's `student`, `{seed}` filled in.
+3. loop: `exit-loop run configs/quickstart.yaml` (`exit_loop.pipeline.loop`), every seed: the
+   `filtered` arm trains on its verified-correct traces, `unfiltered` on all of them, `gold` on
+   the gold solutions, held-out greedy accuracy every round. The config sets `isolate: false`
+   and this command keeps vLLM's engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
+4. compare: `exit-loop compare runs/quickstart` writes report.md (the claims over seeds, each
+   with its paired test and interval), report.json and the plots; the last lines printed say
+   where they are.
 
 `--gpu`: the same on one CUDA GPU, with configs/quickstart_gpu.yaml (bf16, the HF backend's
 CUDA-graph decoder or vLLM's CUDA build, runs/quickstart_gpu/, data/quickstart_gpu/) and the
-student of `GPU_PRESET`: 8 layers of 512 (21M parameters), warm-started on 1,024 gold solutions (of
-4,096 training questions) at learning rate 1e-3 for at most 1,500 steps. It fails at once, before anything is written, where no CUDA device is visible.
+student of `GPU_PRESET` (8 layers of 512, 21M parameters). It fails at once, before anything is
+written, where no CUDA device is visible.
 
 Overrides (`key=value`): `task.KEY` sets the task (`ArithTaskConfig`: num_train, num_test,
 min_steps, max_steps, max_operand, max_start, max_total, seed), `tiny.KEY` the model's shape,
-`warmup.KEY` the warm start (`WarmupConfig`: num_examples, target_accuracy, check_questions,
-check_every, check_from, max_steps, learning_rate, batch_size); any other key goes to the
-experiment config (`rounds=2`, `sample.num_samples=8`, `runs_dir=/tmp/runs`, ...).
+`warmup.KEY` the warm start (`WarmupConfig`: num_examples, held_out_verbs, steps,
+learning_rate, lr_scheduler_type, warmup_steps, batch_size); any other key goes to the
+experiment config (`rounds=2`, `seeds=[0,1]`, `runs_dir=/tmp/runs`, ...).
 """
 
 from __future__ import annotations
@@ -56,11 +64,9 @@ from exit_loop.console import stage_log, train_progress
 from exit_loop.errors import ConfigError
 from exit_loop.jsonl import write_json, write_jsonl
 from exit_loop.pipeline.loop import run_loop
-from exit_loop.pipeline.run import ExperimentConfig
-from exit_loop.prompts import student_prompt
+from exit_loop.pipeline.run import SEED_FIELD, ExperimentConfig, seed_student
 from exit_loop.tasks import DataConfig, load_problems
-from exit_loop.tasks.arith import ArithTaskConfig, write_task
-from exit_loop.tasks.gsm8k import verify_gsm8k
+from exit_loop.tasks.arith import ADD_VERBS, SUB_VERBS, ArithTaskConfig, generate
 from exit_loop.tiny_model import create_tiny_model
 from exit_loop.train import TrainConfig, train
 
@@ -69,11 +75,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 GPU_CONFIG = "configs/quickstart_gpu.yaml"
 # The quickstart's own settings under --gpu (before the command line's): a student worth a GPU,
-# 8 x 512 (21M parameters; head dimension 64 as always), and a warm start suited to its size: on
-# the CPU quickstart's 256 gold solutions it memorised them (loss 0.12) and reached 42% of the
-# check questions in 1,500 steps (bench/RESULTS.md), so it gets 1,024 of 4,096 training questions
+# 8 x 512 (21M parameters; head dimension 64 as always), warm-started on 1,024 gold solutions (a
+# 21M student memorised the CPU quickstart's 256, bench/RESULTS.md) for 1,000 steps at 1e-3
+# decaying to zero; 3,072 questions for expert iteration.
 GPU_PRESET = ("tiny.hidden_size=512", "tiny.num_layers=8", "task.num_train=4096", "warmup.num_examples=1024",
-              "warmup.learning_rate=1e-3", "warmup.max_steps=1500")
+              "warmup.learning_rate=1e-3", "warmup.steps=1000")
 
 # Engine settings for a CPU run; set before vLLM is imported, and only where the caller has not.
 ENV_DEFAULTS = {
@@ -87,85 +93,53 @@ ENV_DEFAULTS = {
 
 @dataclass
 class TinyConfig:
-    """The student's shape (exit_loop.tiny_model): head dimension 64, so hidden_size / 64 heads."""
+    """The student's shape (exit_loop.tiny_model): head dimension 64, so hidden_size / 64 heads.
+    Each seed of the experiment initialises its own (the seed is the experiment's). `prompt_tokens`:
+    the r1_zero prompt's fixed text is one token before and one after the question (the same
+    text; most of a prompt's compute went to its 90 constant tokens)."""
     vocab_size: int = 1024
     hidden_size: int = 128
     num_layers: int = 2
-    seed: int = 0
+    prompt_tokens: bool = True
 
 
 @dataclass
 class WarmupConfig:
-    """The warm start: SFT (TRL's SFTTrainer) on the first `num_examples` training questions' gold
-    solutions until the student answers `target_accuracy` of `check_questions` other training
-    questions (greedy, checked by the verifier every `check_every` steps from `check_from` on), at
-    most `max_steps` steps. How many steps a tiny model needs to learn to read the numbers varies a
-    lot with the seed (350 for tiny.seed=0, 800 for tiny.seed=1 here), and expert iteration barely
-    moves a student below about half right (half of its correct traces are then lucky guesses, which
-    the verifier cannot tell apart), so the warm start stops at a level, not at a step count."""
-    num_examples: int = 256
-    target_accuracy: float = 0.6
-    check_questions: int = 100
-    check_every: int = 50
-    check_from: int = 250
-    max_steps: int = 800
+    """The warm start: SFT (TRL's SFTTrainer) on the gold solutions of `num_examples` training
+    questions, none of which uses a verb of `held_out_verbs`, on a fixed schedule that decays to
+    zero, long enough that more of the same gold training no longer helps (the `gold` arm of the
+    run keeps training on exactly these rows, as the control). Every other training question is
+    expert iteration's, with no gold solution: only the verifier's verdict on the student's own
+    answers can teach it what a held-out verb does to the count."""
+    num_examples: int = 512
+    held_out_verbs: list[str] = field(default_factory=lambda: ["gets", "sells"])
+    steps: int = 500
     learning_rate: float = 3e-3
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 10
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target_accuracy <= 1.0:
-            raise ValueError(f"warmup.target_accuracy: expected a share in (0, 1], got {self.target_accuracy}")
-        if self.check_every < 1 or self.check_questions < 1:
-            raise ValueError("warmup.check_every and warmup.check_questions must be at least 1")
+        if self.num_examples < 1 or self.steps < 1:
+            raise ValueError("warmup.num_examples and warmup.steps must be at least 1")
+        unknown = [v for v in self.held_out_verbs if v not in (*ADD_VERBS, *SUB_VERBS)]
+        if unknown:
+            raise ValueError(f"warmup.held_out_verbs: {unknown} are not verbs of the task "
+                             f"({', '.join((*ADD_VERBS, *SUB_VERBS))})")
 
     def sft(self) -> dict[str, Any]:
-        return {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
-                "lr_scheduler_type": "constant", "warmup_steps": 0,
+        return {"max_steps": self.steps, "learning_rate": self.learning_rate,
+                "lr_scheduler_type": self.lr_scheduler_type, "warmup_steps": self.warmup_steps,
                 "per_device_train_batch_size": self.batch_size, "gradient_accumulation_steps": 1,
                 "gradient_checkpointing": False, "max_length": 256, "save_strategy": "no",
                 "logging_steps": 50, "disable_tqdm": True, "report_to": "none"}
 
 
-def greedy_accuracy(model, tokenizer, problems: list, max_new_tokens: int = 48) -> float:
-    """Share of `problems` the model answers right, greedy, as the verifier labels its text."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    tokenizer.padding_side = "left"
-    enc = tokenizer([student_prompt(p.question) for p in problems], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(verify_gsm8k(t, p.ground_truth).is_correct for t, p in zip(texts, problems)) / len(problems)
-
-
-def stop_at_accuracy(cfg: WarmupConfig, problems: list, tokenizer, history: list):
-    """A TrainerCallback that ends training once `greedy_accuracy` on `problems` reaches the target."""
-    from transformers import TrainerCallback
-
-    class StopAtAccuracy(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            step = state.global_step
-            if step < cfg.check_from or step % cfg.check_every:
-                return
-            acc = greedy_accuracy(model, tokenizer, problems)
-            history.append({"step": step, "accuracy": acc})
-            log.debug("quickstart: warm start step %d: %.0f%% of %d other training questions right "
-                      "(target %.0f%%)", step, 100 * acc, len(problems), 100 * cfg.target_accuracy)
-            if acc >= cfg.target_accuracy:
-                control.should_training_stop = True
-
-    return StopAtAccuracy()
-
-
 @dataclass
 class QuickstartConfig:
-    # 2048 training questions: the warm start sees 256 gold solutions; expert iteration has the
-    # rest to learn from, unlabelled but for what the verifier says of the student's own answers
-    task: ArithTaskConfig = field(default_factory=lambda: ArithTaskConfig(num_train=2048))
+    # the gold solutions of `warmup.num_examples` of the training questions warm-start the student;
+    # the rest are expert iteration's
+    task: ArithTaskConfig = field(default_factory=lambda: ArithTaskConfig(num_train=1536))
     tiny: TinyConfig = field(default_factory=TinyConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
@@ -176,10 +150,8 @@ OWN_SECTIONS = ("task", "tiny", "warmup")
 @dataclass
 class Paths:
     """Where the quickstart's inputs go, all read from the experiment config."""
-    data_dir: Path     # train.jsonl, test.jsonl, manifest.json
-    tiny_init: Path    # the random model and its tokenizer
-    warmup_data: Path  # the gold rows the student is warm-started on
-    student: Path      # <warm-start output dir>/ckpt: the experiment's `student`
+    data_dir: Path     # train.jsonl (expert iteration's questions), gold.jsonl, test.jsonl, manifest.json
+    student: str       # the experiment's `student`: <dir>/ckpt, `{seed}` in it
 
     @classmethod
     def of(cls, exp) -> Paths:
@@ -187,75 +159,117 @@ class Paths:
         if train.parent != test.parent or (train.name, test.name) != ("train.jsonl", "test.jsonl"):
             raise ConfigError(f"data.dataset ({train}) and eval.data.dataset ({test}): the quickstart "
                               "writes its task as train.jsonl and test.jsonl in one directory; name them so")
-        student = Path(exp.student)
-        if student.name != "ckpt":
-            raise ConfigError(f"student ({student}): the quickstart writes the warm-started student to "
+        if Path(exp.student).name != "ckpt":
+            raise ConfigError(f"student ({exp.student}): the quickstart writes each warm-started student to "
                               "<dir>/ckpt (exit-loop train's layout); give a path ending in /ckpt")
-        return cls(train.parent, train.parent / "tiny_init", train.parent / "warmup.jsonl", student)
+        if len(exp.all_seeds) > 1 and SEED_FIELD not in exp.student:
+            raise ConfigError(f"student ({exp.student}): every seed warm-starts its own student; put "
+                              f"{SEED_FIELD} in the path (data/quickstart/seed_{SEED_FIELD}/student/ckpt)")
+        paths = cls(train.parent, exp.student)
+        for name, arm in exp.arms.items():
+            if arm.data is not None and Path(arm.data.dataset) != paths.gold:
+                raise ConfigError(f"arms.{name}.data.dataset ({arm.data.dataset}): the quickstart writes its gold "
+                                  f"solutions to {paths.gold}, beside data.dataset; point the arm there")
+        return paths
+
+    @property
+    def gold(self) -> Path:
+        return self.data_dir / "gold.jsonl"
+
+    def student_dir(self, seed: int) -> Path:
+        """The warm start's output directory (its `ckpt/` is the seed's student)."""
+        return Path(seed_student(self.student, seed)).parent
+
+    def tiny_init(self, seed: int) -> Path:
+        return self.student_dir(seed).parent / "tiny_init"
 
 
 # --------------------------------------------------------------------------- the steps
 
 
-def make_task(cfg: ArithTaskConfig, paths: Paths) -> None:
+GROUP_KEY = "verbs"  # the test rows' group: whether a held-out verb is in the question
+
+
+def verb_group(question: str, held_out: list[str]) -> str:
+    """`held-out verb` where the question uses one of `held_out` (no gold solution shows what
+    it does), else `gold verbs`."""
+    words = set(question.replace(".", " ").split())
+    return "held-out verb" if words & set(held_out) else "gold verbs"
+
+
+def split_task(cfg: QuickstartConfig) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """(expert iteration's training questions, the gold questions, the test questions, each test
+    row with its `verbs` group): the gold ones are the first `warmup.num_examples` training
+    questions that use no held-out verb; expert iteration gets every other one (no gold question,
+    so its accuracy on them is not recall)."""
+    train, test = generate(cfg.task)
+    w = cfg.warmup
+    usable = [i for i, row in enumerate(train) if verb_group(row["question"], w.held_out_verbs) == "gold verbs"]
+    if len(usable) < w.num_examples:
+        raise ConfigError(f"warmup.num_examples ({w.num_examples}): the task has only {len(usable)} training "
+                          f"questions without a held-out verb ({', '.join(w.held_out_verbs)}); raise task.num_train")
+    gold = set(usable[:w.num_examples])
+    test = [{**row, GROUP_KEY: verb_group(row["question"], w.held_out_verbs)} for row in test]
+    return [r for i, r in enumerate(train) if i not in gold], [train[i] for i in sorted(gold)], test
+
+
+def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
     manifest = paths.data_dir / "manifest.json"
+    settings = {"task": cfg.task, "gold": {"num_examples": cfg.warmup.num_examples,
+                                           "held_out_verbs": cfg.warmup.held_out_verbs}}
     if manifest.exists():
-        diff = changed_keys(json.loads(manifest.read_text()).get("config") or {}, cfg)
+        diff = changed_keys(json.loads(manifest.read_text()).get("config") or {}, settings)
         if diff:
-            raise ConfigError(f"{paths.data_dir} holds a task made with other settings (task.{', task.'.join(diff)}); "
-                              "remove the directory (its student too) or point data.dataset elsewhere")
+            raise ConfigError(f"{paths.data_dir} holds a task made with other settings ({', '.join(diff)}); "
+                              "remove the directory (its students too) or point data.dataset elsewhere")
         print(f"quickstart: task data in {paths.data_dir} (already there)", flush=True)
         return
-    write_task(cfg, paths.data_dir)
-    print(f"quickstart: wrote {cfg.num_train} training and {cfg.num_test} test questions to "
-          f"{paths.data_dir}", flush=True)
+    train, gold, test = split_task(cfg)
+    write_jsonl(paths.data_dir / "train.jsonl", train)
+    write_jsonl(paths.gold, gold)
+    write_jsonl(paths.data_dir / "test.jsonl", test)
+    write_json(manifest, {"task": "arith", "config": to_dict(settings),
+                          "counts": {"train": len(train), "gold": len(gold), "test": len(test)}})
+    held = sum(row[GROUP_KEY] == "held-out verb" for row in test)
+    print(f"quickstart: wrote {len(gold)} gold questions (none with {' or '.join(cfg.warmup.held_out_verbs)}), "
+          f"{len(train)} questions for expert iteration and {len(test)} test questions ({held} with a "
+          f"held-out verb) to {paths.data_dir}", flush=True)
 
 
-def tokenizer_texts(train_jsonl: Path) -> list[str]:
-    """What the tokenizer learns from: every training question as a student prompt, with its gold
+def tokenizer_texts(*files: Path) -> list[str]:
+    """What the tokenizer learns from: every question as a student prompt, with its gold
     canonical response."""
-    rows = [baseline_row(p) for p in load_problems(DataConfig(dataset=str(train_jsonl), split="train"))]
+    rows = [baseline_row(p) for f in files for p in load_problems(DataConfig(dataset=str(f), split=f.stem))]
     return [f"{r['prompt']} {r['response']}" for r in rows]
 
 
-def make_student(cfg: QuickstartConfig, paths: Paths) -> None:
-    if (paths.student.parent / "manifest.json").exists():
-        print(f"quickstart: student in {paths.student} (already there)", flush=True)
+def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
+    """Seed `seed`'s student: a random tiny model initialised with `seed`, warm-started on the gold
+    solutions with training seed `seed`."""
+    out = paths.student_dir(seed)
+    if (out / "manifest.json").exists():
+        print(f"quickstart: seed {seed}: student in {out / 'ckpt'} (already there)", flush=True)
         return
-    done = paths.tiny_init / "quickstart.json"
+    init = paths.tiny_init(seed)
+    done = init / "quickstart.json"
     if not done.exists():
         t0 = time.monotonic()
-        with stage_log(paths.tiny_init):
-            create_tiny_model(paths.tiny_init, tokenizer_texts(paths.data_dir / "train.jsonl"),
-                              cfg.tiny.vocab_size, cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.seed)
-        write_json(done, {"tiny": to_dict(cfg.tiny)})
-        print(f"quickstart: tokenizer and random model in {paths.tiny_init} "
-              f"({time.monotonic() - t0:.1f}s)", flush=True)
-    from transformers import AutoTokenizer
-
+        t = cfg.tiny
+        with stage_log(init):
+            create_tiny_model(init, tokenizer_texts(paths.data_dir / "train.jsonl", paths.gold),
+                              t.vocab_size, t.hidden_size, t.num_layers, seed, prompt_tokens=t.prompt_tokens)
+        write_json(done, {"tiny": to_dict(t), "seed": seed})
+        print(f"quickstart: seed {seed}: tokenizer and random model in {init} ({time.monotonic() - t0:.1f}s)",
+              flush=True)
     w = cfg.warmup
-    train_problems = load_problems(DataConfig(dataset=str(paths.data_dir / "train.jsonl"), split="train"))
-    problems, check = train_problems[:w.num_examples], train_problems[w.num_examples:][:w.check_questions]
-    if not check:
-        raise ConfigError(f"warmup.num_examples ({w.num_examples}): the task has only {len(train_problems)} "
-                          "training questions, none left to check the warm start on; raise task.num_train")
-    write_jsonl(paths.warmup_data, (baseline_row(p) for p in problems))
+    rows = out.parent / "gold_sft.jsonl"
+    write_jsonl(rows, (baseline_row(p) for p in load_problems(DataConfig(dataset=str(paths.gold), split="gold"))))
     t0 = time.monotonic()
-    history: list[dict[str, Any]] = []
-    callback = stop_at_accuracy(w, check, AutoTokenizer.from_pretrained(paths.tiny_init), history)
-    with stage_log(paths.student.parent):  # other libraries' output to <student dir>/stage.log
-        train(TrainConfig(data=[str(paths.warmup_data)], model=str(paths.tiny_init),
-                          output_dir=str(paths.student.parent), seed=cfg.tiny.seed, sft=w.sft()),
-              [callback, train_progress()])
-    reached = history[-1]["accuracy"] if history else None
-    write_json(paths.student.parent / "warmup.json", {"warmup": to_dict(w), "checks": history})
-    checked = f", {reached:.0%} of {len(check)} other questions right at step {history[-1]['step']}" if history else ""
-    print(f"quickstart: warm-started the student on {len(problems)} gold solutions{checked} -> {paths.student} "
-          f"({time.monotonic() - t0:.1f}s)", flush=True)
-    if reached is None or reached < w.target_accuracy:
-        log.warning("quickstart: the warm start ended at %s steps below its target (%s); expert iteration "
-                    "may gain little from this student (raise warmup.max_steps or change tiny.seed)",
-                    w.max_steps, reached if reached is not None else "never checked")
+    with stage_log(out):  # other libraries' output to <student dir>/stage.log
+        train(TrainConfig(data=[str(rows)], model=str(init), output_dir=str(out), seed=seed, sft=w.sft()),
+              [train_progress()])
+    print(f"quickstart: seed {seed}: warm-started the student on {w.num_examples} gold solutions, {w.steps} "
+          f"steps -> {out / 'ckpt'} ({time.monotonic() - t0:.1f}s)", flush=True)
 
 
 def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
@@ -266,8 +280,9 @@ def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
     t0 = time.monotonic()
     exp = load_config(ExperimentConfig, config_file, list(overrides))  # fails here on a bad key
     paths = Paths.of(exp)
-    make_task(cfg.task, paths)
-    make_student(cfg, paths)
+    make_task(cfg, paths)
+    for seed in exp.all_seeds:
+        make_student(cfg, paths, seed)
     root = run_loop(exp)
     out = compare([root])
     print(f"quickstart: done in {time.monotonic() - t0:.0f}s", flush=True)
