@@ -181,3 +181,39 @@ def test_wrong_type_is_named(tmp_path: Path):
     res = run_cli("generate", "--model_name", "x/y", "sample.num_samples=many")
     assert res.returncode == 2
     assert "config key 'sample.num_samples'" in res.stderr and "expected int" in res.stderr
+
+
+def test_a_changed_config_is_refused_before_anything_is_drawn(tmp_path: Path, tiny_model_dir: Path, gsm8k_train: Path):
+    """Continuing a generation under other sampling settings would mix them in one samples.jsonl
+    under a config.yaml that names only the last: refused, naming the keys, nothing touched. More
+    problems or more samples may be asked for, and are recorded; --allow_config_change forces."""
+    from exit_loop.config import dump_yaml, load_config
+    from exit_loop.errors import ConfigError
+    from exit_loop.pipeline.generate import GenerateConfig, check_generation_config
+
+    out = tmp_path / "gen"
+    base = [f"output_dir={out}", f"sample.model_name={tiny_model_dir}", f"data.dataset={gsm8k_train}",
+            "data.num_examples=8", "sample.num_samples=2", "sample.temperature=0.7", "sample.prompt_style=r1_zero"]
+    first = load_config(GenerateConfig, None, base)
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(first))
+    (out / "samples.jsonl").write_text('{"problem_id": "train-0", "sample_index": 0}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = run_cli("generate", "--model_name", str(tiny_model_dir), "--dataset", str(gsm8k_train),
+                  "--num_examples", "8", "--num_samples", "4", "--output_dir", str(out),
+                  "sample.temperature=1.3", "sample.prompt_style=r1_zero")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"{out / 'config.yaml'}: this generation was made with another config" in res.stderr
+    assert "sample.temperature (0.7 -> 1.3)" in res.stderr and "num_samples" not in res.stderr.split("(only")[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing written
+    grown = load_config(GenerateConfig, None, [*base, "sample.num_samples=4", "data.num_examples=null",
+                                               "sample.data_parallel=2"])
+    check_generation_config(grown, out, allow=False)                   # more samples, all problems: fine
+    [change] = read_jsonl(out / "config_changes.jsonl")
+    assert change["changed"] == {"sample.num_samples": [2, 4], "data.num_examples": [8, None]}
+    assert change["forced"] is False
+    with pytest.raises(ConfigError, match=r"sample.num_samples \(2 -> 1\)"):
+        check_generation_config(load_config(GenerateConfig, None, [*base, "sample.num_samples=1"]), out, allow=False)
+    hotter = load_config(GenerateConfig, None, [*base, "sample.temperature=1.3"])
+    check_generation_config(hotter, out, allow=True)
+    assert read_jsonl(out / "config_changes.jsonl")[-1]["forced"] is True

@@ -10,7 +10,12 @@
 Writes into `output_dir` (default `data/gsm8k/`): `samples.jsonl` (raw samples, streamed;
 with shards `samples/shard-KKKKK-of-NNNNN.jsonl`), `sft_r1_all.jsonl`, `sft_r1_correct.jsonl`,
 `summary.json`, the resolved `config.yaml`, and `manifest.json` last. Running the same command
-again generates only the (problem, sample) pairs that are missing. On a node with several GPUs the
+again generates only the (problem, sample) pairs that are missing. A changed config is refused,
+naming the keys that differ, before anything is drawn: only more problems (`data.num_examples`)
+or more samples per problem (`sample.num_samples`) may be asked for, and each such change is
+recorded in `config_changes.jsonl` (`--allow_config_change` continues under any change, recorded
+too). Where the sampler runs may change (`sample.data_parallel`, `sample.gpu_device`,
+`sample.server`, a shard's `sample.shard_id`). On a node with several GPUs the
 unsharded generation runs one engine per `sample.tensor_parallel_size` GPUs at once
 (`sample.data_parallel`, `exit_loop.pipeline.parallel`), each drawing its shards into `samples/`,
 then merges them into `samples.jsonl`. With `sample.backend: server` the teacher is an
@@ -29,12 +34,13 @@ import argparse
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from exit_loop.config import dump_yaml, load_config, to_dict
+from exit_loop.config import dump_yaml, flatten, load_config, read_yaml, to_dict
 from exit_loop.console import stage_log
-from exit_loop.errors import DataError
+from exit_loop.errors import ConfigError, DataError
 from exit_loop.filter import FilterConfig, write_splits
-from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
+from exit_loop.jsonl import AppendLog, atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import shard_path
 from exit_loop.pipeline.stages import draw, label, merge_shards
@@ -87,8 +93,47 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
     return out
 
 
-def generate(cfg: GenerateConfig) -> Path:
-    """Sample this shard's pending traces; unsharded, also verify and filter. Returns output_dir."""
+# keys that say where the sampler runs, not what it draws; a shard's job writes its own shard_id
+WHERE_KEYS = ("sample.data_parallel", "sample.gpu_device", "sample.server", "sample.shard_id")
+GROWABLE = ("data.num_examples", "sample.num_samples")
+
+
+def _grown(old: Any, new: Any) -> bool:
+    """Whether a growable value grew (None, all the problems, is the most)."""
+    return old is not None and (new is None or new > old)
+
+
+def check_generation_config(cfg: GenerateConfig, out: Path, allow: bool) -> None:
+    """Refuse to continue a generation in `out` under another config (ConfigError naming the keys;
+    more problems or samples may be asked for); record every accepted change in
+    `config_changes.jsonl`. Call before config.yaml is rewritten."""
+    path = out / "config.yaml"
+    if not path.exists():
+        return
+    old, _ = read_yaml(path)
+    a, b = flatten(to_dict(old)), flatten(to_dict(cfg))
+    where = tuple(f"{k}." for k in WHERE_KEYS)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and k not in WHERE_KEYS and not k.startswith(where))
+    refused = [k for k in keys if k not in GROWABLE or not _grown(a.get(k), b.get(k))]
+    if refused and not allow:
+        detail = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in refused)
+        raise ConfigError(f"{path}: this generation was made with another config; differing keys: {detail}. "
+                          "Its samples would mix settings (only more problems, data.num_examples, or more "
+                          "samples, sample.num_samples, may be added). Use another --output_dir, or "
+                          "--allow_config_change to continue anyway")
+    if keys:
+        with AppendLog(out / "config_changes.jsonl") as log:
+            log.write([{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": bool(refused),
+                        "changed": {k: [a.get(k), b.get(k)] for k in keys}}])
+        print(f"generate: config changed ({', '.join(f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in keys)}); "
+              f"recorded in {out / 'config_changes.jsonl'}", flush=True)
+
+
+def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
+    """Sample this shard's pending traces; unsharded, also verify and filter. Returns output_dir.
+    A config that differs from the one `output_dir` was made with is refused
+    (`check_generation_config`) unless `allow_config_change`."""
     check_model_path(cfg.sample.model_name)
     if cfg.sample.backend != "hf":
         check_sampling_keys(cfg.sample)
@@ -98,6 +143,7 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.output_dir)
     if cfg.sample.backend == "server":  # a launched server is found through the address file its job writes
         cfg.sample.server = cfg.sample.server.launched_from(out)
+    check_generation_config(cfg, out, allow_config_change)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     t0 = time.monotonic()
@@ -120,8 +166,9 @@ def generate(cfg: GenerateConfig) -> Path:
     return finish(cfg, out / "samples.jsonl", timings)
 
 
-def merge(cfg: GenerateConfig) -> Path:
+def merge(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     """Put every shard's samples together (ordered by problem, then sample), verify, filter."""
+    check_generation_config(cfg, Path(cfg.output_dir), allow_config_change)
     n = cfg.sample.num_shards
     sampled = merge_shards([shard_file(cfg, i) for i in range(n)], load_problems(cfg.data),
                            cfg.sample.num_samples, Path(cfg.output_dir) / "samples.jsonl")
@@ -147,6 +194,11 @@ FLAGS = {  # flag -> config key
 
 
 def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
+    return parse_command(argv, prog, description)[0]
+
+
+def parse_command(argv: list[str], prog: str, description: str) -> tuple[GenerateConfig, bool]:
+    """(the config, --allow_config_change)."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/); flags and key=value override it")
@@ -169,18 +221,21 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
     p.add_argument("--base_url", help="with --backend server: the server's URL, e.g. http://node12:8000/v1 "
                    "(sample.server.base_url; the API key comes from the variable sample.server.api_key_env names)")
     p.add_argument("--output_dir", help="where files go, default data/gsm8k (output_dir)")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="continue a generation whose config.yaml differs from this config (recorded in "
+                        "config_changes.jsonl); without it only more problems or samples may be asked for")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config key, e.g. sample.temperature=0.6 sample.max_tokens=2048")
     a = p.parse_args(argv)
     values = {key: getattr(a, flag) for flag, key in FLAGS.items() if getattr(a, flag) is not None}
-    return load_config(GenerateConfig, a.config, a.overrides, values)
+    return load_config(GenerateConfig, a.config, a.overrides, values), a.allow_config_change
 
 
 def command(argv: list[str]) -> int:
-    generate(parse_args(argv, "exit-loop generate", __doc__))
+    generate(*parse_command(argv, "exit-loop generate", __doc__))
     return 0
 
 
 def merge_command(argv: list[str]) -> int:
-    merge(parse_args(argv, "exit-loop merge", "Merge sharded samples, then verify and filter.\n\n" + __doc__))
+    merge(*parse_command(argv, "exit-loop merge", "Merge sharded samples, then verify and filter.\n\n" + __doc__))
     return 0
