@@ -1,10 +1,11 @@
-# make quickstart  installs the CPU build, then runs the offline quickstart: a tiny student improves
-#                  by expert iteration on a generated arithmetic task (no GPU, no hub, < 10 min)
+# make quickstart  installs the CPU build, then runs the offline quickstart: expert iteration against
+#                  a gold-data and an unfiltered control, five seeds, on a generated arithmetic task
+#                  (no GPU, no hub, about 10 min on 2 cores)
 # make test        installs the CPU build and the test tools, then runs every test tier
 # make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
-# make gpu-smoke   on one GPU: exit-loop quickstart --gpu (a 21M-parameter student, two arms, three
-#                  rounds, report) and where its time goes (bench/gpu_smoke.py); no install step
+# make gpu-smoke   on one GPU: exit-loop quickstart --gpu (a 21M-parameter student, three arms, three
+#                  rounds, three seeds, report) and where its time goes (bench/gpu_smoke.py); no install step
 # make test-fast   the unit tier alone (no engine, no SLURM; about 65 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
