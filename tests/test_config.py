@@ -452,6 +452,6 @@ def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
     cfg = load_config(ExperimentConfig, path)
     assert (cfg.eval.k, cfg.eval.data.split, cfg.eval.data.num_examples) == (4, "test", 50)
     task = load_config(QuickstartConfig, None, ["task.num_test=100"]).task
-    assert (task.num_train, task.num_test) == (2048, 100)  # QuickstartConfig's own task default
+    assert (task.num_train, task.num_test) == (1536, 100)  # QuickstartConfig's own task default
     with pytest.raises(ConfigError, match=r"unknown config key 'eval.data.splt'.*valid keys under 'eval.data'"):
         load_config(ExperimentConfig, None, ["student=x", "eval.data.splt=test"])
