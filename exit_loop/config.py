@@ -349,13 +349,14 @@ def changed_keys(old: Any, new: Any, ignore: typing.Collection[str] = (),
                  growable: typing.Collection[str] = ()) -> list[str]:
     """The dotted keys whose values differ between two configs (dataclasses or plain data),
     sorted; keys under an `ignore` prefix (e.g. "slurm") are left out, and a `growable` key
-    counts only where its new value is smaller ("rounds (fewer than before)")."""
+    counts only where its new value is smaller ("rounds (fewer than before)"; None, as in
+    `num_examples: null`, all of them, is the most)."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
     skip = tuple(f"{p}." for p in ignore)
     changed = sorted(k for k in set(a) | set(b)
                      if a.get(k) != b.get(k) and k not in growable and k not in ignore and not k.startswith(skip))
     for key in sorted(growable):
-        if key in a and key in b and b[key] < a[key]:
+        if key in a and key in b and b[key] is not None and (a[key] is None or b[key] < a[key]):
             changed.append(f"{key} (fewer than before)")
     return changed
 

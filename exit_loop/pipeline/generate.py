@@ -34,9 +34,8 @@ import argparse
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from exit_loop.config import dump_yaml, flatten, load_config, read_yaml, to_dict
+from exit_loop.config import changed_keys, dump_yaml, flatten, load_config, read_yaml, to_dict
 from exit_loop.console import stage_log
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.filter import FilterConfig, write_splits
@@ -98,11 +97,6 @@ WHERE_KEYS = ("sample.data_parallel", "sample.gpu_device", "sample.server", "sam
 GROWABLE = ("data.num_examples", "sample.num_samples")
 
 
-def _grown(old: Any, new: Any) -> bool:
-    """Whether a growable value grew (None, all the problems, is the most)."""
-    return old is not None and (new is None or new > old)
-
-
 def check_generation_config(cfg: GenerateConfig, out: Path, allow: bool) -> None:
     """Refuse to continue a generation in `out` under another config (ConfigError naming the keys;
     more problems or samples may be asked for); record every accepted change in
@@ -111,11 +105,9 @@ def check_generation_config(cfg: GenerateConfig, out: Path, allow: bool) -> None
     if not path.exists():
         return
     old, _ = read_yaml(path)
+    keys = changed_keys(old, cfg, ignore=WHERE_KEYS)                      # every change
+    refused = [k.split(" ", 1)[0] for k in changed_keys(old, cfg, ignore=WHERE_KEYS, growable=GROWABLE)]
     a, b = flatten(to_dict(old)), flatten(to_dict(cfg))
-    where = tuple(f"{k}." for k in WHERE_KEYS)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                  and k not in WHERE_KEYS and not k.startswith(where))
-    refused = [k for k in keys if k not in GROWABLE or not _grown(a.get(k), b.get(k))]
     if refused and not allow:
         detail = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in refused)
         raise ConfigError(f"{path}: this generation was made with another config; differing keys: {detail}. "
