@@ -470,25 +470,25 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     for name, arm in report["arms"].items():
         if arm.get("seed") is not None:
             by_arm.setdefault(arm["arm"], []).append(name)
+    def over_seeds_per_round(names: list[str], rounds: list[int], keep) -> dict[str, list]:
+        """Each round's mean over seeds of the questions `keep` selects, and its interval."""
+        acc, ci = [], []
+        for r in range(len(rounds)):
+            per_seed = [[v for pid, v in outcomes[n][r].items() if keep(n, pid)]
+                        for n in names if r < len(outcomes[n]) and outcomes[n][r]]
+            per_seed = [x for x in per_seed if x]
+            acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
+            ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
+        return {"accuracy": acc, "accuracy_ci95": ci}
+
     out = {}
     for arm, names in by_arm.items():
         rounds = report["arms"][names[0]]["rounds"]
-        acc, ci = [], []
-        for r in range(len(rounds)):
-            per_seed = [list(outcomes[n][r].values()) for n in names if r < len(outcomes[n]) and outcomes[n][r]]
-            acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
-            ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
         out[arm] = {"rounds": rounds, "seeds": [report["arms"][n]["seed"] for n in names],
-                    "accuracy": acc, "accuracy_ci95": ci, "by_group": {}}
+                    **over_seeds_per_round(names, rounds, lambda n, pid: True), "by_group": {}}
         for g in sorted({g for n in names for g in groups.get(n, {}).values()}):
-            acc, ci = [], []
-            for r in range(len(rounds)):
-                per_seed = [[v for pid, v in outcomes[n][r].items() if groups[n].get(pid) == g]
-                            for n in names if r < len(outcomes[n]) and outcomes[n][r]]
-                per_seed = [x for x in per_seed if x]
-                acc.append(round(sum(sum(x) / len(x) for x in per_seed) / len(per_seed), 4) if per_seed else None)
-                ci.append([round(v, 4) for v in accuracy_interval(per_seed)] if per_seed else None)
-            out[arm]["by_group"][g] = {"accuracy": acc, "accuracy_ci95": ci}
+            out[arm]["by_group"][g] = over_seeds_per_round(names, rounds,
+                                                           lambda n, pid, g=g: groups[n].get(pid) == g)
     return out
 
 
