@@ -18,9 +18,10 @@ From the repository root, in one process, each step skipped when its output is a
 
 1. task: seeded train/test splits written where the config's `data.dataset` and
    `eval.data.dataset` point (`data/quickstart/`): `gold.jsonl` (the first 512 training
-   questions without a held-out verb, with their solutions), `train.jsonl` (the other 1,024:
-   expert iteration's, no solution used) and `test.jsonl`, each test row grouped by whether it
-   uses a held-out verb (`verbs`: report.md's accuracy by group).
+   questions without a held-out verb, with their solutions; `gold_sft.jsonl` the same as SFT
+   rows), `train.jsonl` (the other 1,024: expert iteration's, no solution used) and `test.jsonl`,
+   each test row grouped by whether it uses a held-out verb (`verbs`: report.md's accuracy by
+   group).
 2. students, one per seed: a byte-level BPE tokenizer and a random two-layer Qwen2 initialised
    with the seed (`exit_loop.tiny_model`, `data/quickstart/seed_N/tiny_init/`), warm-started by
    SFT (`exit_loop.train`, TRL's SFTTrainer) on the gold solutions for `warmup.steps` (500)
@@ -176,6 +177,11 @@ class Paths:
     def gold(self) -> Path:
         return self.data_dir / "gold.jsonl"
 
+    @property
+    def gold_sft(self) -> Path:
+        """The gold solutions as SFT rows (prompt, canonical response): every seed's warm start."""
+        return self.data_dir / "gold_sft.jsonl"
+
     def student_dir(self, seed: int) -> Path:
         """The warm start's output directory (its `ckpt/` is the seed's student)."""
         return Path(seed_student(self.student, seed)).parent
@@ -227,6 +233,8 @@ def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
     train, gold, test = split_task(cfg)
     write_jsonl(paths.data_dir / "train.jsonl", train)
     write_jsonl(paths.gold, gold)
+    gold_problems = load_problems(DataConfig(dataset=str(paths.gold), split="gold"))
+    write_jsonl(paths.gold_sft, (baseline_row(p) for p in gold_problems))  # every seed's warm start
     write_jsonl(paths.data_dir / "test.jsonl", test)
     write_json(manifest, {"task": "arith", "config": to_dict(settings),
                           "counts": {"train": len(train), "gold": len(gold), "test": len(test)}})
@@ -262,11 +270,9 @@ def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
         print(f"quickstart: seed {seed}: tokenizer and random model in {init} ({time.monotonic() - t0:.1f}s)",
               flush=True)
     w = cfg.warmup
-    rows = out.parent / "gold_sft.jsonl"
-    write_jsonl(rows, (baseline_row(p) for p in load_problems(DataConfig(dataset=str(paths.gold), split="gold"))))
     t0 = time.monotonic()
     with stage_log(out):  # other libraries' output to <student dir>/stage.log
-        train(TrainConfig(data=[str(rows)], model=str(init), output_dir=str(out), seed=seed, sft=w.sft()),
+        train(TrainConfig(data=[str(paths.gold_sft)], model=str(init), output_dir=str(out), seed=seed, sft=w.sft()),
               [train_progress()])
     print(f"quickstart: seed {seed}: warm-started the student on {w.num_examples} gold solutions, {w.steps} "
           f"steps -> {out / 'ckpt'} ({time.monotonic() - t0:.1f}s)", flush=True)
