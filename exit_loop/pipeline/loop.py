@@ -44,7 +44,7 @@ from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
-                                    seed_students, training_data)
+                                    seed_students, training_problems)
 from exit_loop.pipeline.stages import hub_settings, run_stage
 from exit_loop.pipeline.track import open_tracker
 from exit_loop.sample import check_model_path
@@ -84,8 +84,7 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
     if cfg.teacher:
         check_model_path(cfg.teacher.model)
     # a bad or empty data set fails now, not rounds later; so does a held-out set that trains
-    check_overlap([p for data in training_data(cfg) for p in load_problems(data)], load_problems(cfg.eval.data),
-                  allow_overlap)
+    check_overlap(training_problems(cfg), load_problems(cfg.eval.data), allow_overlap)
     check_config_change(run, allow_config_change)
     run.top.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))

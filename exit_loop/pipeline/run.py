@@ -25,7 +25,7 @@ from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.prompts import PromptStyle
 from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style
 from exit_loop.sample.request import Backend
-from exit_loop.tasks import DataConfig
+from exit_loop.tasks import DataConfig, Problem, load_problems
 from exit_loop.train import LoraSettings
 
 STAGES = ("eval", "sample", "verify", "filter", "train")
@@ -208,14 +208,14 @@ def seed_students(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(seed_student(cfg.student, s) for s in cfg.all_seeds))
 
 
-def training_data(cfg: ExperimentConfig) -> list[DataConfig]:
-    """Every data set a run trains from: its questions (`data`) and any arm's own gold solutions
-    (the held-out set must share no question with any of them)."""
-    out = [cfg.data]
+def training_problems(cfg: ExperimentConfig) -> list[Problem]:
+    """Every question a run trains from: its data (`data`) and any arm's own gold solutions, each
+    data set once (the held-out set must share no question with any of them)."""
+    sets = [cfg.data]
     for arm in cfg.arms.values():
-        if arm.data is not None and arm.data not in out:
-            out.append(arm.data)
-    return out
+        if arm.data is not None and arm.data not in sets:
+            sets.append(arm.data)
+    return [p for data in sets for p in load_problems(data)]
 
 
 def shard_path(directory: Path, shard: int, num_shards: int) -> Path:

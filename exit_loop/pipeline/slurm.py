@@ -60,7 +60,7 @@ from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.hub import check_hub
 from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, resolve_styles, seed_students,
-                                    training_data)
+                                    training_problems)
 from exit_loop.pipeline.stages import hub_settings, round_questions
 from exit_loop.sample import LaunchConfig, SampleConfig, check_model_path, launch_address, select_shard
 from exit_loop.tasks import Problem, check_overlap, load_problems
@@ -577,7 +577,7 @@ def plan(config: str, overrides: list[str], allow_change: bool = False,
         check_engines_fit(ecfg.sample, ecfg.slurm)
     run = Run(ecfg)
     if not allow_overlap:  # held-out questions that also train: refused before any job is queued
-        check_overlap([p for data in training_data(ecfg) for p in load_problems(data)], load_problems(ecfg.eval.data))
+        check_overlap(training_problems(ecfg), load_problems(ecfg.eval.data))
     check_config_change(run, allow_change)
     if write:
         atomic_write_text(run.top / "config.yaml", dump_yaml(ecfg))
