@@ -156,7 +156,7 @@ def test_generate_on_two_engine_processes(tmp_path: Path, tiny_model_dir: Path, 
     """`exit-loop generate --data_parallel 2` (HF backend: two real worker processes, one core
     each): the shards land in samples/, are merged into samples.jsonl, verified and filtered; the
     same command again starts no worker; another model is refused naming a shard it would mix into."""
-    from exit_loop.errors import DataError
+    from exit_loop.errors import ConfigError, DataError
     from exit_loop.jsonl import read_jsonl
     from exit_loop.pipeline.generate import generate
 
@@ -184,5 +184,7 @@ def test_generate_on_two_engine_processes(tmp_path: Path, tiny_model_dir: Path, 
     other = [a if a != str(tiny_model_dir) else str(tmp_path / "other") for a in args]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"differing keys: sample.model_name"):
+        generate(parse_args(other, "exit-loop generate", ""))  # config.yaml says another model
     with pytest.raises(DataError, match=r"shard-00000-of-00002.jsonl:1: holds samples with model="):
-        generate(parse_args(other, "exit-loop generate", ""))
+        generate(parse_args(other, "exit-loop generate", ""), allow_config_change=True)  # the shards say so too

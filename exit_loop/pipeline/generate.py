@@ -122,6 +122,14 @@ def check_generation_config(cfg: GenerateConfig, out: Path, allow: bool) -> None
               f"recorded in {out / 'config_changes.jsonl'}", flush=True)
 
 
+def resolve_prompt(cfg: GenerateConfig) -> None:
+    """prompt_style=auto -> the style the model's tokenizer asks for, as every shard and the merge
+    record it (config.yaml holds the resolved style, so `auto` is not a change)."""
+    if cfg.sample.prompt_style == "auto":
+        cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
+        print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
+
+
 def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     """Sample this shard's pending traces; unsharded, also verify and filter. Returns output_dir.
     A config that differs from the one `output_dir` was made with is refused
@@ -129,9 +137,7 @@ def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     check_model_path(cfg.sample.model_name)
     if cfg.sample.backend != "hf":
         check_sampling_keys(cfg.sample)
-    if cfg.sample.prompt_style == "auto":
-        cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
-        print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
+    resolve_prompt(cfg)
     out = Path(cfg.output_dir)
     if cfg.sample.backend == "server":  # a launched server is found through the address file its job writes
         cfg.sample.server = cfg.sample.server.launched_from(out)
@@ -160,6 +166,7 @@ def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
 
 def merge(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     """Put every shard's samples together (ordered by problem, then sample), verify, filter."""
+    resolve_prompt(cfg)
     check_generation_config(cfg, Path(cfg.output_dir), allow_config_change)
     n = cfg.sample.num_shards
     sampled = merge_shards([shard_file(cfg, i) for i in range(n)], load_problems(cfg.data),
