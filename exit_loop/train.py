@@ -224,6 +224,7 @@ def sft_kwargs(cfg: TrainConfig, gpu: bool | None = None) -> dict[str, Any]:
     return kwargs
 
 
+NO_STRATEGY = ("save_strategy", "eval_strategy", "logging_strategy")  # fields whose choices include "no"
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -232,6 +233,8 @@ def _sft_value(key: str, value: Any, tp: Any) -> Any:
     string that spells a number or a boolean becomes one where the field wants it."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     kinds = {typing.get_origin(a) or a for a in args}  # dict[str, Any] -> dict
+    if value is False and key in NO_STRATEGY:
+        return "no"  # YAML reads `sft.save_strategy=no` as false
     if not kinds <= {bool, int, float, str, dict, list, type(None)}:
         return value  # an enum or another type that SFTConfig converts itself
     if value is None and type(None) in kinds or isinstance(value, bool) and bool in kinds:
@@ -396,7 +399,7 @@ def tokenize_rows(rows: list[dict[str, str]], cfg: TrainConfig, tokenizer: Any, 
         prompt, completion = prompt_and_completion(row, cfg, tokenizer)
         p_ids = encode_prompt(tokenizer, prompt)
         c_ids = encode_completion(tokenizer, completion)
-        for what, text, ids in (("prompt", prompt, without_bos(tokenizer, p_ids)), ("response", completion, c_ids)):
+        for what, text, ids in (("prompt", prompt, without_bos(tokenizer, p_ids, prompt)), ("response", completion, c_ids)):
             back = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
             if back != text:
                 where = row.get("source", f"row {i}")

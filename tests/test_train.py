@@ -181,11 +181,13 @@ def test_sft_values_are_converted_to_sftconfig_types(tmp_path):
     from exit_loop.train import sft_config
 
     cfg = load_config(TrainConfig, None, ["sft.learning_rate=1e-5", "sft.num_train_epochs=2",
-                                          "sft.gradient_checkpointing=false", "sft.max_length=null"],
+                                          "sft.gradient_checkpointing=false", "sft.max_length=null",
+                                          "sft.save_strategy=no"],
                       values={"data": ["a"], "model": "m", "output_dir": str(tmp_path)})
     args = sft_config(cfg)
     assert args.learning_rate == 1e-5 and args.num_train_epochs == 2.0
     assert args.gradient_checkpointing is False and args.max_length is None
+    assert args.save_strategy == "no"  # YAML's `no` is false; the field wants the word
     text = TrainConfig(data=["a"], model="m", output_dir=str(tmp_path), sft={"learning_rate": "2e-5"})
     assert sft_config(text).learning_rate == 2e-5
     bad = TrainConfig(data=["a"], model="m", output_dir=str(tmp_path), sft={"learning_rate": "fast"})
