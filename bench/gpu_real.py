@@ -38,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu_smoke import stage_times  # noqa: E402
+from gpu_smoke import report_figures, stage_times  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 EXPERIMENT = "gsm8k_smollm2"
@@ -186,12 +186,7 @@ def collect(status: dict[str, Any], work: Path, seeds: list[int], a: argparse.Na
     status["warm_starts"] = warm
     report = work / "report" / "report.json"
     if report.exists():
-        rep = json.loads(report.read_text())
-        status["report"] = {"arms": {name: {"rounds": arm.get("rounds"), "accuracy": arm.get("accuracy"),
-                                            "ci95": arm.get("accuracy_ci95"), "n": arm.get("n_questions")}
-                                     for name, arm in rep["arms"].items()},
-                            "paired": rep.get("paired"), "gains": rep.get("gains"),
-                            "environments": rep.get("environments")}
+        status["report"] = report_figures(report)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(status, indent=1, default=str))

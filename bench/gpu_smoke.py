@@ -90,6 +90,15 @@ def stage_times(run_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def report_figures(report: Path) -> dict[str, Any]:
+    """What a report.json says, per arm (accuracy by round, intervals, n) and over seeds."""
+    rep = json.loads(report.read_text())
+    return {"arms": {name: {"rounds": arm.get("rounds"), "accuracy": arm.get("accuracy"),
+                            "ci95": arm.get("accuracy_ci95"), "n": arm.get("n_questions")}
+                     for name, arm in rep["arms"].items()},
+            "paired": rep.get("paired"), "gains": rep.get("gains"), "environments": rep.get("environments")}
+
+
 def start_cost(run_root: Path, data_dir: Path) -> list[dict[str, Any]]:
     """Rollouts (eval + sample) on the run's checkpoints, each with a fresh backend: cold, warm."""
     import tempfile
@@ -166,12 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "start_share": round(start / (load + gen), 3) if load + gen else None})
     report = run_root / "report.json"
     if report.exists():
-        rep = json.loads(report.read_text())
-        out["report"] = {"arms": {name: {"rounds": arm.get("rounds"), "accuracy": arm.get("accuracy"),
-                                         "ci95": arm.get("accuracy_ci95"), "n": arm.get("n_questions")}
-                                  for name, arm in rep["arms"].items()},
-                         "paired": rep.get("paired"), "gains": rep.get("gains"),
-                         "environments": rep.get("environments")}
+        out["report"] = report_figures(report)
     for name in ("report.md", "report.json", "accuracy.png"):
         if (run_root / name).exists():
             out.setdefault("files", []).append(str(run_root / name))

