@@ -77,10 +77,14 @@ def read_lock(path: Path) -> dict[str, str]:
 
 def lock_differences(path: Path) -> list[str]:
     """One line per locked package whose installed version is another or which is not installed."""
-    installed = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
     out = []
     for name, version in sorted(read_lock(path).items()):
-        have = installed.get(name)
+        # the first distribution on sys.path, as an import finds it: setuptools appends its vendored
+        # packaging, platformdirs, ... (older versions, with their own dist-info) once imported
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = None
         if have != version:
             out.append(f"{name}: lock {version}, installed {have or 'nothing'}")
     return out

@@ -42,5 +42,7 @@ def test_this_install_is_the_lock_and_manifests_say_so():
     res = subprocess.run([sys.executable, "-m", "exit_loop.environment", "--check", str(SOURCE_LOCK)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    import setuptools  # noqa: F401 - it puts its vendored, older packaging (and its dist-info) on sys.path
+    assert lock_differences(SOURCE_LOCK) == []
     lock = environment()["lock"]
-    assert lock["matches"] and lock["differs"] == [] and len(lock["sha256"]) == 64
+    assert lock["matches"] and lock["differs"] == [] and len(lock["sha256"]) == 64, lock
