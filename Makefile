@@ -8,6 +8,9 @@
 #                  example alone) and the SFT learning check (bench/sft_learning.py); no install step
 # make gpu-smoke   on one GPU: exit-loop quickstart --gpu (a 21M-parameter student, three arms, three
 #                  rounds, three seeds, report) and where its time goes (bench/gpu_smoke.py); no install step
+# make gpu-real    on one GPU: SmolLM2-135M-Instruct on real GSM8K (bench/gpu_real.py: fetch, warm starts,
+#                  filtered/unfiltered/gold arms, three rounds, three seeds, all 1,319 test questions;
+#                  about 9 min on one H100); no install step
 # make test-fast   the unit tier alone (no engine, no SLURM; about 65 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
@@ -27,7 +30,7 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt
 # and break `import transformers`: the lock leaves them out
 NOT_LOCKED = --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: install lock quickstart demo test test-fast gpu-check gpu-smoke
+.PHONY: install lock quickstart demo test test-fast gpu-check gpu-smoke gpu-real
 
 install:
 	$(PYTHON) -m pip install -q uv==$(UV_VERSION)
@@ -62,6 +65,9 @@ gpu-check:
 
 gpu-smoke:
 	HF_HUB_OFFLINE=1 $(PYTHON) bench/gpu_smoke.py --json runs/gpu_smoke/gpu_smoke.json
+
+gpu-real:
+	HF_HUB_OFFLINE=1 $(PYTHON) bench/gpu_real.py --json runs/gpu_real/gpu_real.json
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not engine and not slurm"
