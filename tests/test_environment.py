@@ -46,3 +46,13 @@ def test_this_install_is_the_lock_and_manifests_say_so():
     assert lock_differences(SOURCE_LOCK) == []
     lock = environment()["lock"]
     assert lock["matches"] and lock["differs"] == [] and len(lock["sha256"]) == 64, lock
+
+
+def test_the_gpu_extra_pins_what_the_science_depends_on():
+    import tomllib
+
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    pins = dict(req.split("==") for req in gpu)
+    assert set(pins) == {"vllm", "liger-kernel", "transformers", "trl", "peft", "accelerate", "datasets",
+                         "math-verify"}, gpu
+    assert all(v[0].isdigit() for v in pins.values())

@@ -42,8 +42,9 @@ written, where no CUDA device is visible.
 Overrides (`key=value`): `task.KEY` sets the task (`ArithTaskConfig`: num_train, num_test,
 min_steps, max_steps, max_operand, max_start, max_total, seed), `tiny.KEY` the model's shape,
 `warmup.KEY` the warm start (`WarmupConfig`: num_examples, held_out_verbs, steps,
-learning_rate, lr_scheduler_type, warmup_steps, batch_size); any other key goes to the
-experiment config (`rounds=2`, `seeds=[0,1]`, `runs_dir=/tmp/runs`, ...).
+learning_rate, lr_scheduler_type, warmup_steps, batch_size; `base`: a pretrained checkpoint to
+warm-start instead of the tiny model, such as SmolLM2 from `exit-loop model fetch`); any other
+key goes to the experiment config (`rounds=2`, `seeds=[0,1]`, `runs_dir=/tmp/runs`, ...).
 """
 
 from __future__ import annotations
@@ -119,10 +120,15 @@ class WarmupConfig:
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 10
     batch_size: int = 32
+    # a pretrained checkpoint to warm-start instead of a random tiny model (tiny.* then unused), e.g.
+    # `exit-loop model fetch smollm2-135m-instruct --out DIR`'s DIR; every seed starts from it
+    base: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_examples < 1 or self.steps < 1:
             raise ValueError("warmup.num_examples and warmup.steps must be at least 1")
+        if self.base is not None and not (Path(self.base) / "config.json").is_file():
+            raise ValueError(f"warmup.base ({self.base}): no checkpoint there (no config.json)")
         unknown = [v for v in self.held_out_verbs if v not in (*ADD_VERBS, *SUB_VERBS)]
         if unknown:
             raise ValueError(f"warmup.held_out_verbs: {unknown} are not verbs of the task "
@@ -252,15 +258,15 @@ def tokenizer_texts(*files: Path) -> list[str]:
 
 
 def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
-    """Seed `seed`'s student: a random tiny model initialised with `seed`, warm-started on the gold
-    solutions with training seed `seed`."""
+    """Seed `seed`'s student: a random tiny model initialised with `seed` (or `warmup.base`),
+    warm-started on the gold solutions with training seed `seed`."""
     out = paths.student_dir(seed)
     if (out / "manifest.json").exists():
         print(f"quickstart: seed {seed}: student in {out / 'ckpt'} (already there)", flush=True)
         return
-    init = paths.tiny_init(seed)
+    init = Path(cfg.warmup.base) if cfg.warmup.base else paths.tiny_init(seed)
     done = init / "quickstart.json"
-    if not done.exists():
+    if not cfg.warmup.base and not done.exists():
         t0 = time.monotonic()
         t = cfg.tiny
         with stage_log(init):
