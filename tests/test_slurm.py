@@ -272,6 +272,9 @@ def labelled(path: Path) -> list[tuple]:
     return sorted((r["problem_id"], r["sample_index"], r["response"], r["is_correct"]) for r in read_jsonl(path))
 
 
+# About 130 s on 2 cores, the slowest test, for a reason: a whole two-round ExIt run submitted as SLURM
+# jobs (every stage its own job, engines and trainers started per job) against the same run done
+# locally, compared row for row. Nothing smaller shows that the chained jobs compute what the loop does.
 @pytest.mark.slurm
 def test_exit_run_on_slurm_matches_a_local_run(slurm_cluster, tmp_path: Path, tiny_model_dir: Path, gsm8k_dir: Path,
                                                cancel_after: list[Path]):
