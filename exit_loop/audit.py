@@ -34,6 +34,7 @@ from typing import Any
 
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered
+from exit_loop.layout import VERIFIED
 from exit_loop.stats import wilson
 
 FORMS = ("empty", "integer", "negative", "decimal", "fraction", "mixed number", "scientific",
@@ -77,7 +78,7 @@ def labelled_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
-    for name in ("verified.jsonl", "sft_r1_all.jsonl"):
+    for name in (VERIFIED, "sft_r1_all.jsonl"):
         found = sorted(path.rglob(name))
         if found:
             return found

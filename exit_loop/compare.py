@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +42,13 @@ from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_bytes, atomic_write_text, iter_jsonl_numbered, write_json
 from exit_loop.environment import describe
+from exit_loop.layout import EVAL, GREEDY, ROUND_RE, SEED_RE, SUMMARY, TIME_COLUMNS, round_name, seed_name
 from exit_loop.stats import accuracy_interval, paired_difference, pooled_difference, t_interval, wilson
 from exit_loop.verify import verify_rows
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sample", "verify", "filter", "train", "eval")
 EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
-ROUND_RE = re.compile(r"round_(\d+)")
-SEED_RE = re.compile(r"seed_(-?\d+)")
 
 
 @dataclass
@@ -212,7 +209,7 @@ def find_runs(run_dirs: list[Path]) -> list[Run]:
     for r in runs:
         r.base_arm = r.arm
         if r.seed is not None:
-            r.arm = f"{r.arm}/seed_{r.seed}"
+            r.arm = f"{r.arm}/{seed_name(r.seed)}"
     return runs
 
 
@@ -236,11 +233,11 @@ def read_run(run: Run) -> dict[str, Any]:
     arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
                                                "tokens_generated", "training_tokens", "training_steps",
                                                "training_rows", "training_epochs")}
-    arm["wall_time_s"] = {stage: [] for stage in STAGES}
+    arm["wall_time_s"] = {stage: [] for stage in TIME_COLUMNS}
     for k in rounds:
-        d = rounds_dirs.get(k, run.path / f"round_{k:02d}")
+        d = rounds_dirs.get(k, run.path / round_name(k))
 
-        path = d / "eval" / "eval.json"
+        path = d / "eval" / EVAL
         ev = _read_json(path)
         if ev is not None:
             if "accuracy" not in ev:
@@ -253,7 +250,7 @@ def read_run(run: Run) -> dict[str, Any]:
         arm["k"].append(_number(_get(ev, "k"), path, "k", integer=True))
         arm["n"].append(_number(_get(ev, "n"), path, "n", integer=True))
 
-        path = d / "filter" / "summary.json"
+        path = d / "filter" / SUMMARY
         summary = _read_json(path)
         traces = _number(_get(summary, "traces"), path, "traces", integer=True)
         correct = _number(_get(summary, "correct_traces"), path, "correct_traces", integer=True)
@@ -300,7 +297,7 @@ def read_outcomes(run: Run, rounds: list[int]) -> tuple[list[dict[str, bool] | N
     out: list[dict[str, bool] | None] = []
     groups: dict[str, str] = {}
     for k in rounds:
-        path = rounds_dirs.get(k, run.path / f"round_{k:02d}") / "eval" / "greedy.jsonl"
+        path = rounds_dirs.get(k, run.path / round_name(k)) / "eval" / GREEDY
         if not path.is_file():
             out.append(None)
             continue
@@ -594,7 +591,7 @@ def summary_line(name: str, arm: dict[str, Any]) -> str:
     t = arm.get("timings") or {}
     total = t.get("total_s")
     if total:
-        parts = [f"{s} {100 * t[f'{s}_s'] / total:.0f}%" for s in STAGES if t.get(f"{s}_s") is not None]
+        parts = [f"{s} {100 * t[f'{s}_s'] / total:.0f}%" for s in TIME_COLUMNS if t.get(f"{s}_s") is not None]
         if t.get("overhead_s") is not None:
             parts.append(f"loop overhead {_secs(t['overhead_s'])} s ({100 * t['overhead_s'] / total:.1f}%)")
         text += f"; time {_secs(total)} s: " + ", ".join(parts)
@@ -707,7 +704,7 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
     k = _k_label(report)
     head = ["arm", "round", "accuracy %", "95% CI", "n", f"pass@{k} %", f"maj@{k} %", "format errors %",
             "response tokens", "yield %", "tokens generated", "training tokens",
-            *(f"{s} s" for s in STAGES)]
+            *(f"{s} s" for s in TIME_COLUMNS)]
     lines = ["# exit-loop compare", "",
              "Accuracy is held-out greedy pass@1; round k's eval measures the policy that samples in "
              "round k (round 0: the starting student; the last round: the final checkpoint). "
@@ -721,7 +718,7 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                    _pct(arm["pass@k"][i]), _pct(arm["maj@k"][i]),
                    _pct(arm["format_error_rate"][i]), _secs(arm["mean_response_tokens"][i]),
                    _pct(arm["yield"][i]), _int(arm["tokens_generated"][i]), _int(arm["training_tokens"][i]),
-                   *(_secs(arm["wall_time_s"][s][i]) for s in STAGES)]
+                   *(_secs(arm["wall_time_s"][s][i]) for s in TIME_COLUMNS)]
             lines.append("| " + " | ".join(row) + " |")
     if report.get("pooled"):
         lines += ["", "## Pooled over seeds", "",

@@ -24,6 +24,7 @@ from exit_loop.config import load_config, to_dict
 from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
+from exit_loop.layout import EVAL, GREEDY
 from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path, sample, start_backend
 from exit_loop.stats import pass_at_k
 from exit_loop.tasks import DataConfig, count_failures, load_problems
@@ -139,7 +140,7 @@ def eval_draws(cfg: EvalConfig) -> list[tuple[str, SampleConfig, Path]]:
     the n samples per question; one engine serves both."""
     out = Path(cfg.output_dir)
     greedy_cfg = replace(cfg.sample, temperature=0.0, num_samples=1, num_shards=1, shard_id=0)
-    draws = [("greedy", greedy_cfg, out / "greedy.jsonl")]
+    draws = [("greedy", greedy_cfg, out / GREEDY)]
     if cfg.samples:
         draws.append(("samples_k", replace(greedy_cfg, temperature=cfg.temperature, num_samples=cfg.samples),
                       out / "samples_k.jsonl"))
@@ -175,9 +176,9 @@ def score(cfg: EvalConfig, drawn_s: float) -> Path:
     t0 = time.monotonic()
     sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.samples else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
-              **metrics(_labelled(out / "greedy.jsonl", cfg.data.task), sampled, cfg.k,
+              **metrics(_labelled(out / GREEDY, cfg.data.task), sampled, cfg.k,
                         math_equivalent if cfg.data.task == "math" else None)}
-    write_json(out / "eval.json", result)
+    write_json(out / EVAL, result)
     write_manifest(out, "eval", {"wall_s": round(drawn_s + time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""
     if cfg.samples:

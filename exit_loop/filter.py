@@ -31,6 +31,7 @@ from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.hub import check_hub, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
+from exit_loop.layout import SUMMARY
 from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
@@ -161,7 +162,7 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
         summary["correct_split"] = str(out / cfg.correct_name)
         summary["formatted_split"] = str(out / cfg.formatted_name)
         say(format_summary(summary))
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     return summary
 
 

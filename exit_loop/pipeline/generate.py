@@ -40,6 +40,7 @@ from exit_loop.console import stage_log
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.filter import FilterConfig, write_splits
 from exit_loop.jsonl import AppendLog, atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
+from exit_loop.layout import SAMPLES
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import shard_path
 from exit_loop.pipeline.stages import draw, label, merge_shards
@@ -147,13 +148,13 @@ def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     t0 = time.monotonic()
     problems = load_problems(cfg.data)
     sharded = cfg.sample.num_shards > 1
-    check_existing_samples(shard_file(cfg, cfg.sample.shard_id) if sharded else out / "samples.jsonl", cfg.sample)
+    check_existing_samples(shard_file(cfg, cfg.sample.shard_id) if sharded else out / SAMPLES, cfg.sample)
     for path in [] if sharded else sorted((out / "samples").glob("shard-*.jsonl")):  # data-parallel shards
         check_existing_samples(path, cfg.sample)
     timings = {"load_problems_s": round(time.monotonic() - t0, 3)}
     t1 = time.monotonic()
     with stage_log(out):  # the engine's and other libraries' output to <output_dir>/stage.log
-        draw(cfg.sample, problems, out / "samples.jsonl", out / "samples",
+        draw(cfg.sample, problems, out / SAMPLES, out / "samples",
              shard=cfg.sample.shard_id if sharded else None)
     timings["sample_s"] = round(time.monotonic() - t1, 3)
     if sharded:
@@ -161,7 +162,7 @@ def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
               f"{shard_file(cfg, cfg.sample.shard_id)}; when every shard is done run `exit-loop merge` "
               "with the same config", flush=True)
         return out
-    return finish(cfg, out / "samples.jsonl", timings)
+    return finish(cfg, out / SAMPLES, timings)
 
 
 def merge(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
@@ -170,7 +171,7 @@ def merge(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
     check_generation_config(cfg, Path(cfg.output_dir), allow_config_change)
     n = cfg.sample.num_shards
     sampled = merge_shards([shard_file(cfg, i) for i in range(n)], load_problems(cfg.data),
-                           cfg.sample.num_samples, Path(cfg.output_dir) / "samples.jsonl")
+                           cfg.sample.num_samples, Path(cfg.output_dir) / SAMPLES)
     return finish(cfg, sampled.path, {})
 
 

@@ -43,6 +43,7 @@ from exit_loop.config import dump_yaml, load_config
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
+from exit_loop.layout import EVAL, SUMMARY
 from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
                                     seed_students, training_problems)
 from exit_loop.pipeline.stages import hub_settings, run_stage
@@ -145,10 +146,10 @@ def run_seed(run: Run) -> None:
 
 def summary_line(run: Run, arm: str, k: int) -> str:
     parts = []
-    e = run.stage_dir(arm, k, "eval") / "eval.json"
+    e = run.stage_dir(arm, k, "eval") / EVAL
     if e.exists():
         parts.append(f"held-out accuracy {json.loads(e.read_text())['accuracy']:.1%}")
-    s = run.stage_dir(arm, k, "filter") / "summary.json"
+    s = run.stage_dir(arm, k, "filter") / SUMMARY
     if s.exists():
         sm = json.loads(s.read_text())
         if sm.get("traces"):

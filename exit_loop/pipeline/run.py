@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 from exit_loop.config import check_unchanged
 from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
+from exit_loop.layout import MANIFEST, SHARED, SHARED_STAGES, round_name, seed_name
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.prompts import PromptStyle
 from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style
@@ -28,7 +29,6 @@ from exit_loop.sample.request import Backend
 from exit_loop.tasks import DataConfig, Problem, load_problems
 from exit_loop.train import LoraSettings
 
-STAGES = ("eval", "sample", "verify", "filter", "train")
 GROWABLE_KEYS = ("rounds",)
 
 
@@ -183,7 +183,7 @@ class ExperimentConfig:
         if not self.arms:
             raise ValueError("arms: declare at least one arm")
         for name in self.arms:
-            if name in ("shared",) or name.startswith("seed_") \
+            if name == SHARED or name.startswith("seed_") \
                     or not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"arms: {name!r} is not a usable arm name")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
@@ -249,7 +249,7 @@ class Run:
         self.cfg = dataclasses.replace(cfg, seed=seed, student=seed_student(cfg.student, seed))
         self.top = Path(cfg.runs_dir) / cfg.experiment
         self.several_seeds = len(seeds) > 1
-        self.root = self.top / f"seed_{seed}" if self.several_seeds else self.top
+        self.root = self.top / seed_name(seed) if self.several_seeds else self.top
         self.multi = len(cfg.arms) > 1
 
     @classmethod
@@ -263,25 +263,25 @@ class Run:
         return self.root / arm if self.multi else self.root
 
     def round_dir(self, arm: str, k: int) -> Path:
-        return self.arm_dir(arm) / f"round_{k:02d}"
+        return self.arm_dir(arm) / round_name(k)
 
     def stage_dir(self, arm: str, k: int, stage: str) -> Path:
         return self.round_dir(arm, k) / stage
 
     def shared(self, arm: str, k: int, stage: str) -> bool:
         """Round 0's eval, sample and verify are the same for every arm: made once."""
-        return self.multi and k == 0 and stage in ("eval", "sample", "verify")
+        return self.multi and k == 0 and stage in SHARED_STAGES
 
     def real_dir(self, arm: str, k: int, stage: str) -> Path:
         if self.shared(arm, k, stage):
-            return self.root / "shared" / f"round_{k:02d}" / stage
+            return self.root / SHARED / round_name(k) / stage
         return self.stage_dir(arm, k, stage)
 
     def sample_shard(self, arm: str, k: int, shard: int) -> Path:
         return shard_path(self.real_dir(arm, k, "sample") / "shards", shard, self.cfg.sample.num_shards)
 
     def done(self, arm: str, k: int, stage: str) -> bool:
-        return (self.real_dir(arm, k, stage) / "manifest.json").exists()
+        return (self.real_dir(arm, k, stage) / MANIFEST).exists()
 
     def link(self, arm: str, k: int, stage: str) -> None:
         """Make the arm's stage dir point at the shared one (relative link)."""

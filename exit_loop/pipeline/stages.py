@@ -25,8 +25,9 @@ from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
+from exit_loop.layout import SAMPLES, STAGES, VERIFIED, round_name
 from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
-from exit_loop.pipeline.run import STAGES, ExperimentConfig, Run, shard_path
+from exit_loop.pipeline.run import ExperimentConfig, Run, shard_path
 from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import SampleConfig, SamplerBackend, Sampled, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
@@ -143,7 +144,7 @@ def select_questions(run: Run, arm: str, k: int, problems: list[Problem]) -> lis
 
 
 def _labels(run: Run, arm: str, k: int) -> Iterator[dict[str, Any]]:
-    path = run.real_dir(arm, k, "verify") / "verified.jsonl"
+    path = run.real_dir(arm, k, "verify") / VERIFIED
     return iter_jsonl(path) if path.exists() else iter(())
 
 
@@ -183,7 +184,7 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
             problems = round_questions(run, arm, k)
             if backend is None and problems and n == 1:
                 backend = start_backend(scfg)
-            sampled = draw(scfg, problems, d / "samples.jsonl", d / "shards", shard, backend, MERGE_HINT)
+            sampled = draw(scfg, problems, d / SAMPLES, d / "shards", shard, backend, MERGE_HINT)
             if backend is not None:  # the engine's stop counts in the sample stage's wall time
                 backend.close()
                 backend = None
@@ -241,7 +242,7 @@ def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: b
         score(ecfg, eval_end - started)
     if need_sample:
         t1 = time.monotonic()
-        sampled = merge_shards([x.path for x in draws], sets["sample"], scfg.num_samples, d / "samples.jsonl",
+        sampled = merge_shards([x.path for x in draws], sets["sample"], scfg.num_samples, d / SAMPLES,
                                "run the same stage again")
         wall_s = time.time() - eval_end if need_eval else time.monotonic() - t0
         write_manifest(d, "sample", {"wall_s": round(wall_s, 3), "merge_s": round(time.monotonic() - t1, 3)},
@@ -258,16 +259,16 @@ def merge_stage(run: Run, arm: str, k: int) -> None:
     problems = round_questions(run, arm, k)
     d = run.real_dir(arm, k, "sample")
     sampled = merge_shards([run.sample_shard(arm, k, i) for i in range(n)], problems, run.cfg.sample.num_samples,
-                           d / "samples.jsonl", MERGE_HINT)
+                           d / SAMPLES, MERGE_HINT)
     sample_manifest(d, t0, run.sampler_model(arm, k), problems, sampled, shards=n)
 
 
 def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
-    src = run.real_dir(arm, k, "sample") / "samples.jsonl"
-    out = write_jsonl(d / "verified.jsonl", with_progress(label(src, run.cfg.data.task), count_lines(src),
-                                                          d / "verified.jsonl"))
+    src = run.real_dir(arm, k, "sample") / SAMPLES
+    out = write_jsonl(d / VERIFIED, with_progress(label(src, run.cfg.data.task), count_lines(src),
+                                                          d / VERIFIED))
     write_manifest(d, "verify", wall(t0), input=str(src), output=str(out))
 
 
@@ -283,7 +284,7 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
         write_jsonl(d / "sft_original.jsonl", (baseline_row(p) for p in problems))
         write_manifest(d, "filter", wall(t0), split="original", rows=len(problems), dataset=data.dataset)
         return None
-    src = run.real_dir(arm, k, "verify") / "verified.jsonl"
+    src = run.real_dir(arm, k, "verify") / VERIFIED
     summary = write_splits(iter_jsonl(src), replace(cfg.filter, input=str(src), output_dir=str(d)),
                            allow_empty=True)  # empty: every question already solved
     if cfg.filter.push_to_hub:  # before the manifest: a failed upload is tried again on resume
@@ -374,7 +375,7 @@ def train_stage(run: Run, arm: str, k: int) -> None:
 def hub_name(run: Run, arm: str, k: int, sep: str = "_") -> str:
     """Round k's name on the hub: its dataset config (round_00, <arm>_round_00) or model
     revision (round_00, <arm>-round_00)."""
-    return f"round_{k:02d}" if not run.multi else f"{arm}{sep}round_{k:02d}"
+    return round_name(k) if not run.multi else f"{arm}{sep}{round_name(k)}"
 
 
 def hub_settings(cfg: ExperimentConfig) -> dict[str, str | None]:

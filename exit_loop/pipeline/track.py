@@ -29,6 +29,7 @@ from typing import Any
 from exit_loop.compare import Run as ReportRun
 from exit_loop.compare import read_run
 from exit_loop.jsonl import write_json
+from exit_loop.layout import SUMMARY
 from exit_loop.pipeline.run import Run
 
 TRACKERS = ("tensorboard", "wandb")
@@ -62,7 +63,7 @@ def round_scalars(run: Run, arm: str, k: int) -> dict[str, float]:
     out["train/tokens"] = report["training_tokens"][k]
     for stage, values in report["wall_time_s"].items():
         out[f"time/{stage}_s"] = values[k]
-    summary = run.stage_dir(arm, k, "filter") / "summary.json"
+    summary = run.stage_dir(arm, k, "filter") / SUMMARY
     if summary.exists():
         data = json.loads(summary.read_text(encoding="utf-8"))
         out.update({f"filter/{key}": data.get(key) for key in FILTER_KEYS})

@@ -1,0 +1,49 @@
+"""The words of a run directory, in one place: what the loop writes (exit_loop.pipeline.run) and
+what `exit-loop compare` reads are the same names.
+
+    <runs_dir>/<experiment>/            config.yaml
+        seed_<s>/                       an experiment of several seeds: one directory a seed
+            <arm>/                      an experiment of several arms: one directory an arm
+                round_<kk>/             round k, two digits (round_00, round_01, ...)
+                    eval/               eval.json, greedy.jsonl (the greedy pass@1 rows)
+                    sample/             samples.jsonl (shards/ while a sharded draw runs)
+                    verify/             verified.jsonl
+                    filter/             summary.json and the splits
+                    train/              ckpt/
+            shared/round_00/<stage>/    round 0's eval, sample and verify, made once for every arm
+    every stage directory: manifest.json, written last (the stage is done when it is there)
+
+No imports from the rest of the package: any module may use it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# a round's stages in the order they run: eval first (it measures the policy that then samples)
+STAGES = ("eval", "sample", "verify", "filter", "train")
+# the order a report lists a round's times in: what the round made, then the eval of what it made
+TIME_COLUMNS = (*STAGES[1:], STAGES[0])
+# round 0's stages made once for every arm, in SHARED/round_00/
+SHARED_STAGES = ("eval", "sample", "verify")
+SHARED = "shared"
+
+MANIFEST = "manifest.json"
+SAMPLES = "samples.jsonl"      # sample/
+VERIFIED = "verified.jsonl"    # verify/
+SUMMARY = "summary.json"       # filter/
+EVAL = "eval.json"             # eval/
+GREEDY = "greedy.jsonl"        # eval/
+
+ROUND_RE = re.compile(r"round_(\d+)")
+SEED_RE = re.compile(r"seed_(-?\d+)")
+
+
+def round_name(k: int) -> str:
+    """Round k's directory name: round_00, round_01, ..."""
+    return f"round_{k:02d}"
+
+
+def seed_name(seed: int) -> str:
+    """A seed's directory name in an experiment of several seeds: seed_0, seed_1, ..."""
+    return f"seed_{seed}"
