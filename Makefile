@@ -11,7 +11,7 @@
 # make gpu-real    on one GPU: SmolLM2-135M-Instruct on real GSM8K (bench/gpu_real.py: fetch, warm starts,
 #                  filtered/unfiltered/gold arms, three rounds, three seeds, all 1,319 test questions;
 #                  about 9 min on one H100); no install step
-# make test-fast   the unit tier alone (no engine, no SLURM, no real model; about 65 s on 2 cores): no install
+# make test-fast   the unit tier alone (no engine, no SLURM, no real model; about 45 s on 2 cores): no install
 # make demo        installs, then one tiny generation on GSM8K (the trace formats, nothing learned)
 PYTHON ?= python3
 GSM8K_DIR ?= ../shared/data/gsm8k

@@ -77,17 +77,13 @@ def read_lock(path: Path) -> dict[str, str]:
 
 def lock_differences(path: Path) -> list[str]:
     """One line per locked package whose installed version is another or which is not installed."""
-    out = []
-    for name, version in sorted(read_lock(path).items()):
-        # the first distribution on sys.path, as an import finds it: setuptools appends its vendored
-        # packaging, platformdirs, ... (older versions, with their own dist-info) once imported
-        try:
-            have = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            have = None
-        if have != version:
-            out.append(f"{name}: lock {version}, installed {have or 'nothing'}")
-    return out
+    pins = read_lock(path)
+    # package_versions asks importlib.metadata.version: the first distribution on sys.path, as an
+    # import finds it (setuptools appends its vendored, older packaging, platformdirs, ... with their
+    # own dist-info once imported)
+    have = package_versions(tuple(pins))
+    return [f"{name}: lock {version}, installed {have.get(name, 'nothing')}"
+            for name, version in sorted(pins.items()) if have.get(name) != version]
 
 
 def lock_state(path: Path = SOURCE_LOCK) -> dict[str, Any] | None:

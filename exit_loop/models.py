@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from exit_loop.environment import package_versions
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.jsonl import atomic_write_text, sha256_file
 
@@ -158,18 +159,10 @@ def convert(gguf: Path, out: Path, dtype: str) -> dict:
     ids = tok(PROBE, return_tensors="pt").input_ids
     with torch.no_grad():
         diff = (reloaded(ids).logits - quantised(ids).logits).abs().max().item()
-    return {"converted_with": {"transformers": tf_version, "torch": torch.__version__, "gguf": _version("gguf")},
+    return {"converted_with": {"transformers": tf_version, "torch": torch.__version__,
+                               "gguf": package_versions(("gguf",)).get("gguf")},
             "architecture": type(quantised).__name__, "parameters": sum(p.numel() for p in plain.parameters()),
             "probe_max_abs_logit_diff": round(diff, 6), "convert_s": round(time.monotonic() - t0, 1)}
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def fetch(name: str, out: str | Path, dtype: str = "bfloat16", cache: str | Path | None = None,

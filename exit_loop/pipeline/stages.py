@@ -267,8 +267,7 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     t0 = time.monotonic()
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / SAMPLES
-    out = write_jsonl(d / VERIFIED, with_progress(label(src, run.cfg.data.task), count_lines(src),
-                                                          d / VERIFIED))
+    out = write_jsonl(d / VERIFIED, with_progress(label(src, run.cfg.data.task), count_lines(src), d / VERIFIED))
     write_manifest(d, "verify", wall(t0), input=str(src), output=str(out))
 
 
