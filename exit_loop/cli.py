@@ -34,7 +34,7 @@ COMMANDS = {  # name: (module, function, help)
     "eval": ("exit_loop.evaluate", "command", "held-out accuracy: greedy pass@1, pass@k, maj@k"),
     "run": ("exit_loop.pipeline.loop", "command", "multi-round expert iteration, with arms, resumable"),
     "quickstart": ("exit_loop.pipeline.quickstart", "command", "offline demo: tiny task + student, ExIt rounds, compare report"),
-    "compare": ("exit_loop.compare", "command", "report.md/json and plots across arms and runs"),
+    "compare": ("exit_loop.report", "command", "report.md/json and plots across arms and runs"),
     "stage": ("exit_loop.pipeline.loop", "stage_command", "run one stage of a run (used by run and SLURM jobs)"),
     "export": ("exit_loop.export", "command", "a split as TRL prompt-completion rows (trl sft reads them as they are)"),
     "baseline-data": ("exit_loop.baseline", "command", "turn GSM8K's own solutions into prompt/response rows"),

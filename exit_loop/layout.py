@@ -19,6 +19,7 @@ No imports from the rest of the package: any module may use it.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # a round's stages in the order they run: eval first (it measures the policy that then samples)
 STAGES = ("eval", "sample", "verify", "filter", "train")
@@ -47,3 +48,23 @@ def round_name(k: int) -> str:
 def seed_name(seed: int) -> str:
     """A seed's directory name in an experiment of several seeds: seed_0, seed_1, ..."""
     return f"seed_{seed}"
+
+
+def round_dirs(path: Path) -> dict[int, Path]:
+    """The round directories directly under a run (an arm's) directory, by round number."""
+    out = {}
+    for d in path.iterdir():
+        m = ROUND_RE.fullmatch(d.name)
+        if m and d.is_dir():
+            out[int(m.group(1))] = d
+    return out
+
+
+def seed_dirs(path: Path) -> list[tuple[int, Path]]:
+    """An experiment's `seed_<s>/` directories (it ran several seeds), by seed."""
+    out = []
+    for d in path.iterdir():
+        m = SEED_RE.fullmatch(d.name)
+        if m and d.is_dir():
+            out.append((int(m.group(1)), d))
+    return sorted(out)

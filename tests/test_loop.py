@@ -134,7 +134,7 @@ def test_two_rounds_write_every_stage(straight_run: Path):
 def test_tensorboard_scalars_equal_the_report(straight_run: Path, tmp_path: Path):
     """report_to=[tensorboard]: every round's numbers, read back with TensorBoard's own reader,
     are report.json's; each round's SFT run is a sub-run named for its round, with TRL's loss."""
-    from exit_loop.compare import compare
+    from exit_loop.report import compare
     from test_track import report_scalars, tensorboard_scalars
 
     report = json.loads((compare([straight_run], tmp_path) / "report.json").read_text())["arms"]

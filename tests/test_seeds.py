@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exit_loop.compare import compare
+from exit_loop.report import compare
 from exit_loop.config import load_config
 from exit_loop.pipeline.loop import run_loop
 from exit_loop.pipeline.run import ExperimentConfig, Run

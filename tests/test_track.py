@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from exit_loop.compare import compare
+from exit_loop.report import compare
 from exit_loop.config import ConfigError, load_config
 from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.track import open_tracker, sft_tracking, tensorboard_dir
-from test_compare import make_run
+from test_report import make_run
 
 ACC = [0.10, 0.25, 0.40]
 

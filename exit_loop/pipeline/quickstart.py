@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
-from exit_loop.compare import compare
+from exit_loop.report import compare
 from exit_loop.config import changed_keys, load_config, to_dict
 from exit_loop.console import stage_log, train_progress
 from exit_loop.errors import ConfigError

@@ -26,8 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from exit_loop.compare import Run as ReportRun
-from exit_loop.compare import read_run
+from exit_loop.report.read import FoundRun
+from exit_loop.report.read import read_run
 from exit_loop.jsonl import write_json
 from exit_loop.layout import SUMMARY
 from exit_loop.pipeline.run import Run
@@ -53,7 +53,7 @@ def tensorboard_dir(run: Run, arm: str) -> Path:
 def round_scalars(run: Run, arm: str, k: int) -> dict[str, float]:
     """Round k's numbers as report.json holds them (read by `exit-loop compare`'s reader), plus
     the filter summary's; a number the round does not hold is left out."""
-    report = read_run(ReportRun(path=run.arm_dir(arm), arm=arm, experiment=run.cfg.experiment,
+    report = read_run(FoundRun(path=run.arm_dir(arm), arm=arm, experiment=run.cfg.experiment,
                                 experiment_dir=None, info=None))
     out: dict[str, Any] = {}
     for key in ("accuracy", "pass@k", "maj@k", "format_error_rate", "mean_response_tokens"):

@@ -1,4 +1,4 @@
-"""Tests for `exit-loop compare` (exit_loop/compare.py): finished runs built by hand as the loop
+"""Tests for `exit-loop compare` (exit_loop/report/): finished runs built by hand as the loop
 writes them, compared into report.json, report.md and two PNGs; no model involved."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exit_loop.compare import command, compare
+from exit_loop.report import command, compare
 from exit_loop.cli import main
 from exit_loop.jsonl import DataError, write_jsonl
 from exit_loop.stats import mcnemar_exact, wilson
