@@ -27,9 +27,8 @@ from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.layout import EVAL, GREEDY
 from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path, sample, start_backend
 from exit_loop.stats import pass_at_k
-from exit_loop.tasks import DataConfig, count_failures, load_problems
+from exit_loop.tasks import DataConfig, count_failures, load_problems, task_of
 from exit_loop.tasks.gsm8k import parse_number
-from exit_loop.tasks.math_pool import shared_pool
 from exit_loop.verify import verify_rows
 
 
@@ -130,11 +129,6 @@ def majority_correct(rows: list[dict[str, Any]], same: Callable[[str, str], bool
     return bool(winner[0]["is_correct"])
 
 
-def math_equivalent(a: str, b: str) -> bool:
-    """Whether math-verify (in the shared pool, under its time limit) calls two answers equal."""
-    return a == b or shared_pool().check(a, b) is True
-
-
 def eval_draws(cfg: EvalConfig) -> list[tuple[str, SampleConfig, Path]]:
     """What an eval samples: (name, sampler config, file) for the greedy draw and, with n (or k),
     the n samples per question; one engine serves both."""
@@ -177,7 +171,7 @@ def score(cfg: EvalConfig, drawn_s: float) -> Path:
     sampled = _labelled(out / "samples_k.jsonl", cfg.data.task) if cfg.samples else []
     result = {"round": cfg.sample.round, "model": cfg.sample.model_name, "dataset": cfg.data.dataset, "split": cfg.data.split,
               **metrics(_labelled(out / GREEDY, cfg.data.task), sampled, cfg.k,
-                        math_equivalent if cfg.data.task == "math" else None)}
+                        task_of(cfg.data.task).same_answer)}
     write_json(out / EVAL, result)
     write_manifest(out, "eval", {"wall_s": round(drawn_s + time.monotonic() - t0, 3)}, config=to_dict(cfg))
     pk = f", pass@{cfg.k} {result['pass@k']:.1%}, maj@{cfg.k} {result['maj@k']:.1%}" if cfg.k else ""

@@ -40,10 +40,9 @@ from exit_loop.config import load_config
 from exit_loop.console import say, stream
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl_numbered, write_jsonl
-from exit_loop.tasks import TASKS, Verdict
-from exit_loop.tasks.gsm8k import parse_number, verify_gsm8k
-from exit_loop.tasks.math import verify_math, verify_rows_math
-from exit_loop.tasks.math_pool import DEFAULT_TIMEOUT_S, MathPool
+from exit_loop.tasks import TASKS, Verdict, task_of
+from exit_loop.tasks.math_pool import DEFAULT_TIMEOUT_S
+from exit_loop.tasks.problem import row_fields
 
 
 @dataclass
@@ -67,26 +66,12 @@ def labelled(row: dict[str, Any], v: Verdict) -> dict[str, Any]:
             "format_ok": v.format_ok, "failure": v.failure}
 
 
-def _unknown_task(task: str) -> ValueError:
-    return ValueError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
-
-
 def verify_row(row: dict[str, Any], task: str = "gsm8k") -> dict[str, Any]:
     """A new dict: `row` plus `predicted`, `is_correct`, `format_ok` and `failure`.
 
     With `task="math"` the check runs in the process-wide math pool (`shared_pool`); to verify
     many rows use `verify_rows`, which batches them through a pool of its own."""
-    response = row.get("response")
-    truth = row.get("ground_truth")
-    response = "" if response is None else str(response)
-    truth = None if truth is None else str(truth)
-    if task == "gsm8k":
-        v = verify_gsm8k(response, truth, row.get("finish_reason"))  # type: ignore[arg-type]
-    elif task == "math":
-        v = verify_math(response, truth, row.get("finish_reason"))
-    else:
-        raise _unknown_task(task)
-    return labelled(row, v)
+    return labelled(row, task_of(task).verify(*row_fields(row)))
 
 
 def verify_rows(rows: Iterable[dict[str, Any]], task: str = "gsm8k", *,
@@ -94,15 +79,8 @@ def verify_rows(rows: Iterable[dict[str, Any]], task: str = "gsm8k", *,
                 math_timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
     """Label rows lazily, in order. `task="math"` runs a pool of `math_workers` processes for
     as long as the iteration lasts (it stops when the rows run out or the iterator is closed)."""
-    if task == "gsm8k":
-        for row in rows:
-            yield verify_row(row)
-    elif task == "math":
-        with MathPool(math_workers, math_timeout_s) as pool:
-            for row, v in verify_rows_math(rows, pool):
-                yield labelled(row, v)
-    else:
-        raise _unknown_task(task)
+    for row, v in task_of(task).verify_many(rows, math_workers, math_timeout_s):
+        yield labelled(row, v)
 
 
 # --------------------------------------------------------------------------- stage entry
@@ -112,13 +90,14 @@ def read_samples(path: str | Path, task: str = "gsm8k") -> Iterator[dict[str, An
     GSM8K a ground truth that is a number; a row without raises DataError naming its line (a
     ground truth that cannot match would label every trace of its question wrong, silently)."""
     good: set[str] = set()  # ground truths already checked: a question's samples share one
+    checker = task_of(task)
     for lineno, row in iter_jsonl_numbered(path, required=("response", "ground_truth")):
         truth = row["ground_truth"]
         if truth not in good:
             text = "" if truth is None or isinstance(truth, bool) else str(truth).strip()
-            if not text or (task == "gsm8k" and parse_number(text) is None):
-                expected = "a number" if task == "gsm8k" else "the reference answer"
-                raise DataError(f"{path}:{lineno}: key 'ground_truth': expected {expected}, got {truth!r}")
+            if not text or not checker.truth_ok(text):
+                raise DataError(f"{path}:{lineno}: key 'ground_truth': expected {checker.truth_expected}, "
+                                f"got {truth!r}")
             if isinstance(truth, str):
                 if len(good) >= 1 << 16:  # memory stays bounded on a file of distinct answers
                     good.clear()

@@ -51,7 +51,8 @@ def test_k_of_one_is_refused():
 def test_maj_at_k_groups_math_answers_by_equivalence_not_by_their_last_number():
     """2, 2\\pi, \\sqrt{2} and (1,2) are four values (the GSM8K number parser once put them in one
     group); \\frac{1}{2} and 0.5 are one."""
-    from exit_loop.evaluate import majority_correct, math_equivalent
+    from exit_loop.evaluate import majority_correct
+    from exit_loop.tasks.math import same_answer as math_equivalent
 
     def r(i, answer, ok):
         return {"sample_index": i, "format_ok": True, "predicted": answer, "is_correct": ok, "failure": "none" if ok else "wrong"}

@@ -9,6 +9,10 @@
 - `arith` (`exit_loop.tasks.arith`): the quickstart's generated arithmetic task, written in
   GSM8K's format (so it loads and is checked as `gsm8k`).
 
+`TASK` is the table the rest of the package reads a task through (`task_of(name)`): how its rows
+load, how one response and many rows are verified, which ground truths can match at all, and when
+two answers are the same (maj@k).
+
 `load_problems` picks the task from `DataConfig.task`, gives each problem its stable id
 (`<split>-<index>`) and takes the requested subset; `exit_loop.tasks.problem` holds what the
 tasks share (DataConfig, Problem, Verdict).
@@ -18,22 +22,53 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from exit_loop.errors import ConfigError
 from exit_loop.tasks import gsm8k, math
 from exit_loop.tasks.problem import (FAILURES, DataConfig, Problem, Verdict, count_failures, problem_index,
                                     subset)
 
-TASKS = ("gsm8k", "math")
 
-__all__ = ["FAILURES", "TASKS", "check_overlap", "count_failures", "DataConfig", "Problem", "Verdict", "load_problems",
-           "problem_index", "question_key"]
+
+@dataclass(frozen=True)
+class Task:
+    """What the package needs of a task, in one place."""
+    load: Callable[[DataConfig], list[Problem]]
+    # one response: (response, ground_truth, finish_reason) -> Verdict
+    verify: Callable[[str, str | None, str | None], Verdict]
+    # many rows, in order: (rows, workers, timeout_s) -> (row, Verdict) pairs
+    verify_many: Callable[[Iterable[dict[str, Any]], int | None, float], Iterator[tuple[dict[str, Any], Verdict]]]
+    truth_ok: Callable[[str], bool]     # a ground truth (stripped, non-empty) that can match at all
+    truth_expected: str                 # what a bad ground truth is told it should be
+    same_answer: Callable[[str, str], bool] | None  # maj@k's grouping of answers (None: the same text)
+
+
+TASK = {
+    "gsm8k": Task(gsm8k.load, gsm8k.verify_gsm8k, gsm8k.verify_many, lambda t: gsm8k.parse_number(t) is not None,
+                  "a number", None),
+    "math": Task(math.load, math.verify_math, math.verify_many, lambda t: True, "the reference answer",
+                 math.same_answer),
+}
+TASKS = tuple(TASK)
+
+__all__ = ["FAILURES", "TASK", "TASKS", "Task", "check_overlap", "count_failures", "DataConfig", "Problem", "Verdict",
+           "load_problems", "problem_index", "question_key", "task_of"]
+
+
+def task_of(name: str) -> Task:
+    """The task called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return TASK[name]
+    except KeyError:
+        raise ValueError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {name!r}") from None
 
 
 def load_problems(cfg: DataConfig) -> list[Problem]:
     """Load, give ids, take the requested subset. Raises DataError naming file and line."""
-    loader = math.load if cfg.task == "math" else gsm8k.load
-    return subset(loader(cfg), cfg)
+    return subset(task_of(cfg.task).load(cfg), cfg)
 
 
 def question_key(question: str) -> str:

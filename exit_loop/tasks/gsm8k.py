@@ -16,11 +16,14 @@ never correct), `wrong`, else `none`. It never raises on a string.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from functools import lru_cache
+from typing import Any
 
 from exit_loop.errors import DataError
-from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, row_group, source_rows, verdict
+from exit_loop.tasks.problem import (DataConfig, Problem, Verdict, read_response, row_fields, row_group,
+                                    source_rows, verdict)
 
 MAX_NUMBER_TEXT = 1000  # a longer answer is not one value: ambiguous
 _CALCULATOR = re.compile(r"<<.*?>>")
@@ -234,3 +237,11 @@ def verify_gsm8k(response: str, ground_truth: str, finish_reason: str | None = N
         else:
             failure = "none" if truth_value is not None and value == truth_value else "wrong"
     return verdict(predicted, ok, failure, finish_reason)
+
+
+def verify_many(rows: Iterable[dict[str, Any]], workers: int | None = None, timeout_s: float | None = None
+                ) -> Iterator[tuple[dict[str, Any], Verdict]]:
+    """(row, verdict) for each row, in order (`workers` and `timeout_s` are the math task's: an
+    exact GSM8K check needs neither)."""
+    for row in rows:
+        yield row, verify_gsm8k(*row_fields(row))  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from typing import Any
 from exit_loop.errors import DataError
 from exit_loop.prompts import last_boxed
 from exit_loop.tasks.gsm8k import AMBIGUOUS, is_hedged, read_answer
-from exit_loop.tasks.math_pool import DECIMAL_LITERAL, REL_TOL, TIMEOUT, MathPool, shared_pool
+from exit_loop.tasks.math_pool import DECIMAL_LITERAL, DEFAULT_TIMEOUT_S, REL_TOL, TIMEOUT, MathPool, shared_pool
 from exit_loop.tasks.problem import DataConfig, Problem, Verdict, read_response, row_group, source_rows, verdict
 
 _INTEGER = re.compile(r"-?\d{1,15}", re.ASCII)
@@ -156,3 +156,16 @@ def verify_rows_math(rows: Iterable[dict[str, Any]], pool: MathPool
 
     for (row, pre), result in pool.imap(jobs()):
         yield row, pre if isinstance(pre, Verdict) else checked(pre, result)
+
+
+def verify_many(rows: Iterable[dict[str, Any]], workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+                ) -> Iterator[tuple[dict[str, Any], Verdict]]:
+    """(row, verdict) for each row, in order, through a pool of `workers` processes that lives as
+    long as the iteration (it stops when the rows run out or the iterator is closed)."""
+    with MathPool(workers, timeout_s) as pool:
+        yield from verify_rows_math(rows, pool)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whether math-verify (in the shared pool, under its time limit) calls two answers equal."""
+    return a == b or shared_pool().check(a, b) is True

@@ -131,6 +131,14 @@ def read_response(response: Any, ground_truth: Any) -> tuple[str | None, bool, s
     return predicted, ok, failure, ground_truth
 
 
+def row_fields(row: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """What a verdict reads of a row: its response as text ("" if missing), its ground truth as
+    text (None if missing) and its finish_reason."""
+    response, truth = row.get("response"), row.get("ground_truth")
+    return ("" if response is None else str(response), None if truth is None else str(truth),
+            row.get("finish_reason"))
+
+
 def verdict(predicted: str | None, ok: bool, failure: str, finish_reason: str | None) -> Verdict:
     """The Verdict for `failure`; a response cut at max_tokens that is not correct is `truncated`."""
     correct = failure == "none"
