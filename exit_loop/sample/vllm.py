@@ -95,13 +95,9 @@ class VLLMBackend:
         # token ids, not text: the one special-token policy (exit_loop.tokens) for every backend
         tok = self.tokenizer()
         prompts = [{"prompt_token_ids": encode_prompt(tok, r.prompt)} for r in requests]
-        if not hasattr(self.llm, "enqueue"):  # older vLLM: one call, results at the end
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for req, out in zip(requests, outputs):
-                on_done(req, completions(out, len(req.sample_indices)))
-            return
         # The same work as LLM.generate (enqueue everything, step the engine), but each request
-        # is handed over the moment it finishes, so a crash loses only unfinished requests.
+        # is handed over the moment it finishes, so a crash loses only unfinished requests
+        # (LLM.enqueue: vLLM 0.32, the pinned version, has it).
         # enqueue returns internal ids ("<n>-<random>"); outputs carry the external "<n>"
         ids = self.llm.enqueue(prompts, params, use_tqdm=False)
         by_id = {rid.split("-", 1)[0]: req for rid, req in zip(ids, requests)}

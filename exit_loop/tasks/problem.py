@@ -71,7 +71,14 @@ def is_local(dataset: str) -> bool:
 def rows_from_hub(cfg: DataConfig) -> list[dict[str, Any]]:
     import datasets  # slow import; only when the hub is used
 
-    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+    try:
+        ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+    except OSError as e:  # offline (HF_HUB_OFFLINE=1), no network, or no such data set on the hub
+        which = ", ".join(f"{k} {v!r}" for k, v in (("subset", cfg.subset), ("split", cfg.split)) if v)
+        raise DataError(f"data set {cfg.dataset!r} ({which}) could not be loaded from the hub: {e}. "
+                        "Without the hub, set the config's `dataset` key (data.dataset, eval.data.dataset) to a "
+                        "local JSONL file of the same rows, e.g. GSM8K's train.jsonl / test.jsonl "
+                        "(question, answer)") from None
     return [dict(r) for r in ds]
 
 

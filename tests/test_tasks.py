@@ -1,8 +1,10 @@
-"""Unit tests for GSM8K problem loading (exit_loop/tasks/): local JSONL only, no network."""
+"""Unit tests for the tasks' problem loading (exit_loop/tasks/): local JSONL only, no network."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,17 @@ def test_hub_rows_with_missing_keys_name_the_row(monkeypatch):
     monkeypatch.setattr(problems_mod, "rows_from_hub", lambda cfg: good[:1] + [{"question": "q"}])
     with pytest.raises(DataError, match=r"openai/gsm8k\[train\]\[1\].*'answer'"):
         load_problems(DataConfig(dataset="openai/gsm8k"))
+
+
+def test_a_hub_data_set_that_cannot_be_reached_says_which_and_how_to_use_a_local_file(monkeypatch):
+    # the hub stood in for by what `datasets` raises offline (HF_HUB_OFFLINE=1)
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError, match=r"'openai/gsm8k' \(subset 'main', split 'test'\).*OfflineModeIsEnabled"
+                                        r".*data.dataset.*local JSONL file"):
+        load_problems(DataConfig(dataset="openai/gsm8k", subset="main", split="test"))
 
 
 def test_data_config_validation():
