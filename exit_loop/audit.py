@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered
 from exit_loop.layout import VERIFIED
@@ -152,7 +153,7 @@ def run(path: str | Path, n: int = 50, seed: int = 0) -> Path:
     out = (path.parent if path.is_file() else path) / "audit.md"
     atomic_write_text(out, text)
     print(text, end="")
-    print(f"audit: wrote {out}")
+    say(f"audit: wrote {out}")
     return out
 
 

@@ -12,6 +12,10 @@ of the terminal's stdout taken on entry; the `exit_loop` logger's console handle
 too, so a project warning is printed once. If the block fails, the last lines of the log are
 shown on stderr with its path, then the error goes on.
 
+Every line the project itself shows a user goes through `say`, in a stage or out of one (a
+command's summary, a merge's count, a model's download), so it reaches the terminal wherever it is
+said; `print` is left to a command's data output (a path, a listing) outside any stage.
+
 At `--log_level debug` nothing is redirected: every library's output is on the terminal.
 """
 

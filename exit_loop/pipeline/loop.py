@@ -40,6 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from exit_loop.config import dump_yaml, load_config
+from exit_loop.console import say
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
@@ -92,7 +93,7 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
     t_start = time.monotonic()
     for run in Run.every_seed(cfg):
         run_seed(run)
-    print(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.top}", flush=True)
+    say(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.top}")
     return run.top
 
 
@@ -180,10 +181,10 @@ def write_run_json(run: Run, arm: str, timer: Timer, total: float) -> None:
     timings["overhead_share"] = round(timings["overhead_s"] / total, 4) if total else 0.0
     write_json(run.arm_dir(arm) / "run.json", {"experiment": run.cfg.experiment, "arm": arm, "seed": run.cfg.seed,
                                               "rounds": run.cfg.rounds, "timings": timings})
-    print(f"run: {arm}: {total:.1f}s in all; eval {t['eval_s']:.1f}s, sample {t['sample_s']:.1f}s, "
-          f"train {t['train_s']:.1f}s; loop overhead {timings['overhead_s']:.1f}s "
-          f"({timings['overhead_share']:.1%}: stage processes starting, verify "
-          f"{t['verify_s']:.1f}s, filter {t['filter_s']:.1f}s)", flush=True)
+    say(f"run: {arm}: {total:.1f}s in all; eval {t['eval_s']:.1f}s, sample {t['sample_s']:.1f}s, "
+        f"train {t['train_s']:.1f}s; loop overhead {timings['overhead_s']:.1f}s "
+        f"({timings['overhead_share']:.1%}: stage processes starting, verify "
+        f"{t['verify_s']:.1f}s, filter {t['filter_s']:.1f}s)")
 
 
 # --------------------------------------------------------------------------- command line

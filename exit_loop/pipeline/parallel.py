@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.config import to_dict
+from exit_loop.console import say
 from exit_loop.errors import ConfigError, StageFailed
 from exit_loop.jsonl import write_json
 from exit_loop.sample import SampleConfig, check_model_path, sample, select_shard, start_backend
@@ -213,8 +214,7 @@ def start_worker(w: int, draws: list[Draw], problem_sets: dict[str, list[Problem
         proc = subprocess.Popen([sys.executable, "-m", "exit_loop.pipeline.parallel", str(spec)],
                                 env={**os.environ, **slot.env}, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: stopped with its engine
-    print(f"parallel: worker {w} (pid {proc.pid}, {slot.where}) draws {describe(draws, work_dir)}; log {log}",
-          flush=True)
+    say(f"parallel: worker {w} (pid {proc.pid}, {slot.where}) draws {describe(draws, work_dir)}; log {log}")
     return Worker(w, draws, proc, log, slot)
 
 
@@ -239,7 +239,7 @@ def wait(workers: list[Worker]) -> None:
                 raise StageFailed(f"data-parallel worker {x.index} (pid {x.proc.pid}, {x.slot.where}) failed "
                                   f"({how}) drawing {describe(x.draws, x.log.parent)}; the other workers were stopped. "
                                   f"The end of its log {x.log}:\n{tail}\n")
-            print(f"parallel: worker {x.index} done", flush=True)
+            say(f"parallel: worker {x.index} done")
         time.sleep(0.2)
 
 

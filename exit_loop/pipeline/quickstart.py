@@ -62,7 +62,7 @@ from typing import Any
 from exit_loop.baseline import baseline_row
 from exit_loop.report import compare
 from exit_loop.config import changed_keys, load_config, to_dict
-from exit_loop.console import stage_log, train_progress
+from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError
 from exit_loop.jsonl import write_json, write_jsonl
 from exit_loop.pipeline.loop import run_loop
@@ -234,7 +234,7 @@ def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
         if diff:
             raise ConfigError(f"{paths.data_dir} holds a task made with other settings ({', '.join(diff)}); "
                               "remove the directory (its students too) or point data.dataset elsewhere")
-        print(f"quickstart: task data in {paths.data_dir} (already there)", flush=True)
+        say(f"quickstart: task data in {paths.data_dir} (already there)")
         return
     train, gold, test = split_task(cfg)
     write_jsonl(paths.data_dir / "train.jsonl", train)
@@ -245,9 +245,9 @@ def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
     write_json(manifest, {"task": "arith", "config": to_dict(settings),
                           "counts": {"train": len(train), "gold": len(gold), "test": len(test)}})
     held = sum(row[GROUP_KEY] == "held-out verb" for row in test)
-    print(f"quickstart: wrote {len(gold)} gold questions (none with {' or '.join(cfg.warmup.held_out_verbs)}), "
-          f"{len(train)} questions for expert iteration and {len(test)} test questions ({held} with a "
-          f"held-out verb) to {paths.data_dir}", flush=True)
+    say(f"quickstart: wrote {len(gold)} gold questions (none with {' or '.join(cfg.warmup.held_out_verbs)}), "
+        f"{len(train)} questions for expert iteration and {len(test)} test questions ({held} with a "
+        f"held-out verb) to {paths.data_dir}")
 
 
 def tokenizer_texts(*files: Path) -> list[str]:
@@ -262,7 +262,7 @@ def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
     warm-started on the gold solutions with training seed `seed`."""
     out = paths.student_dir(seed)
     if (out / "manifest.json").exists():
-        print(f"quickstart: seed {seed}: student in {out / 'ckpt'} (already there)", flush=True)
+        say(f"quickstart: seed {seed}: student in {out / 'ckpt'} (already there)")
         return
     init = Path(cfg.warmup.base) if cfg.warmup.base else paths.tiny_init(seed)
     done = init / "quickstart.json"
@@ -273,15 +273,14 @@ def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
             create_tiny_model(init, tokenizer_texts(paths.data_dir / "train.jsonl", paths.gold),
                               t.vocab_size, t.hidden_size, t.num_layers, seed, prompt_tokens=t.prompt_tokens)
         write_json(done, {"tiny": to_dict(t), "seed": seed})
-        print(f"quickstart: seed {seed}: tokenizer and random model in {init} ({time.monotonic() - t0:.1f}s)",
-              flush=True)
+        say(f"quickstart: seed {seed}: tokenizer and random model in {init} ({time.monotonic() - t0:.1f}s)")
     w = cfg.warmup
     t0 = time.monotonic()
     with stage_log(out):  # other libraries' output to <student dir>/stage.log
         train(TrainConfig(data=[str(paths.gold_sft)], model=str(init), output_dir=str(out), seed=seed, sft=w.sft()),
               [train_progress()])
-    print(f"quickstart: seed {seed}: warm-started the student on {w.num_examples} gold solutions, {w.steps} "
-          f"steps -> {out / 'ckpt'} ({time.monotonic() - t0:.1f}s)", flush=True)
+    say(f"quickstart: seed {seed}: warm-started the student on {w.num_examples} gold solutions, {w.steps} "
+        f"steps -> {out / 'ckpt'} ({time.monotonic() - t0:.1f}s)")
 
 
 def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
@@ -297,9 +296,9 @@ def run(cfg: QuickstartConfig, config_file: str | Path = DEFAULT_CONFIG,
         make_student(cfg, paths, seed)
     root = run_loop(exp)
     out = compare([root])
-    print(f"quickstart: done in {time.monotonic() - t0:.0f}s", flush=True)
-    print(f"quickstart: report  {out / 'report.md'}  (numbers: {out / 'report.json'})")
-    print(f"quickstart: plot    {out / 'accuracy.png'}  (and {out / 'response_length.png'})")
+    say(f"quickstart: done in {time.monotonic() - t0:.0f}s")
+    say(f"quickstart: report  {out / 'report.md'}  (numbers: {out / 'report.json'})")
+    say(f"quickstart: plot    {out / 'accuracy.png'}  (and {out / 'response_length.png'})")
     return out
 
 

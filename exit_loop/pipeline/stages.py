@@ -100,7 +100,7 @@ def merge_shards(paths: list[Path], problems: list[Problem], num_samples: int, o
                         f"{hint or 'run the unfinished shards'}")
     rows = [found[key] for key in want]
     write_jsonl(out, rows)
-    print(f"merge: {len(rows)} samples from {len(paths)} shards -> {out}", flush=True)
+    say(f"merge: {len(rows)} samples from {len(paths)} shards -> {out}")
     return Sampled(out, len(rows), sum(generated_tokens(r) for r in rows))
 
 

@@ -32,6 +32,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from exit_loop.console import say
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.report.build import build_report
 from exit_loop.report.read import default_out_dir, find_runs
@@ -75,8 +76,8 @@ def command(argv: list[str]) -> int:
     out, report, written = _compare([Path(d) for d in a.run_dirs], Path(a.output_dir) if a.output_dir else None,
                                     a.allow_mismatch)
     for name, arm in report["arms"].items():
-        print(summary_line(name, arm).replace("**", ""))
+        say(summary_line(name, arm).replace("**", ""))
     for line in paired_lines(report, last_only=True):
-        print(line)
-    print(f"compare: wrote {', '.join(written)} in {out}")
+        say(line)
+    say(f"compare: wrote {', '.join(written)} in {out}")
     return 0
