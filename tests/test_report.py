@@ -23,7 +23,7 @@ def _write(path: Path, obj) -> None:
 
 
 def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *, k: int | None = 4,
-             sft_keys: bool = False, config: bool = True, eval_config: dict | None = None) -> Path:
+             config: bool = True, eval_config: dict | None = None) -> Path:
     """A finished run as the loop writes it: rounds 0..R-1 with every stage, round R eval only."""
     rounds = len(accuracy) - 1
     if config:
@@ -53,13 +53,9 @@ def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *,
             "mean_tokens_incorrect": 320.0, "failures": {"none": correct, "wrong": 800 - correct},
             "correct_split_rows": correct - 10})
         _write(d / "filter" / "manifest.json", {"stage": "filter", "timings": {"wall_s": STAGE_S["filter"]}})
-        if sft_keys:
-            train = {"stage": "train", "training_tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
-                     "final_loss": 0.5, "wall_time_s": STAGE_S["train"]}
-        else:
-            train = {"stage": "train", "tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
-                     "trained_examples": correct - 10, "epochs": 1.6, "final_loss": 0.5,
-                     "timings": {"wall_s": STAGE_S["train"]}}
+        train = {"stage": "train", "tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
+                 "trained_examples": correct - 10, "epochs": 1.6, "final_loss": 0.5,
+                 "timings": {"wall_s": STAGE_S["train"]}}
         _write(d / "train" / "manifest.json", train)
     return run_dir
 
@@ -99,7 +95,7 @@ ACC_U = [0.10, 0.15, 0.12]
 @pytest.fixture()
 def two_runs(tmp_path: Path) -> tuple[Path, Path]:
     return (make_run(tmp_path / "runs" / "exit_filtered", "exit_filtered", "filtered", ACC_F),
-            make_run(tmp_path / "runs" / "exit_unfiltered", "exit_unfiltered", "unfiltered", ACC_U, sft_keys=True))
+            make_run(tmp_path / "runs" / "exit_unfiltered", "exit_unfiltered", "unfiltered", ACC_U))
 
 
 def test_two_runs_report_json_holds_the_fixture_numbers(two_runs, tmp_path):
@@ -121,7 +117,6 @@ def test_two_runs_report_json_holds_the_fixture_numbers(two_runs, tmp_path):
         assert arm["mean_response_tokens"] == [300.0, 280.0, 260.0]
         assert arm["yield"] == [200 / 800, 250 / 800, None]
         assert arm["tokens_generated"] == [100_000, 100_001, None]
-        # the SFT stage's spelling ("training_tokens", top-level "wall_time_s") reads the same
         assert arm["training_tokens"] == [50_000, 50_001, None]
         assert arm["wall_time_s"] == {s: [STAGE_S[s], STAGE_S[s], STAGE_S[s] if s == "eval" else None]
                                       for s in STAGE_S}

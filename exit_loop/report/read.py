@@ -169,10 +169,8 @@ def find_runs(run_dirs: list[Path]) -> list[FoundRun]:
 
 
 def _wall_s(manifest: dict[str, Any] | None, path: Path) -> float | None:
-    """A stage's wall time: `timings.wall_s`, or the SFT stage's top-level `wall_time_s`."""
-    if _get(manifest, "timings", "wall_s") is not None:
-        return _number(manifest["timings"]["wall_s"], path, "timings.wall_s")  # type: ignore[index]
-    return _number(_get(manifest, "wall_time_s"), path, "wall_time_s")
+    """A stage's wall time: its manifest's `timings.wall_s` (jsonl.write_manifest, every stage)."""
+    return _number(_get(manifest, "timings", "wall_s"), path, "timings.wall_s")
 
 
 def read_run(run: FoundRun) -> dict[str, Any]:
@@ -222,8 +220,7 @@ def read_run(run: FoundRun) -> dict[str, Any]:
 
         path = d / "train" / "manifest.json"
         manifest = _read_json(path)
-        key = "tokens" if _get(manifest, "tokens") is not None else "training_tokens"
-        arm["training_tokens"].append(_number(_get(manifest, key), path, key, integer=True))
+        arm["training_tokens"].append(_number(_get(manifest, "tokens"), path, "tokens", integer=True))
         arm["training_steps"].append(_number(_get(manifest, "steps"), path, "steps", integer=True))
         arm["training_rows"].append(_number(_get(manifest, "trained_examples"), path, "trained_examples",
                                             integer=True) if _get(manifest, "skipped") is None else 0)
