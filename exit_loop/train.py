@@ -66,10 +66,9 @@ from typing import Any, Literal
 
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.console import say
-from exit_loop.environment import environment
 from exit_loop.errors import NothingToTrain
 from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
-from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_json
+from exit_loop.jsonl import DataError, atomic_write_text, iter_jsonl, sha256_file, write_manifest
 from exit_loop.prompts import question_of, teacher_prompt
 from exit_loop.tokens import encode_completion, encode_prompt, without_bos
 
@@ -717,8 +716,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         if ckpt.exists():
             shutil.rmtree(ckpt)
         os.replace(tmp, ckpt)
+        wall_s = round(time.time() - t0, 2)
         manifest = {
-            "stage": "train",
             "model": cfg.model,
             "checkpoint": str(ckpt),
             "data": files,
@@ -746,18 +745,16 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
             "num_processes": state.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
-            "wall_time_s": round(time.time() - t0, 2),
             "versions": _versions(),
-            "environment": environment(),
             "config": to_dict(cfg),
             "sft_args": sft_kwargs(cfg),  # SFT_DEFAULTS + cfg.sft, as passed to trl.SFTConfig
         }
-        write_json(out / "manifest.json", manifest)
+        write_manifest(out, "train", {"wall_s": wall_s}, **manifest)
         runtime = _last_logged(trainer.state.log_history, "train_runtime")
         speed = f", {counts['tokens'] * (trainer.state.epoch or 0) / runtime:.0f} tokens/s" if runtime else ""
         loss = manifest["final_loss"]
         say(f"train: {trainer.state.global_step} optimizer steps, final loss "
-            f"{'—' if loss is None else f'{loss:.4f}'}{speed}, {manifest['wall_time_s']:.1f}s -> {ckpt}")
+            f"{'—' if loss is None else f'{loss:.4f}'}{speed}, {wall_s:.1f}s -> {ckpt}")
     state.wait_for_everyone()
     return out
 

@@ -362,7 +362,7 @@ def test_output_dir_layout_and_manifest(fitted: Path, lora_run: Path, gsm8k_spli
     assert m["examples"] == m["trained_examples"] == 4 and m["steps"] == 150 and m["peft"] is False
     assert m["sft_args"]["learning_rate"] == 3e-3 and m["sft_args"]["completion_only_loss"] is True
     assert m["final_loss"] < 0.05 and m["loss_tokens"] < m["tokens"] and m["trained_tokens"] > 0
-    assert m["truncated_examples"] == 0 and m["wall_time_s"] > 0
+    assert m["truncated_examples"] == 0 and m["timings"]["wall_s"] > 0
 
     m = json.loads((lora_run / "manifest.json").read_text())
     assert m["examples"] == 12 and m["steps"] == 3 and m["peft"] is True
