@@ -18,10 +18,9 @@ import pytest
 
 from exit_loop.cli import setup_logging
 from exit_loop.config import ConfigError, load_config
-from exit_loop.jsonl import DataError, write_jsonl
-from exit_loop.prompts import canonical_response, student_prompt, teacher_prompt
-from exit_loop.train import (LoraSettings, TrainConfig, build_trainer, question_of, read_splits,
-                             sha256_file, subsample, train)
+from exit_loop.jsonl import DataError, sha256_file, write_jsonl
+from exit_loop.prompts import canonical_response, question_of, student_prompt, teacher_prompt
+from exit_loop.train import LoraSettings, TrainConfig, build_trainer, read_splits, subsample, train
 
 # Four short examples the tiny model can learn by heart.
 FIT = [("What is 2 plus 3?", "2 + 3 = 5.", "5"),
