@@ -363,7 +363,7 @@ def check_varlen_attention() -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from exit_loop.attention import varlen_attention_forward
+    from exit_loop.train.attention import varlen_attention_forward
 
     torch.manual_seed(0)
     lens = [513, 77, 1024, 300, 130]

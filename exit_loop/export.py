@@ -30,7 +30,7 @@ from typing import Any
 from exit_loop.console import say
 from exit_loop.jsonl import write_jsonl
 from exit_loop.prompts import CHAT_SYSTEM_PROMPT, question_of
-from exit_loop.train import read_splits
+from exit_loop.train.data import read_splits
 
 FORMATS = ("trl",)
 

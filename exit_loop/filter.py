@@ -32,6 +32,7 @@ from exit_loop.errors import DataError
 from exit_loop.hub import check_hub, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
 from exit_loop.layout import SUMMARY
+from exit_loop.rules import per_question
 from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
@@ -74,30 +75,30 @@ def well_formed(row: dict[str, Any]) -> bool:
         and row.get("finish_reason") != "length"
 
 
+def question_id(row: dict[str, Any]) -> str:
+    """The question a trace answers: its problem id, else its prompt."""
+    return str(row.get("problem_id", row.get("prompt")))
+
+
+def short_enough(row: dict[str, Any], cap: int | None, dropped: Counter) -> bool:
+    """Whether a trace is within the response-token cap (one without a token count is not);
+    counts `dropped["too_long"]` where it is not."""
+    ntok = row.get("num_tokens")
+    if cap is not None and (not isinstance(ntok, int) or ntok > cap):
+        dropped["too_long"] += 1
+        return False
+    return True
+
+
 def pick(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> tuple[list[dict[str, str]], Counter]:
     """The `{prompt, response}` pairs a split keeps of `rows`, in order: the response-token cap,
-    exact duplicates per question dropped (`dedup`), at most K per question; and what each rule
-    dropped."""
-    kept: list[dict[str, str]] = []
-    per_q: Counter[str] = Counter()
-    seen: set[tuple[str, str]] = set()
+    exact duplicates per question dropped (`dedup`), at most K per question
+    (`exit_loop.rules.per_question`); and what each rule dropped."""
     dropped: Counter = Counter()
-    for row in rows:
-        qid = str(row.get("problem_id", row.get("prompt")))
-        ntok = row.get("num_tokens")
-        if cfg.max_response_tokens is not None and (not isinstance(ntok, int) or ntok > cfg.max_response_tokens):
-            dropped["too_long"] += 1
-            continue
-        if cfg.dedup and (qid, row["response"]) in seen:
-            dropped["duplicate"] += 1
-            continue
-        if cfg.max_correct_per_question is not None and per_q[qid] >= cfg.max_correct_per_question:
-            dropped["over_k"] += 1
-            continue
-        seen.add((qid, row["response"]))
-        per_q[qid] += 1
-        kept.append({"prompt": row["prompt"], "response": row["response"]})
-    return kept, dropped
+    fits = (row for row in rows if short_enough(row, cfg.max_response_tokens, dropped))
+    kept = per_question(fits, lambda row: (question_id(row), row["response"]), cfg.dedup,
+                        cfg.max_correct_per_question, dropped)
+    return [{"prompt": row["prompt"], "response": row["response"]} for row in kept], dropped
 
 
 def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
@@ -112,7 +113,7 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
     for row in rows:
         a = all_row(row)
         all_rows.append(a)
-        qid = str(row.get("problem_id", row.get("prompt")))
+        qid = question_id(row)
         questions.add(qid)
         failures[str(row.get("failure", "none" if row.get("is_correct") else "wrong"))] += 1
         ntok = row.get("num_tokens")

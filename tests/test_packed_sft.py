@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from exit_loop.attention import register_varlen_attention  # noqa: E402
+from exit_loop.train.attention import register_varlen_attention  # noqa: E402
 
 LENGTHS = (37, 64, 23)  # three sequences of different lengths, flattened into one row
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

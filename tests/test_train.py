@@ -18,10 +18,9 @@ import pytest
 
 from exit_loop.cli import setup_logging
 from exit_loop.config import ConfigError, load_config
-from exit_loop.jsonl import DataError, write_jsonl
-from exit_loop.prompts import canonical_response, student_prompt, teacher_prompt
-from exit_loop.train import (LoraSettings, TrainConfig, build_trainer, question_of, read_splits,
-                             sha256_file, subsample, train)
+from exit_loop.jsonl import DataError, sha256_file, write_jsonl
+from exit_loop.prompts import canonical_response, question_of, student_prompt, teacher_prompt
+from exit_loop.train import LoraSettings, TrainConfig, build_trainer, read_splits, subsample, train
 
 # Four short examples the tiny model can learn by heart.
 FIT = [("What is 2 plus 3?", "2 + 3 = 5.", "5"),
@@ -362,7 +361,7 @@ def test_output_dir_layout_and_manifest(fitted: Path, lora_run: Path, gsm8k_spli
     assert m["examples"] == m["trained_examples"] == 4 and m["steps"] == 150 and m["peft"] is False
     assert m["sft_args"]["learning_rate"] == 3e-3 and m["sft_args"]["completion_only_loss"] is True
     assert m["final_loss"] < 0.05 and m["loss_tokens"] < m["tokens"] and m["trained_tokens"] > 0
-    assert m["truncated_examples"] == 0 and m["wall_time_s"] > 0
+    assert m["truncated_examples"] == 0 and m["timings"]["wall_s"] > 0
 
     m = json.loads((lora_run / "manifest.json").read_text())
     assert m["examples"] == 12 and m["steps"] == 3 and m["peft"] is True

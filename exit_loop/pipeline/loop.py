@@ -163,8 +163,7 @@ def _stage_wall(stage_dir: Path) -> float:
     m = stage_dir / "manifest.json"
     if not m.exists():
         return 0.0
-    data = json.loads(m.read_text())
-    return float(data.get("timings", {}).get("wall_s") or data.get("wall_time_s") or 0.0)
+    return float(json.loads(m.read_text())["timings"].get("wall_s") or 0.0)
 
 
 def write_run_json(run: Run, arm: str, timer: Timer, total: float) -> None:

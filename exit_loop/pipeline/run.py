@@ -27,7 +27,7 @@ from exit_loop.prompts import PromptStyle
 from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style
 from exit_loop.sample.request import Backend
 from exit_loop.tasks import DataConfig, Problem, load_problems
-from exit_loop.train import LoraSettings
+from exit_loop.train.config import LoraSettings
 
 GROWABLE_KEYS = ("rounds",)
 

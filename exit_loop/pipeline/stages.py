@@ -24,7 +24,7 @@ from exit_loop.errors import ConfigError, DataError, NothingToTrain
 from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
-from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl, write_manifest
+from exit_loop.jsonl import iter_jsonl, write_jsonl, write_manifest
 from exit_loop.layout import SAMPLES, STAGES, VERIFIED, round_name
 from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
 from exit_loop.pipeline.run import ExperimentConfig, Run, shard_path
@@ -347,8 +347,8 @@ def carry_over(run: Run, arm: str, k: int, reason: str) -> None:
     if (out / "ckpt").exists() or (out / "ckpt").is_symlink():
         (out / "ckpt").unlink()
     os.symlink(local_model_dir(policy), out / "ckpt")
-    write_json(out / "manifest.json", {"stage": "train", "skipped": reason, "model": policy,
-                                       "examples": 0, "tokens": 0})
+    # no timings: nothing trained (the loop and the report read no train time for the round)
+    write_manifest(out, "train", {}, skipped=reason, model=policy, examples=0, tokens=0)
     say(f"train: {reason} in round {k}; the policy carries over")
 
 

@@ -10,7 +10,7 @@ mask, which costs (row length)^2 instead of the sum of (sequence length)^2. This
 CUDA build) when the boundaries are there, on a CUDA half-precision input, and is exactly `sdpa`
 in every other case (CPU, float32, padded batches, generation), masks included.
 
-    from exit_loop.attention import register_varlen_attention
+    from exit_loop.train.attention import register_varlen_attention
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register_varlen_attention())
 
 (The HF sampler's decode attention, `gqa_decode`, lives with its decoder in
