@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 def preflight(cfg: ExperimentConfig, allow_config_change: bool = False, allow_overlap: bool = False,
               hub: bool = True) -> Run:
     """Fix the run's prompt styles (`resolve_styles`), warn of policy combinations that rarely do
-    what was meant, then fail now rather than rounds later: no token or no hub where a setting needs
+    what was meant, then fail now rather than in a stage: no token or no hub where a setting needs
     it (`hub`: False for a dry run, which only prints), a model path that is not there, a bad or
-    empty data set, held-out questions that also train (unless `allow_overlap`), a config other
-    than the one the run was made with (unless `allow_config_change`). Returns the run (its first
-    seed; `Run.every_seed` gives them all)."""
+    empty data set or held-out questions that also train (`allow_overlap`: neither checked, the data
+    not loaded; a bad data set then fails in the stage that reads it), a config other than the one
+    the run was made with (unless `allow_config_change`). Returns the run (its first seed;
+    `Run.every_seed` gives them all)."""
     resolve_styles(cfg)
     for warning in policy_warnings(cfg):
         log.warning("run: %s", warning)
@@ -36,7 +37,8 @@ def preflight(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ov
         check_model_path(student)
     if cfg.teacher:
         check_model_path(cfg.teacher.model)
-    check_overlap(training_problems(cfg), load_problems(cfg.eval.data), allow_overlap)
+    if not allow_overlap:
+        check_overlap(training_problems(cfg), load_problems(cfg.eval.data))
     run = Run(cfg)
     check_config_change(run, allow_config_change)
     return run
