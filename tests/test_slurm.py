@@ -20,7 +20,9 @@ import yaml
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import read_jsonl
-from exit_loop.pipeline.slurm import ACTIVE, Book, array_ranges, command, job_states, plan, shell_word
+from exit_loop.pipeline.slurm import command, plan
+from exit_loop.pipeline.slurm.queue import ACTIVE, Book, job_states
+from exit_loop.pipeline.slurm.script import array_ranges, shell_word
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -42,15 +42,12 @@ from pathlib import Path
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.console import say
 from exit_loop.errors import ConfigError, DataError, StageFailed
-from exit_loop.hub import check_hub
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.layout import EVAL, SUMMARY
-from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
-                                    seed_students, training_problems)
-from exit_loop.pipeline.stages import hub_settings, run_stage
+from exit_loop.pipeline.preflight import preflight
+from exit_loop.pipeline.run import ExperimentConfig, Run
+from exit_loop.pipeline.stages import run_stage
 from exit_loop.pipeline.track import open_tracker
-from exit_loop.sample import check_model_path
-from exit_loop.tasks import check_overlap, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +73,7 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
 
 def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_overlap: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
-    resolve_styles(cfg)
-    for warning in policy_warnings(cfg):
-        log.warning("run: %s", warning)
-    run = Run(cfg)
-    check_hub(hub_settings(cfg))  # no token or no hub: fail now, before any GPU work
-    for student in seed_students(cfg):
-        check_model_path(student)
-    if cfg.teacher:
-        check_model_path(cfg.teacher.model)
-    # a bad or empty data set fails now, not rounds later; so does a held-out set that trains
-    check_overlap(training_problems(cfg), load_problems(cfg.eval.data), allow_overlap)
-    check_config_change(run, allow_config_change)
+    run = preflight(cfg, allow_config_change, allow_overlap)  # fails now, before any GPU work
     run.top.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))
     t_start = time.monotonic()

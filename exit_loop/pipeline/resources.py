@@ -1,5 +1,7 @@
-"""The `slurm:` config section (`SlurmConfig`): the #SBATCH resources of every job and per stage.
-A leaf: run and generation configs hold one; `exit_loop.pipeline.slurm` reads it.
+"""The `slurm:` config section (`SlurmConfig`): the #SBATCH resources of every job and per stage;
+and model sizing (`gpus_for_model`: the GPUs a model's weights and KV cache need, from its
+parameter count, `params_billions`). A leaf: run and generation configs hold one;
+`exit_loop.pipeline.slurm` reads it.
 
     slurm:
       partition: gpu
@@ -10,7 +12,10 @@ A leaf: run and generation configs hold one; `exit_loop.pipeline.slurm` reads it
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -62,3 +67,38 @@ class SlurmConfig(Resources):
         if out["gpus"] is None:
             out["gpus"] = gpus
         return Resources(**out, extra=[*self.extra, *sec.extra])
+
+
+# --------------------------------------------------------------------------- GPU count
+
+_SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+KNOWN_PARAMS_B = {"deepseek-ai/DeepSeek-R1": 671.0, "deepseek-ai/DeepSeek-V3": 671.0}
+
+
+def params_billions(model: str) -> float | None:
+    """Parameter count in billions from a local config.json or the model's name, else None."""
+    if model in KNOWN_PARAMS_B:
+        return KNOWN_PARAMS_B[model]
+    cfg_path = Path(model).expanduser() / "config.json"
+    if cfg_path.exists():
+        c = json.loads(cfg_path.read_text())
+        h, layers, vocab = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
+        inter = c.get("intermediate_size") or (4 * h if h else None)
+        if h and layers and vocab:
+            per_layer = 4 * h * h + 3 * h * inter
+            return (layers * per_layer + 2 * vocab * h) / 1e9
+    sizes = [float(m.group(1)) for m in _SIZE.finditer(model.rsplit("/", 1)[-1])]
+    return max(sizes) if sizes else None
+
+
+def gpus_for_model(model: str, gpu_memory_gb: float = 80.0, max_gpus: int = 8) -> int:
+    """The smallest power of two (at most `max_gpus`) of GPUs whose memory holds the model's bf16
+    weights with 40% left for the KV cache; 1 when its size is unknown."""
+    b = params_billions(model)
+    if b is None:
+        return 1
+    need_gb = 2.0 * b / 0.6  # bf16 weights, 40% of memory left for the KV cache
+    n = 1
+    while n * gpu_memory_gb < need_gb and n < max_gpus:
+        n *= 2
+    return n
