@@ -35,7 +35,7 @@ from typing import Any
 from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import atomic_write_text, iter_jsonl_numbered
-from exit_loop.layout import VERIFIED
+from exit_loop.rundir import VERIFIED
 from exit_loop.stats import wilson
 
 FORMS = ("empty", "integer", "negative", "decimal", "fraction", "mixed number", "scientific",

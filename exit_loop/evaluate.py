@@ -24,7 +24,7 @@ from exit_loop.config import load_config, to_dict
 from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
-from exit_loop.layout import EVAL, GREEDY
+from exit_loop.rundir import EVAL, GREEDY, MANIFEST
 from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path, sample, start_backend
 from exit_loop.stats import pass_at_k
 from exit_loop.tasks import DataConfig, count_failures, load_problems, task_of
@@ -146,7 +146,7 @@ def evaluate(cfg: EvalConfig, backend: SamplerBackend | None = None,
     """Generate and score; returns `output_dir`. A `backend` already holding the model is reused
     (`started_at`: when its start began, so the stage's time includes it)."""
     out = Path(cfg.output_dir)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         return out
     check_model_path(cfg.sample.model_name)
     t0 = time.monotonic() if started_at is None else started_at

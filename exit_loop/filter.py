@@ -31,7 +31,7 @@ from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.hub import check_hub, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
-from exit_loop.layout import SUMMARY
+from exit_loop.rundir import SUMMARY
 from exit_loop.rules import per_question
 from exit_loop.tasks import count_failures
 

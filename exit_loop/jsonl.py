@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from exit_loop.environment import environment
 from exit_loop.errors import DataError, naming_a_full_disk
+from exit_loop.rundir import MANIFEST
 
 
 def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
@@ -188,5 +189,5 @@ def write_manifest(directory: str | Path, stage: str, timings: dict[str, Any], *
     """A stage's `manifest.json`, written last (its existence marks the stage done):
     {"stage": ..., **fields, "timings": ..., "environment": ...} (`exit_loop.environment`: the
     versions, CPU, ISA and GPU it ran with)."""
-    return write_json(Path(directory) / "manifest.json",
+    return write_json(Path(directory) / MANIFEST,
                       {"stage": stage, **fields, "timings": timings, "environment": environment()})

@@ -120,8 +120,10 @@ def test_the_lower_layers_never_import_the_pipeline():
     assert not wrong, wrong
     for leaf in ("errors", "environment", "tasks.problem", "prompts", "jsonl", "config", "pipeline.resources"):
         assert not {t for t in graph[f"{PACKAGE}.{leaf}"]} - {f"{PACKAGE}.errors", f"{PACKAGE}.jsonl",
-                                                          f"{PACKAGE}.prompts", f"{PACKAGE}.environment"}, leaf
-    assert not graph[f"{PACKAGE}.environment"], "environment imports nothing of the package"
+                                                          f"{PACKAGE}.prompts", f"{PACKAGE}.environment",
+                                                          f"{PACKAGE}.rundir"}, leaf
+    for floor in ("environment", "rundir", "rules"):
+        assert not graph[f"{PACKAGE}.{floor}"], f"{floor} imports nothing of the package"
 
 
 def test_no_private_name_crosses_a_module():

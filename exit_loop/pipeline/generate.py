@@ -40,7 +40,7 @@ from exit_loop.console import say, stage_log
 from exit_loop.errors import ConfigError, DataError
 from exit_loop.filter import FilterConfig, write_splits
 from exit_loop.jsonl import AppendLog, atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
-from exit_loop.layout import SAMPLES
+from exit_loop.rundir import SAMPLES
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.pipeline.run import shard_path
 from exit_loop.pipeline.stages import draw, label, merge_shards

@@ -43,7 +43,7 @@ from exit_loop.config import dump_yaml, load_config
 from exit_loop.console import say
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
-from exit_loop.layout import EVAL, SUMMARY
+from exit_loop.rundir import EVAL, MANIFEST, SUMMARY
 from exit_loop.pipeline.preflight import preflight
 from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.stages import run_stage
@@ -146,7 +146,7 @@ def summary_line(run: Run, arm: str, k: int) -> str:
 
 def _stage_wall(stage_dir: Path) -> float:
     """A finished stage's own wall time (engine start and model loading included) from its manifest."""
-    m = stage_dir / "manifest.json"
+    m = stage_dir / MANIFEST
     if not m.exists():
         return 0.0
     return float(json.loads(m.read_text())["timings"].get("wall_s") or 0.0)

@@ -67,6 +67,7 @@ from exit_loop.errors import ConfigError
 from exit_loop.jsonl import write_json, write_jsonl
 from exit_loop.pipeline.loop import run_loop
 from exit_loop.pipeline.run import SEED_FIELD, ExperimentConfig, seed_student
+from exit_loop.rundir import MANIFEST
 from exit_loop.tasks import DataConfig, load_problems
 from exit_loop.tasks.arith import ADD_VERBS, SUB_VERBS, ArithTaskConfig, generate
 from exit_loop.tiny_model import create_tiny_model
@@ -226,7 +227,7 @@ def split_task(cfg: QuickstartConfig) -> tuple[list[dict[str, str]], list[dict[s
 
 
 def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
-    manifest = paths.data_dir / "manifest.json"
+    manifest = paths.data_dir / MANIFEST
     settings = {"task": cfg.task, "gold": {"num_examples": cfg.warmup.num_examples,
                                            "held_out_verbs": cfg.warmup.held_out_verbs}}
     if manifest.exists():
@@ -261,7 +262,7 @@ def make_student(cfg: QuickstartConfig, paths: Paths, seed: int) -> None:
     """Seed `seed`'s student: a random tiny model initialised with `seed` (or `warmup.base`),
     warm-started on the gold solutions with training seed `seed`."""
     out = paths.student_dir(seed)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         say(f"quickstart: seed {seed}: student in {out / 'ckpt'} (already there)")
         return
     init = Path(cfg.warmup.base) if cfg.warmup.base else paths.tiny_init(seed)

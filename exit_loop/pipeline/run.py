@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from exit_loop.config import check_unchanged
 from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
-from exit_loop.layout import MANIFEST, SHARED, SHARED_STAGES, round_name, seed_name
+from exit_loop.rundir import MANIFEST, SHARED, SHARED_STAGES, round_name, seed_name
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.prompts import PromptStyle
 from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style

@@ -25,7 +25,7 @@ from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_jsonl, write_manifest
-from exit_loop.layout import SAMPLES, STAGES, VERIFIED, round_name
+from exit_loop.rundir import SAMPLES, STAGES, VERIFIED, round_name
 from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
 from exit_loop.pipeline.run import ExperimentConfig, Run, shard_path
 from exit_loop.pipeline.track import sft_tracking

@@ -29,7 +29,7 @@ from typing import Any
 from exit_loop.report.read import FoundRun
 from exit_loop.report.read import read_run
 from exit_loop.jsonl import write_json
-from exit_loop.layout import SUMMARY
+from exit_loop.rundir import SUMMARY
 from exit_loop.pipeline.run import Run
 
 TRACKERS = ("tensorboard", "wandb")

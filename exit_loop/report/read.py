@@ -19,7 +19,8 @@ from typing import Any
 from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl_numbered
-from exit_loop.layout import EVAL, GREEDY, SUMMARY, TIME_COLUMNS, round_dirs, round_name, seed_dirs, seed_name
+from exit_loop.rundir import (EVAL, GREEDY, MANIFEST, SUMMARY, TIME_COLUMNS, round_dirs, round_name, seed_dirs,
+                              seed_name)
 from exit_loop.verify import verify_rows
 
 EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
@@ -212,13 +213,13 @@ def read_run(run: FoundRun) -> dict[str, Any]:
         else:
             arm["yield"].append(_number(_get(summary, "trace_accuracy"), path, "trace_accuracy", fraction=True))
 
-        path = d / "sample" / "manifest.json"
+        path = d / "sample" / MANIFEST
         manifest = _read_json(path)
         arm["tokens_generated"].append(_number(_get(manifest, "counts", "tokens_generated"), path,
                                                "counts.tokens_generated", integer=True))
         arm["wall_time_s"]["sample"].append(_wall_s(manifest, path))
 
-        path = d / "train" / "manifest.json"
+        path = d / "train" / MANIFEST
         manifest = _read_json(path)
         arm["training_tokens"].append(_number(_get(manifest, "tokens"), path, "tokens", integer=True))
         arm["training_steps"].append(_number(_get(manifest, "steps"), path, "steps", integer=True))
@@ -228,7 +229,7 @@ def read_run(run: FoundRun) -> dict[str, Any]:
         arm["wall_time_s"]["train"].append(_wall_s(manifest, path))
 
         for stage in ("verify", "filter", "eval"):
-            path = d / stage / "manifest.json"
+            path = d / stage / MANIFEST
             arm["wall_time_s"][stage].append(_wall_s(_read_json(path), path))
 
     timings = _get(run.info, "timings")
@@ -255,7 +256,7 @@ def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool
             continue
         rows = [row for _, row in iter_jsonl_numbered(path, required=("problem_id",))]
         if rows and any("is_correct" not in row for row in rows):  # raw generations: label them
-            manifest = _read_json(path.parent / "manifest.json")
+            manifest = _read_json(path.parent / MANIFEST)
             task = _get(manifest, "config", "data", "task") or "gsm8k"
             rows = list(verify_rows(rows, task=task))
         out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
@@ -266,7 +267,7 @@ def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool
 def run_environment(run: FoundRun) -> dict[str, Any] | None:
     """The environment (versions, CPU and its ISA, GPU) a run's first recorded eval ran in."""
     for _, d in sorted(round_dirs(run.path).items()):
-        env = _get(_read_json(d / "eval" / "manifest.json"), "environment")
+        env = _get(_read_json(d / "eval" / MANIFEST), "environment")
         if isinstance(env, dict):
             return env
     return None
@@ -284,7 +285,7 @@ def eval_settings(run: FoundRun) -> dict[str, Any]:
     """The eval settings of a run's first evaluated round (its manifest's config, flattened),
     less what may differ between arms (the model, the round, engine placement)."""
     for d in sorted(round_dirs(run.path).items()):
-        manifest = _read_json(d[1] / "eval" / "manifest.json")
+        manifest = _read_json(d[1] / "eval" / MANIFEST)
         config = _get(manifest, "config")
         if isinstance(config, dict):
             return {k: v for k, v in flatten(config).items()

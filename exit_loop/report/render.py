@@ -11,7 +11,7 @@ from typing import Any
 
 from exit_loop.environment import describe
 from exit_loop.jsonl import atomic_write_bytes
-from exit_loop.layout import TIME_COLUMNS
+from exit_loop.rundir import TIME_COLUMNS
 
 
 def _pct(x: float | None) -> str:

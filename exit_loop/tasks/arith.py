@@ -28,6 +28,7 @@ from pathlib import Path
 
 from exit_loop.config import load_config, to_dict
 from exit_loop.jsonl import write_json, write_jsonl
+from exit_loop.rundir import MANIFEST
 
 NAMES = [("Ava", "she"), ("Ben", "he"), ("Cleo", "she"), ("Dan", "he"), ("Eve", "she"), ("Finn", "he"),
          ("Gia", "she"), ("Hugo", "he"), ("Ivy", "she"), ("Jon", "he"), ("Kim", "she"), ("Leo", "he")]
@@ -118,7 +119,7 @@ def write_task(cfg: ArithTaskConfig, out_dir: str | Path) -> Path:
     train, test = generate(cfg)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
-    write_json(out / "manifest.json", {"task": "arith", "config": to_dict(cfg),
+    write_json(out / MANIFEST, {"task": "arith", "config": to_dict(cfg),
                                        "counts": {"train": len(train), "test": len(test)}})
     return out
 

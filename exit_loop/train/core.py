@@ -19,6 +19,7 @@ from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.console import say
 from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
 from exit_loop.jsonl import atomic_write_text, write_manifest
+from exit_loop.rundir import MANIFEST
 from exit_loop.train.checkpoint import last_complete_checkpoint, save
 from exit_loop.train.config import TrainConfig, sft_config, sft_kwargs
 from exit_loop.train.data import apply_rules, read_splits, subsample
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the output directory (see the package doc).
     `callbacks` (transformers `TrainerCallback`s) go to the trainer as they are."""
     out = Path(cfg.output_dir)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         say(f"train: {out}/manifest.json exists; already done")
         return out
     t0 = time.time()

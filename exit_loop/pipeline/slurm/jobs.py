@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from exit_loop.layout import MANIFEST, SHARED
+from exit_loop.rundir import MANIFEST, SHARED
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
 from exit_loop.pipeline.parallel import drawn_pairs
 from exit_loop.pipeline.run import ExperimentConfig, Run
