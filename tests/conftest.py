@@ -1,5 +1,6 @@
-"""Shared fixtures: GSM8K from the project's sibling `shared/` folder and a tiny Qwen2 model
-built once per test session (no hub downloads)."""
+"""Shared fixtures: GSM8K from the project's sibling `shared/` folder, a tiny Qwen2 model built
+once per test session (no hub downloads), and a real SLURM where one answers (shared helpers:
+tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from helpers import cancel_jobs, slurm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_DIR = Path(os.environ.get("EXIT_LOOP_GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k"))
@@ -36,3 +39,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, gsm8k_train: Path) 
 
     out = tmp_path_factory.mktemp("tiny_model")
     return create_tiny_model(out, gsm8k_texts(gsm8k_train, limit=2000))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    why = slurm_up()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture
+def cancel_after(slurm_cluster):
+    """Slurm dirs whose jobs are cancelled when the test ends (a failed test leaves none running)."""
+    dirs: list[Path] = []
+    yield dirs
+    cancel_jobs(dirs)

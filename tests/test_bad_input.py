@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,13 +20,13 @@ from exit_loop.errors import DiskFullError
 from exit_loop.jsonl import AppendLog, read_jsonl, write_jsonl
 from exit_loop.prompts import canonical_response, student_prompt
 
+import helpers
+
 TIMEOUT_S = 120  # any command that takes longer than this has hung
 
 
 def cli(*args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "exit_loop", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return helpers.cli(*args, timeout=timeout)
 
 
 def failed(res: subprocess.CompletedProcess, *words: str) -> None:

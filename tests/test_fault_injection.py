@@ -27,6 +27,9 @@ import yaml
 
 from exit_loop.jsonl import read_jsonl
 
+import helpers
+from helpers import tiny_run, write_yaml
+
 pytestmark = pytest.mark.engine
 
 TRIALS = int(os.environ.get("EXIT_LOOP_FAULT_TRIALS", "3"))
@@ -36,31 +39,17 @@ APPEND_LOGS = {"samples.jsonl", "greedy.jsonl", "pass_k.jsonl"}  # streamed: a t
 
 
 def write_config(tmp: Path, name: str, model: Path, gsm8k_dir: Path) -> Path:
-    cfg = {
-        "experiment": name, "runs_dir": str(tmp / "runs"), "rounds": ROUNDS, "student": str(model),
-        "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 16},
-        "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 16},
-                 "sample": {"max_tokens": 48}},
-        # greedy: an interrupted run and an uninterrupted one must write the same text
-        "sample": {"num_samples": 2, "max_tokens": 48, "temperature": 0.0, "enforce_eager": True,
-                   "dtype": "float32", "backend": "vllm", "engine": {"distributed_executor_backend": "uni"}},
-        "filter": {"dedup": False},
-        # a checkpoint every step, so kills land while TRL writes one too
-        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
-                  "sft": {"max_steps": 8, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                          "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "steps",
-                          "save_steps": 1, "max_length": 256, "learning_rate": 1e-3, "report_to": "none"}},
-        "arms": {"main": {"split": "all"}},
-        "isolate": False,  # one process: a kill takes the engine and the trainer with it
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = tiny_run(tmp, name, model, gsm8k_dir, rounds=ROUNDS, questions=16, max_tokens=48,
+                   # a checkpoint every step, so kills land while TRL writes one too
+                   sft={"max_steps": 8, "gradient_accumulation_steps": 1, "logging_steps": 1,
+                        "save_strategy": "steps", "save_steps": 1, "report_to": "none"},
+                   isolate=False)  # one process: a kill takes the engine and the trainer with it
+    cfg["sample"]["engine"] = {"distributed_executor_backend": "uni"}
+    return write_yaml(tmp / f"{name}.yaml", cfg)
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return helpers.env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
 def start(cfg: Path) -> subprocess.Popen:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,22 +17,14 @@ from exit_loop.filter import ALL_KEYS
 from exit_loop.jsonl import read_jsonl
 from exit_loop.tokens import count_tokens
 
+from helpers import env, exit_loop_cmd
+
 N_PROBLEMS, N_SAMPLES = 32, 4
 CORRECT_KEYS = {"prompt", "response"}
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "exit_loop", *args]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return e
-
-
 def generate_args(model: Path, data: Path, out: Path, backend: str, *extra: str) -> list[str]:
-    return cli("generate", "--model_name", str(model), "--dataset", str(data),
+    return exit_loop_cmd("generate", "--model_name", str(model), "--dataset", str(data),
                "--num_examples", str(N_PROBLEMS), "--num_samples", str(N_SAMPLES),
                "--backend", backend, "--output_dir", str(out),
                "sample.max_tokens=96", "sample.dtype=float32", "sample.enforce_eager=true",
@@ -127,7 +118,7 @@ def test_auto_falls_back_to_hf_when_vllm_fails(tiny_model_dir: Path, gsm8k_train
     and finishes the job with HF."""
     out = tmp_path / "gen_auto"
     res = subprocess.run(
-        cli("generate", "--model_name", str(tiny_model_dir), "--dataset", str(gsm8k_train),
+        exit_loop_cmd("generate", "--model_name", str(tiny_model_dir), "--dataset", str(gsm8k_train),
             "--num_examples", "4", "--num_samples", "2", "--output_dir", str(out),
             "sample.max_tokens=16", "sample.max_model_len=1000000"),
         env=env(), capture_output=True, text=True, timeout=600)
@@ -142,7 +133,7 @@ def test_auto_falls_back_to_hf_when_vllm_fails(tiny_model_dir: Path, gsm8k_train
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), env=env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(exit_loop_cmd(*args), env=env(), capture_output=True, text=True, timeout=120)
 
 
 def test_missing_model_path_fails_before_engine(tmp_path: Path, gsm8k_train: Path):

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import read_jsonl, write_jsonl
@@ -21,48 +20,24 @@ from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change
 from exit_loop.pipeline.stages import select_questions
 from exit_loop.tasks import Problem
 
+from helpers import cli, env, live_in_group, report_scalars, tensorboard_scalars, tiny_run, write_yaml
+
 ROUNDS = 2
 
 
 def experiment(tmp: Path, name: str, model: Path, gsm8k_dir: Path, **extra) -> Path:
-    cfg = {
-        "experiment": name,
-        "runs_dir": str(tmp / "runs"),
-        "rounds": ROUNDS,
-        "student": str(model),
-        "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 12},
-        "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 12},
-                 "sample": {"max_tokens": 48},
-                 "k": 2},
-        # greedy sampling: an interrupted and an uninterrupted run must end identical
-        "sample": {"num_samples": 2, "max_tokens": 48, "temperature": 0.0, "enforce_eager": True,
-                   "dtype": "float32", "backend": "vllm"},
-        "filter": {"dedup": False},
-        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
-                  "sft": {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                          "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "no",
-                          "max_length": 512, "learning_rate": 1e-3}},
-        "arms": {"main": {"split": "all"}},
-        # round 0 from a teacher with settings of its own: its rows store the student prompt and
-        # count the student's tokens, its own count kept apart (tests/test_fidelity.py has teachers
-        # asked through a chat template and as a reasoning model)
-        "teacher": {"model": str(model), "prompt_style": "r1_zero", "max_tokens": 40},
-        **extra,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return e
+    cfg = tiny_run(tmp, name, model, gsm8k_dir, rounds=ROUNDS, questions=12, max_tokens=48,
+                   sft={"max_steps": 4, "gradient_accumulation_steps": 1, "logging_steps": 1, "max_length": 512},
+                   # round 0 from a teacher with settings of its own: its rows store the student prompt and
+                   # count the student's tokens, its own count kept apart (tests/test_fidelity.py has
+                   # teachers asked through a chat template and as a reasoning model)
+                   teacher={"model": str(model), "prompt_style": "r1_zero", "max_tokens": 40})
+    cfg["eval"]["k"] = 2
+    return write_yaml(tmp / f"{name}.yaml", {**cfg, **extra})
 
 
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exit_loop", *args], env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return cli(*args, timeout=timeout)
 
 
 def check_run(root: Path) -> None:
@@ -135,7 +110,6 @@ def test_tensorboard_scalars_equal_the_report(straight_run: Path, tmp_path: Path
     """report_to=[tensorboard]: every round's numbers, read back with TensorBoard's own reader,
     are report.json's; each round's SFT run is a sub-run named for its round, with TRL's loss."""
     from exit_loop.report import compare
-    from test_track import report_scalars, tensorboard_scalars
 
     report = json.loads((compare([straight_run], tmp_path) / "report.json").read_text())["arms"]
     (arm,) = report.values()
@@ -394,7 +368,6 @@ def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_r
     and merged, and the greedy rows (eval and samples) are exactly those of the one-engine run."""
     import re
 
-    from test_parallel import live_in_group
 
     from exit_loop.config import dump_yaml
 

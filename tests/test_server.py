@@ -26,7 +26,7 @@ from exit_loop.prompts import canonical_response
 from exit_loop.sample import ServerError
 
 from fault_proxy import FaultProxy
-from test_slurm import cancel_after, slurm_cluster  # noqa: F401  (fixtures)
+from helpers import SLURM, cli, exit_config, logs, wait_idle
 
 QUESTIONS, SAMPLES = 6, 3
 KEY_ENV = "EXIT_LOOP_TEST_API_KEY"
@@ -268,8 +268,6 @@ def test_a_generation_whose_server_the_slurm_job_launches(tiny_model_dir: Path, 
                                                           cancel_after):
     """On the local SLURM: the server job (the real vLLM server), two client array tasks that wait
     for its address file and /health, the merge, and the job that cancels the server."""
-    from test_slurm import SLURM, cli, logs, wait_idle
-
     out = tmp_path / "gen"
     launch = " ".join(serve_cmd(tiny_model_dir, "{port}")).replace("--host 127.0.0.1", "--host {host}")
     cfg = {"output_dir": str(out),
@@ -311,7 +309,6 @@ def test_an_exit_run_launches_its_teachers_server_beside_round_0(tmp_path: Path,
     """teacher.server.launch in a run: one server job for round 0 of every seed, cancelled once
     those rollouts have ended; the later rounds never wait for it."""
     from exit_loop.pipeline.slurm import command
-    from test_slurm import exit_config
 
     path = exit_config(tmp_path, "tsrv", "org/student-1.5B", gsm8k_dir, seeds=[0, 1],
                        teacher={"model": "org/Teacher-R1-70B",

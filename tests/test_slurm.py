@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -21,47 +20,9 @@ import yaml
 from exit_loop.config import ConfigError, load_config
 from exit_loop.jsonl import read_jsonl
 from exit_loop.pipeline.slurm import command, plan
-from exit_loop.pipeline.slurm.queue import ACTIVE, Book, job_states
 from exit_loop.pipeline.slurm.script import array_ranges, shell_word
 
-
-def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "exit_loop", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-SLURM = {"cpus": 1, "mem": "3G", "time": "0:30:00", "signal_s": 60, "rollout": {"gpus": 0},
-         "train": {"gpus": 0}, "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
-# HF-backend jobs run two at a time on two cores: one torch thread each, or they fight for them
-SLURM_HF = {**SLURM, "env": {**SLURM["env"], "OMP_NUM_THREADS": "1"}}
-
-
-def exit_config(tmp: Path, name: str, model: Path | str, gsm8k_dir: Path, rounds: int = 2, **extra) -> Path:
-    cfg = {
-        "experiment": name,
-        "runs_dir": str(tmp / "runs"),
-        "rounds": rounds,
-        "student": str(model),
-        "data": {"dataset": str(gsm8k_dir / "train.jsonl"), "num_examples": 8},
-        "eval": {"data": {"dataset": str(gsm8k_dir / "test.jsonl"), "split": "test", "num_examples": 8},
-                 "sample": {"max_tokens": 32}},
-        "sample": {"num_samples": 2, "max_tokens": 32, "temperature": 0.0, "enforce_eager": True,
-                   "dtype": "float32", "backend": "vllm"},
-        "filter": {"dedup": False},
-        "train": {"truncated": "no_eos",  # a random model's traces all run to max_tokens
-                  "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
-                          "save_strategy": "no", "max_length": 256, "learning_rate": 1e-3}},
-        "arms": {"main": {"split": "all"}},
-        "slurm": SLURM,
-    }
-    for key, value in extra.items():  # sample={"backend": "hf"} updates that section; arms, eval replace
-        cfg[key] = {**cfg[key], **value} if key in ("sample", "slurm") else value
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from helpers import SLURM, SLURM_HF, cli, exit_config, logs, wait_idle
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -208,55 +169,6 @@ def test_unquoted_time_is_refused_with_the_reason(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- a real SLURM
-
-
-def _slurm_up() -> str:
-    """Why the slurm tests cannot run here, or '' when a cluster answers."""
-    if not shutil.which("sinfo") or not shutil.which("sbatch"):
-        return "no SLURM commands here (sinfo/sbatch); .ci/run starts a local SLURM"
-    try:
-        res = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: no SLURM controller answers"
-    if res.returncode != 0:
-        return f"no SLURM cluster answers (sinfo: {res.stderr.strip()[:200]}); .ci/run starts one"
-    if not any(s.strip() in ("idle", "mix", "alloc") for s in res.stdout.split()):
-        return f"no SLURM node is up (sinfo: {res.stdout.strip()})"
-    return ""
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    why = _slurm_up()
-    if why:
-        pytest.skip(why)
-
-
-@pytest.fixture
-def cancel_after(slurm_cluster):
-    """Slurm dirs whose jobs are cancelled when the test ends (a failed test leaves none running)."""
-    dirs: list[Path] = []
-    yield dirs
-    for d in dirs:
-        ids = [j for j, (st, _) in job_states(Book(d).ids()).items() if st in ACTIVE]
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True)
-
-
-def wait_idle(slurm_dir: Path, timeout: float) -> None:
-    """Until no job this run submitted is pending or running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = job_states(Book(slurm_dir).ids())
-        if not any(st in ACTIVE for st, _ in states.values()):
-            return
-        time.sleep(1)
-    raise AssertionError(f"jobs still queued after {timeout}s: {job_states(Book(slurm_dir).ids())}\n"
-                         + logs(slurm_dir))
-
-
-def logs(slurm_dir: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((slurm_dir / "logs").glob("*.out")))
 
 
 def status(run_dir: Path) -> dict[str, str]:

@@ -16,28 +16,10 @@ from exit_loop.report import compare
 from exit_loop.config import ConfigError, load_config
 from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.track import open_tracker, sft_tracking, tensorboard_dir
-from test_report import make_run
+
+from helpers import make_run, report_scalars, tensorboard_scalars
 
 ACC = [0.10, 0.25, 0.40]
-
-
-def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} of the event files in `log_dir` (not its sub-runs)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
-def report_scalars(arm: dict, k: int) -> dict[str, float]:
-    """What report.json says of round k, under the trackers' names."""
-    out = {f"eval/{key}": arm[key][k] for key in ("accuracy", "pass@k", "maj@k", "format_error_rate",
-                                                  "mean_response_tokens")}
-    out.update({"filter/yield": arm["yield"][k], "sample/tokens_generated": arm["tokens_generated"][k],
-                "train/tokens": arm["training_tokens"][k]})
-    out.update({f"time/{stage}_s": v[k] for stage, v in arm["wall_time_s"].items()})
-    return {key: v for key, v in out.items() if v is not None}
 
 
 def wandb_records(path: Path):

@@ -483,15 +483,8 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path, tiny_model_d
     assert (out / "ckpt" / "model.safetensors").exists()
 
 
-def _slurm_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    return subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode == 0
-
-
 @pytest.mark.slurm
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM here (.ci/run starts one)")
-def test_sbatch_train_sft_runs_one_process_per_gpu(tmp_path, tiny_model_dir, gsm8k_split):
+def test_sbatch_train_sft_runs_one_process_per_gpu(slurm_cluster, tmp_path, tiny_model_dir, gsm8k_split):
     out = tmp_path / "run"
     log = tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
