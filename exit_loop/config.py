@@ -194,6 +194,10 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, lines: dict[str, str
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
+        name, sep, rest = str(e).partition(": ")
+        if sep and name in fields:  # "r: must be at least 1": the key is this section's, named in full
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"config key '{key}'{_where(key, lines)}: {rest}") from None
         raise ConfigError(f"config '{prefix or cls.__name__}': {e}") from None
     return obj
 

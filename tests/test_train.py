@@ -141,6 +141,17 @@ def test_question_of_student_prompt():
     assert question_of("free-form prompt") == "free-form prompt"
 
 
+def test_a_bad_lora_setting_names_its_key_where_it_is(tmp_path):
+    from exit_loop.pipeline.run import ExperimentConfig
+
+    with pytest.raises(ConfigError, match=r"config key 'peft.r' \(command line\): must be at least 1, got 0"):
+        load_config(TrainConfig, None, ["peft.r=0"], values={"data": ["a"], "model": "m"})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  peft:\n    dropout: 1.5\n")
+    with pytest.raises(ConfigError, match=rf"config key 'train.peft.dropout' \({cfg}:3\): must be in \[0, 1\)"):
+        load_config(ExperimentConfig, cfg)
+
+
 def test_config_from_cli_values_and_overrides(tmp_path):
     cfg = load_config(TrainConfig, None, ["peft.enabled=true", "peft.target_modules=[q_proj,v_proj]",
                                           "sft.learning_rate=2e-5", "num_examples=100"],

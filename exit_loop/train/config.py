@@ -80,12 +80,13 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"  # module-name suffixes, a regex, or "all-linear"
 
     def __post_init__(self) -> None:
+        # "<field>: ...": the loader names the key where it is (peft.r for `exit-loop train`, train.peft.r in a run)
         if self.r < 1:
-            raise ConfigError(f"config key 'peft.r': must be at least 1, got {self.r}")
+            raise ValueError(f"r: must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config key 'peft.dropout': must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ConfigError("config key 'peft.target_modules': empty")
+            raise ValueError("target_modules: empty")
 
 
 @dataclass
