@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from exit_loop.command import config_parser
 from exit_loop.config import load_config, to_dict
 from exit_loop.console import say
 from exit_loop.errors import DataError
@@ -183,8 +184,7 @@ def score(cfg: EvalConfig, drawn_s: float) -> Path:
 
 
 def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="exit-loop eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("exit-loop eval", __doc__, EvalConfig)
     p.add_argument("--config", help="YAML file with EvalConfig keys")
     p.add_argument("--model", help="checkpoint or hub id (sample.model_name)")
     p.add_argument("--dataset", help="hub id or local JSONL (data.dataset)")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exit_loop.command import config_parser
 from exit_loop.config import load_config
 from exit_loop.console import say
 from exit_loop.errors import DataError
@@ -189,8 +190,7 @@ def run(cfg: FilterConfig) -> Path:
 
 
 def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="exit-loop filter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("exit-loop filter", __doc__, FilterConfig)
     p.add_argument("--input", help="verified rows (JSONL with prompt, response, is_correct)")
     p.add_argument("--output_dir", help="where the splits go (default data/gsm8k)")
     p.add_argument("--config", help="YAML file with FilterConfig keys")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from exit_loop.command import config_parser
 from exit_loop.config import load_config
 from exit_loop.console import say, stream
 from exit_loop.errors import DataError
@@ -145,8 +146,7 @@ def run(cfg: VerifyConfig) -> Path:
 def command(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="exit-loop verify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("exit-loop verify", __doc__, VerifyConfig)
     p.add_argument("--input", help="JSONL rows with `response` and `ground_truth`")
     p.add_argument("--output", help="where the labelled rows go")
     p.add_argument("--task", choices=list(TASKS),

@@ -455,3 +455,20 @@ def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
     assert (task.num_train, task.num_test) == (1536, 100)  # QuickstartConfig's own task default
     with pytest.raises(ConfigError, match=r"unknown config key 'eval.data.splt'.*valid keys under 'eval.data'"):
         load_config(ExperimentConfig, None, ["student=x", "eval.data.splt=test"])
+
+
+def test_help_lists_every_config_key_with_its_default_and_comment():
+    from exit_loop.command import keys_help
+    from exit_loop.pipeline.run import ExperimentConfig
+
+    lines = keys_help(ExperimentConfig)
+    by_key = {line.split()[0]: line for line in lines}
+    assert "samples per problem" in by_key["sample.num_samples=1"]           # a comment at the end of its line
+    assert "what the student trains on" in by_key["arms.NAME.split=correct"]  # comment lines above the field
+    assert "eval.data.split=test" in by_key                 # a section's own default, not its class's
+    assert "teacher.model=''" in by_key and "train.peft.r=16" in by_key    # a section null by default, nested
+    assert all(line == line.rstrip() for line in lines)
+    # every key listed is one the loader takes
+    keys = [k.split("=")[0] for k in by_key if "=" in k and "NAME" not in k]
+    for key in keys:
+        assert parse_override(ExperimentConfig, f"{key}=null")[0] == key

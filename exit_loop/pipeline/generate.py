@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from exit_loop.command import config_parser
 from exit_loop.config import changed_keys, dump_yaml, flatten, load_config, read_yaml, to_dict
 from exit_loop.console import say, stage_log
 from exit_loop.errors import ConfigError, DataError
@@ -199,8 +200,7 @@ def parse_args(argv: list[str], prog: str, description: str) -> GenerateConfig:
 
 def parse_command(argv: list[str], prog: str, description: str) -> tuple[GenerateConfig, bool]:
     """(the config, --allow_config_change)."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser(prog, description, GenerateConfig)
     p.add_argument("--config", help="YAML config (see configs/); flags and key=value override it")
     p.add_argument("--model_name", help="hub id or local path of the teacher (sample.model_name)")
     p.add_argument("--num_examples", type=int, help="first N problems (data.num_examples)")

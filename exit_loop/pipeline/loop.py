@@ -39,6 +39,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from exit_loop.command import config_parser
 from exit_loop.config import dump_yaml, load_config
 from exit_loop.console import say
 from exit_loop.errors import ConfigError, DataError, StageFailed
@@ -183,8 +184,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 
 
 def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="exit-loop run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("exit-loop run", __doc__, ExperimentConfig)
     p.add_argument("config", help="experiment YAML (configs/exit_*.yaml), or an existing run dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=4 sample.num_samples=8")
     p.add_argument("--allow_config_change", action="store_true",

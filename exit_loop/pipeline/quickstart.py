@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from exit_loop.baseline import baseline_row
+from exit_loop.command import config_parser
 from exit_loop.report import compare
 from exit_loop.config import changed_keys, load_config, to_dict
 from exit_loop.console import say, stage_log, train_progress
@@ -312,8 +313,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def resolve(argv: list[str]) -> tuple[QuickstartConfig, str, list[str], bool]:
     """The command line as (the quickstart's config, the experiment YAML, its overrides, --gpu),
     every key checked (a bad one raises ConfigError) and nothing loaded or written."""
-    p = argparse.ArgumentParser(prog="exit-loop quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("exit-loop quickstart", __doc__, QuickstartConfig)
     p.add_argument("--config", default=None,
                    help=f"experiment YAML (default {DEFAULT_CONFIG}; with --gpu, {GPU_CONFIG})")
     p.add_argument("--gpu", action="store_true",

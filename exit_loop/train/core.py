@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exit_loop.command import config_parser
 from exit_loop.config import ConfigError, dump_yaml, load_config, to_dict
 from exit_loop.console import say
 from exit_loop.hub import check_hub, route_push, stage_checkpoint, upload
@@ -187,12 +188,12 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="exit-loop train",
-        description="SFT a student on one or more prompt/response splits with TRL's SFTTrainer.\n"
+    parser = config_parser(
+        "exit-loop train",
+        "SFT a student on one or more prompt/response splits with TRL's SFTTrainer.\n"
                     "Writes OUTPUT_DIR/ckpt (a full safetensors checkpoint that vLLM loads; LoRA is\n"
                     "merged into it), OUTPUT_DIR/config.yaml and, last, OUTPUT_DIR/manifest.json.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        TrainConfig,
         epilog="""overrides (key=value, dotted, after the flags or anywhere):
   num_examples=1000            a seeded random subset (data-size sweeps)
   use_chat_template=true       instruct students: train through the chat template
