@@ -21,13 +21,18 @@ $PY -m exit_loop model fetch smollm2-135m-instruct --out "$WORK/model" ${GGUF:+-
 # A pretrained 135M student takes the rates of a fine-tune, not the tiny model's: warm start 300
 # steps at 1e-4, rounds at 2e-5 (both decaying to zero); the CPU quickstart's task sizes (512 gold
 # solutions, 1,024 expert-iteration questions).
+# One task data directory for every seed (the same files, so compare pairs the seeds on the same
+# questions): seed 0 writes it, the others start once its manifest is there and reuse it.
+d="$WORK/data"
 for s in 0 1 2; do
-    d="$WORK/s$s"
     $PY -m exit_loop quickstart --gpu warmup.base="$WORK/model" warmup.learning_rate=1e-4 warmup.steps=300 \
         task.num_train=1536 warmup.num_examples=512 "seeds=[$s]" runs_dir="$WORK/runs_s$s" data.dataset="$d/train.jsonl" \
         eval.data.dataset="$d/test.jsonl" student="$d/seed_{seed}/student/ckpt" \
         arms.gold.data.dataset="$d/gold.jsonl" train.sft.learning_rate=2e-5 ${QS_OVERRIDES:-} \
         > "$WORK/seed_$s.log" 2>&1 &
+    if [ "$s" = 0 ]; then
+        for _ in $(seq 600); do [ -e "$d/manifest.json" ] || ! kill -0 $! 2>/dev/null && break; sleep 0.5; done
+    fi
 done
 rc=0
 for job in $(jobs -p); do wait "$job" || rc=$?; done
