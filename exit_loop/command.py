@@ -5,7 +5,8 @@ dotted keys), each with its default and the comment its dataclass field carries 
 
     p = config_parser("exit-loop run", __doc__, ExperimentConfig, epilog=EXAMPLES)
 
-A field's comment is the one at the end of its line, else the comment lines just above it.
+A field's comment is its metadata's `comment`, else the one at the end of its line, else the
+comment lines just above it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ WIDTH = 30  # the key column
 
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field of dataclass `cls` and the comment its source gives it ('' where none)."""
+    """Each field of dataclass `cls` and its comment: its metadata's `comment` (a class made by
+    dataclasses.make_dataclass has no source), else the one its source gives it."""
+    out = {f.name: f.metadata["comment"] for f in dataclasses.fields(cls) if f.metadata.get("comment")}
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source (a frozen build, a class made at run time)
-        return {}
+        return out
     names = {f.name for f in dataclasses.fields(cls)}
-    out: dict[str, str] = {}
     above: list[str] = []
     for line in lines[1:]:
         if m := _COMMENT.match(line):

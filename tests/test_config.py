@@ -472,3 +472,21 @@ def test_help_lists_every_config_key_with_its_default_and_comment():
     keys = [k.split("=")[0] for k in by_key if "=" in k and "NAME" not in k]
     for key in keys:
         assert parse_override(ExperimentConfig, f"{key}=null")[0] == key
+
+
+def test_a_teacher_takes_the_samplers_keys_checked_as_the_students_are():
+    from exit_loop.pipeline.run import TEACHER_SAMPLE_KEYS, ExperimentConfig
+    from exit_loop.sample import SampleConfig
+
+    base = ["student=s", "teacher.model=T"]
+    cfg = load_config(ExperimentConfig, None, [*base, "teacher.max_tokens=40", "teacher.stop=[x]",
+                                               "sample.temperature=0.3"])
+    teacher = cfg.teacher.sample_config(cfg.sample, "s")
+    assert (teacher.model_name, teacher.max_tokens, teacher.stop, teacher.temperature) == ("T", 40, ["x"], 0.3)
+    with pytest.raises(ConfigError, match=r"config 'teacher': max_tokens must be at least 1, got 0"):
+        load_config(ExperimentConfig, None, [*base, "teacher.max_tokens=0"])  # at load, not at round 0
+    with pytest.raises(ConfigError, match=r"'teacher.temperature' \(command line\): expected float \| null"):
+        load_config(ExperimentConfig, None, [*base, "teacher.temperature=hot"])
+    with pytest.raises(ConfigError, match="unknown config key 'teacher.num_samples'"):  # the run's, not the teacher's
+        load_config(ExperimentConfig, None, [*base, "teacher.num_samples=4"])
+    assert set(TEACHER_SAMPLE_KEYS) <= {f for f in SampleConfig.__dataclass_fields__}

@@ -14,18 +14,19 @@ import dataclasses
 import os
 import shlex
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
+from exit_loop.command import field_comments
 from exit_loop.config import check_unchanged
 from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
 from exit_loop.rundir import MANIFEST, SHARED, SHARED_STAGES, round_name, seed_name
 from exit_loop.pipeline.resources import SlurmConfig
 from exit_loop.prompts import PromptStyle
-from exit_loop.sample import SampleConfig, ServerConfig, resolve_prompt_style
-from exit_loop.sample.request import Backend
+from exit_loop.sample import SampleConfig, resolve_prompt_style
 from exit_loop.tasks import DataConfig, Problem, load_problems
 from exit_loop.train.config import LoraSettings
 
@@ -114,44 +115,54 @@ class TrainSection:
     hub_model_id: str | None = None  # ORG/NAME: each round's merged ckpt/ to this model repo (exit_loop.hub)
 
 
-@dataclass
-class TeacherConfig:
-    """Who samples round 0 when it is not the student, and how: its own model, prompt style and
-    engine settings; a key left unset (null) takes the student's `sample:` value. In YAML,
-    `teacher: MODEL` is short for `teacher: {model: MODEL}`."""
-    SHORTHAND: ClassVar[str] = "model"
+# What a teacher may set of the sampler's settings, each unset (None) by default: the student's
+# `sample:` value then. The rest (samples per question, seeds, shards, placement) is the run's.
+TEACHER_SAMPLE_KEYS = ("system_prompt", "backend", "max_tokens", "temperature", "top_p", "stop", "dtype",
+                       "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager",
+                       "sampling", "engine", "server")
 
-    model: str = ""
-    prompt_style: PromptStyle | Literal["auto"] = "auto"  # auto: from the teacher's name, resolved at start
-    system_prompt: str | None = None
-    backend: Backend | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
-    dtype: str | None = None
-    tensor_parallel_size: int | None = None
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    enforce_eager: bool | None = None
-    trust_remote_code: bool = False
-    sampling: dict[str, Any] | None = None   # vllm.SamplingParams keys (replacing the student's)
-    engine: dict[str, Any] | None = None     # vllm.LLM keyword arguments (replacing the student's)
-    server: ServerConfig | None = None       # backend: server: the OpenAI-compatible server to sample from
 
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("teacher.model: give the teacher's hub id or path (or teacher: null)")
-        if self.server is not None and self.backend is None:
-            self.backend = "server"
+def _teacher_post_init(self) -> None:
+    if not self.model:
+        raise ValueError("teacher.model: give the teacher's hub id or path (or teacher: null)")
+    if self.server is not None and self.backend is None:
+        self.backend = "server"
+    self.sample_config(SampleConfig(), "")  # SampleConfig's own checks (max_tokens >= 1, ...) at load
 
-    def sample_config(self, student: SampleConfig, student_model: str) -> SampleConfig:
-        """The sampler settings for the teacher: the student's, with the teacher's own on top; its
-        rows count their responses in the student's tokens (`student_model`)."""
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("model", "trust_remote_code") and getattr(self, f.name) is not None}
-        return dataclasses.replace(student, **own, model_name=self.model, trust_remote_code=self.trust_remote_code,
-                                   student=student_model)
+
+def _teacher_sample_config(self, student: SampleConfig, student_model: str) -> SampleConfig:
+    """The sampler settings for the teacher: the student's, with the teacher's own on top; its
+    rows count their responses in the student's tokens (`student_model`)."""
+    own = {k: getattr(self, k) for k in ("prompt_style", *TEACHER_SAMPLE_KEYS) if getattr(self, k) is not None}
+    return dataclasses.replace(student, **own, model_name=self.model, trust_remote_code=self.trust_remote_code,
+                               student=student_model)
+
+
+def _teacher_config() -> type:
+    """TeacherConfig: the model, its prompt style, and SampleConfig's TEACHER_SAMPLE_KEYS as
+    optional overrides (their types and comments SampleConfig's own, so the one loader checks them
+    and `--help` explains them as it does the student's)."""
+    hints = typing.get_type_hints(SampleConfig)
+    comments = field_comments(SampleConfig)
+    overrides = [(k, hints[k] | None, field(default=None, metadata={"comment": comments.get(k, "")}))
+                 for k in TEACHER_SAMPLE_KEYS]
+    at = TEACHER_SAMPLE_KEYS.index("sampling")  # trust_remote_code where config.yaml has always had it
+    cls = dataclasses.make_dataclass("TeacherConfig", [
+        ("model", str, field(default="", metadata={"comment": "the teacher's hub id or path"})),
+        ("prompt_style", PromptStyle | Literal["auto"],
+         field(default="auto", metadata={"comment": "auto: from the teacher's name, resolved at start"})),
+        *overrides[:at],
+        ("trust_remote_code", bool, field(default=False)),  # never the student's: off unless asked
+        *overrides[at:],
+    ], namespace={"SHORTHAND": "model", "__post_init__": _teacher_post_init, "sample_config": _teacher_sample_config,
+                  "__doc__": "Who samples round 0 when it is not the student, and how: its own model, prompt style "
+                             "and sampler settings; a key left unset (null) takes the student's `sample:` value. "
+                             "In YAML, `teacher: MODEL` is short for `teacher: {model: MODEL}`."})
+    cls.__module__ = __name__
+    return cls
+
+
+TeacherConfig = _teacher_config()
 
 
 @dataclass
