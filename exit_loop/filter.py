@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from exit_loop.command import config_parser
 from exit_loop.config import load_config
@@ -102,9 +102,15 @@ def pick(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> tuple[list[dict[s
     return [{"prompt": row["prompt"], "response": row["response"]} for row in kept], dropped
 
 
-def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Split verified rows into (all rows, correct prompt/response pairs, summary)."""
+class Splits(NamedTuple):
+    all: list[dict[str, Any]]        # every row, labelled
+    correct: list[dict[str, Any]]    # verified-correct prompt/response pairs (after dedup, K, length)
+    formatted: list[dict[str, Any]]  # well-formed prompt/response pairs, answers unchecked (the same rules)
+    summary: dict[str, Any]
+
+
+def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Splits:
+    """Split verified rows into the three splits and their summary."""
     all_rows: list[dict[str, Any]] = []
     failures: Counter[str] = Counter()
     questions: set[str] = set()
@@ -125,6 +131,7 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
         elif isinstance(ntok, int):
             tokens_bad.append(ntok)
     correct, dropped = pick((r for r in all_rows if r.get("is_correct")), cfg)
+    formatted, dropped_formatted = pick((r for r in all_rows if well_formed(r)), cfg)
     n = len(all_rows)
     n_correct = sum(1 for r in all_rows if r.get("is_correct"))
     summary = {
@@ -139,8 +146,10 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig
         "failures": count_failures(failures.elements()),
         "correct_split_rows": len(correct),
         "dropped_from_correct": dict(dropped),
+        "formatted_split_rows": len(formatted),
+        "dropped_from_formatted": dict(dropped_formatted),
     }
-    return all_rows, correct, summary
+    return Splits(all_rows, correct, formatted, summary)
 
 
 def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty: bool = False) -> dict[str, Any]:
@@ -148,8 +157,7 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
     No rows is an error, unless `allow_empty` (an ExIt round whose every question is already
     solved: empty splits and a summary of zero traces)."""
     out = Path(cfg.output_dir)
-    all_rows, correct, summary = filter_rows(rows, cfg)
-    formatted, dropped = pick((r for r in all_rows if well_formed(r)), cfg)
+    all_rows, correct, formatted, summary = filter_rows(rows, cfg)
     if not all_rows:
         if not allow_empty:
             raise DataError(f"{cfg.input or 'filter'}: no rows to filter")
@@ -158,8 +166,6 @@ def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty:
     write_jsonl(out / cfg.correct_name, correct)
     write_jsonl(out / cfg.formatted_name, formatted)
     if all_rows:
-        summary["formatted_split_rows"] = len(formatted)
-        summary["dropped_from_formatted"] = dict(dropped)
         summary["all_split"] = str(out / cfg.all_name)
         summary["correct_split"] = str(out / cfg.correct_name)
         summary["formatted_split"] = str(out / cfg.formatted_name)

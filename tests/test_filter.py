@@ -68,7 +68,7 @@ def correct_of(qid: int, response: str) -> dict:
 # --------------------------------------------------------------------------- the splits
 
 def test_all_split_keys_and_order():
-    all_rows, correct, _ = filter_rows([{**r, "junk": 1} for r in ROWS], FilterConfig())
+    all_rows, correct, _, _ = filter_rows([{**r, "junk": 1} for r in ROWS], FilterConfig())
     assert len(all_rows) == len(ROWS)
     for out, src in zip(all_rows, ROWS):
         assert list(out)[:5] == HEAD
@@ -81,13 +81,13 @@ def test_all_split_keys_and_order():
 
 
 def test_all_split_fills_missing_label_keys_with_none():
-    all_rows, _, _ = filter_rows([{"prompt": "p", "response": "r", "is_correct": False}], FilterConfig())
+    all_rows, _, _, _ = filter_rows([{"prompt": "p", "response": "r", "is_correct": False}], FilterConfig())
     assert all_rows == [{"prompt": "p", "response": "r", "ground_truth": None, "predicted": None,
                          "is_correct": False}]
 
 
 def test_correct_split_default_drops_duplicates_per_question():
-    _, correct, summary = filter_rows(ROWS, FilterConfig())
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig())
     assert correct == [correct_of(0, A), correct_of(0, B), correct_of(1, C)]
     assert summary["correct_split_rows"] == 3
     assert summary["dropped_from_correct"] == {"duplicate": 1}
@@ -95,9 +95,9 @@ def test_correct_split_default_drops_duplicates_per_question():
 
 def test_dedup_is_per_question_and_can_be_turned_off():
     rows = [row(0, 0, A, True, "none", 10), row(1, 0, A, True, "none", 10), row(1, 1, A, True, "none", 10)]
-    _, correct, _ = filter_rows(rows, FilterConfig())
+    _, correct, _, _ = filter_rows(rows, FilterConfig())
     assert correct == [correct_of(0, A), correct_of(1, A)]
-    _, correct, summary = filter_rows(ROWS, FilterConfig(dedup=False))
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig(dedup=False))
     assert correct == [correct_of(0, A), correct_of(0, A), correct_of(0, B), correct_of(1, C)]
     assert summary["dropped_from_correct"] == {}
 
@@ -107,29 +107,29 @@ def test_dedup_is_per_question_and_can_be_turned_off():
     (2, [(0, A), (0, B), (1, C)], {"duplicate": 1}),
 ])
 def test_at_most_k_correct_per_question(k, expected, dropped):
-    _, correct, summary = filter_rows(ROWS, FilterConfig(max_correct_per_question=k))
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig(max_correct_per_question=k))
     assert correct == [correct_of(q, r) for q, r in expected]
     assert summary["dropped_from_correct"] == dropped
 
 
 def test_k_counts_kept_traces_without_dedup():
-    _, correct, summary = filter_rows(ROWS, FilterConfig(max_correct_per_question=2, dedup=False))
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig(max_correct_per_question=2, dedup=False))
     assert correct == [correct_of(0, A), correct_of(0, A), correct_of(1, C)]
     assert summary["dropped_from_correct"] == {"over_k": 1}
 
 
 def test_max_response_tokens():
-    _, correct, summary = filter_rows(ROWS, FilterConfig(max_response_tokens=20))
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig(max_response_tokens=20))
     assert correct == [correct_of(0, A), correct_of(0, B)]
     assert summary["dropped_from_correct"] == {"duplicate": 1, "too_long": 1}
-    _, correct, summary = filter_rows(ROWS, FilterConfig(max_response_tokens=15, dedup=False))
+    _, correct, _, summary = filter_rows(ROWS, FilterConfig(max_response_tokens=15, dedup=False))
     assert correct == [correct_of(0, A), correct_of(0, A)]
     assert summary["dropped_from_correct"] == {"too_long": 2}
 
 
 def test_options_never_touch_the_all_split():
-    all_default, _, _ = filter_rows(ROWS, FilterConfig())
-    all_strict, correct, _ = filter_rows(ROWS, FilterConfig(max_correct_per_question=1, max_response_tokens=1))
+    all_default, _, _, _ = filter_rows(ROWS, FilterConfig())
+    all_strict, correct, _, _ = filter_rows(ROWS, FilterConfig(max_correct_per_question=1, max_response_tokens=1))
     assert correct == []
     assert all_strict == all_default
 
@@ -137,7 +137,7 @@ def test_options_never_touch_the_all_split():
 # --------------------------------------------------------------------------- the summary
 
 def test_summary_numbers():
-    _, _, s = filter_rows(ROWS, FilterConfig())
+    _, _, _, s = filter_rows(ROWS, FilterConfig())
     assert s["traces"] == 8
     assert s["correct_traces"] == 4
     assert s["trace_accuracy"] == 0.5
@@ -155,7 +155,7 @@ def test_summary_without_failure_or_token_keys():
     rows = [{"prompt": "p1", "response": "a", "is_correct": True},
             {"prompt": "p1", "response": "b", "is_correct": False},
             {"prompt": "p2", "response": "c", "is_correct": False}]
-    _, correct, s = filter_rows(rows, FilterConfig())
+    _, correct, _, s = filter_rows(rows, FilterConfig())
     assert correct == [{"prompt": "p1", "response": "a"}]
     assert {k: v for k, v in s["failures"].items() if v} == {"none": 1, "wrong": 2}
     assert s["questions"] == 2 and s["questions_solved"] == 1   # questions told apart by prompt
@@ -163,7 +163,7 @@ def test_summary_without_failure_or_token_keys():
 
 
 def test_empty_input_is_a_data_error(tmp_path):
-    all_rows, correct, s = filter_rows([], FilterConfig())
+    all_rows, correct, _, s = filter_rows([], FilterConfig())
     assert all_rows == [] and correct == [] and s["traces"] == 0 and s["trace_accuracy"] is None
     with pytest.raises(DataError, match="no rows"):
         write_splits([], FilterConfig(output_dir=str(tmp_path / "out")))
@@ -216,3 +216,10 @@ def test_command_errors(tmp_path):
         command(["--input", str(bad), "max_correct_per_question=0"])
     with pytest.raises(ConfigError, match="'dedupe'.*dedup"):
         command(["--input", str(bad), "dedupe=false"])
+
+
+def test_filter_rows_returns_the_three_splits_the_summary_counts():
+    splits = filter_rows(ROWS, FilterConfig())
+    assert len(splits.correct) == splits.summary["correct_split_rows"] >= 1
+    assert len(splits.formatted) == splits.summary["formatted_split_rows"] >= len(splits.correct)
+    assert all(set(r) == {"prompt", "response"} for r in splits.formatted)
