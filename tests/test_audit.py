@@ -80,3 +80,58 @@ def test_audit_errors_name_the_path(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"response": "x"}])
     assert main(["audit", str(bad)]) != 0
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_clopper_pearson_against_closed_forms():
+    from exit_loop.stats import clopper_pearson
+
+    # k = 0: the upper end solves (1 - p)^n = 0.025; k = n: the lower end solves p^n = 0.025
+    assert clopper_pearson(0, 50) == (0.0, pytest.approx(1 - 0.025 ** (1 / 50), abs=1e-9))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** (1 / 10), abs=1e-9), 1.0)
+    lo, hi = clopper_pearson(5, 10)  # the textbook value: [0.1871, 0.8129]
+    assert (lo, hi) == (pytest.approx(0.18709, abs=1e-5), pytest.approx(0.81291, abs=1e-5))
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        clopper_pearson(3, 2)
+
+
+def test_a_readers_verdicts_give_the_false_positive_rate_with_its_exact_interval(tmp_path, capsys):
+    import json
+
+    from exit_loop.audit import ask, read_labels
+
+    f = write_jsonl(tmp_path / "gen" / "verified.jsonl", _verified(["18"] * 40 + ["17"] * 10))
+    assert main(["audit", str(f), "--n", "20"]) == 0
+    labels = tmp_path / "gen" / "audit_labels.jsonl"
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert len(rows) == 20 and all(r["verdict"] is None and r["where"].startswith(str(f)) for r in rows)
+    assert "False-positive rate" not in (tmp_path / "gen" / "audit.md").read_text()  # nothing read yet
+
+    for i, r in enumerate(rows):  # the reader marks 2 of the 20 wrong and leaves none unread
+        r["verdict"] = "wrong" if i < 2 else "right"
+    write_jsonl(labels, rows)
+    assert main(["audit", str(f), "--n", "20"]) == 0
+    text = (tmp_path / "gen" / "audit.md").read_text()
+    # 2 of 20: 10.0%, exact [1.2%, 31.7%]; of 40 accepted rows about 4 [0, 13] likely wrong
+    assert "2 of 20 accepted traces read are wrong: 10.0%, exact 95% interval [1.2%, 31.7%]" in text
+    assert "Of the 40 accepted rows, about 4 [0, 13] are likely wrong" in text
+    assert read_labels(labels) == rows  # read, never overwritten
+
+    rows[0]["verdict"] = "maybe"
+    write_jsonl(labels, rows)
+    assert main(["audit", str(f)]) != 0
+    assert "audit_labels.jsonl:1: key 'verdict'" in capsys.readouterr().err
+
+    # --interactive's questions: y, n, an unknown answer asked again, skip, then the input closes
+    marks = [{"where": f"f:{i}", "predicted": "18", "ground_truth": "18", "response": "r", "verdict": None}
+             for i in range(5)]
+    answers = iter(["y", "n", "what", "s"])
+
+    def answer(prompt: str) -> str:
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    ask(marks, answer, show=lambda text: None)
+    assert [m["verdict"] for m in marks] == ["right", "wrong", None, None, None]
