@@ -30,6 +30,7 @@ COMMANDS = {  # name: (module, function, help)
     "verify": ("exit_loop.verify", "command", "label each row of a JSONL file against its ground truth"),
     "filter": ("exit_loop.filter", "command", "write the all and correct splits from verified rows"),
     "audit": ("exit_loop.audit", "command", "what the verifier accepted: classes, answer forms, a sample to read"),
+    "reverify": ("exit_loop.reverify", "command", "re-label stored traces with today's verifier; what changed"),
     "train": ("exit_loop.train", "command", "SFT a student on one or more splits (TRL SFTTrainer)"),
     "eval": ("exit_loop.evaluate", "command", "held-out accuracy: greedy pass@1, pass@k, maj@k"),
     "run": ("exit_loop.pipeline.loop", "command", "multi-round expert iteration, with arms, resumable"),

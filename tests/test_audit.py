@@ -135,3 +135,24 @@ def test_a_readers_verdicts_give_the_false_positive_rate_with_its_exact_interval
 
     ask(marks, answer, show=lambda text: None)
     assert [m["verdict"] for m in marks] == ["right", "wrong", None, None, None]
+
+
+def test_reverify_counts_and_shows_what_a_verifier_change_moves(tmp_path, capsys):
+    import json
+
+    rows = _verified(["18", "$18", "17 or 18", "17", "18"])
+    # the labels an older verifier stored: it accepted the hedge and refused "$18"
+    rows[1].update(is_correct=False, failure="wrong")
+    rows[2].update(is_correct=True, failure="none")
+    f = write_jsonl(tmp_path / "run" / "round_01" / "verify" / "verified.jsonl", rows)
+    stored = f.read_bytes()
+    assert main(["reverify", str(tmp_path / "run"), "--examples", "1"]) == 0
+    diff = json.loads((tmp_path / "run" / "reverify.json").read_text())
+    assert (diff["rows"], diff["changed"], diff["newly_accepted"], diff["no_longer_accepted"]) == (5, 2, 1, 1)
+    assert diff["changes"] == {"wrong → none": 1, "none → ambiguous": 1}
+    assert (diff["accepted_before"], diff["accepted_now"]) == (3, 3)
+    assert diff["examples"]["none → ambiguous"][0]["where"] == f"{f}:3"
+    text = (tmp_path / "run" / "reverify.md").read_text()
+    assert "| wrong → none | 1 |" in text and "17 or 18" in text
+    assert "2 of 5 verdicts changed" in capsys.readouterr().out
+    assert f.read_bytes() == stored  # the stored rows are only read

@@ -1,0 +1,100 @@
+"""Re-label stored traces with the verifier as it is now (or another task's) without sampling
+again, and say what changed.
+
+    exit-loop reverify runs/exit_gsm8k                    # every verified.jsonl under the run
+    exit-loop reverify data/gsm8k/sft_r1_all.jsonl        # a generation's all split carries its labels
+    exit-loop reverify runs/exit_math/round_01 --task math --examples 5
+
+For each labelled row (`response`, `ground_truth` and the stored `is_correct` and `failure`: a
+`verified.jsonl`, else an all split; a directory is searched as `exit-loop audit` searches it)
+the verdict is computed again and compared with the stored one. The diff counts the rows whose
+verdict changed, by stored → new failure class (`wrong → none` is a trace the verifier now
+accepts, `none → ambiguous` one it no longer does), with `--examples` rows of each change (file
+and line, both answers, the ground truth, the end of the response). It goes to reverify.md and
+reverify.json beside the file (or in the directory; `--output_dir` elsewhere); the stored rows are
+only read. A verifier change is then a number a reviewer can check: how many accepted traces it
+adds or removes, and which.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from exit_loop.audit import labelled_files, read_rows
+from exit_loop.console import say
+from exit_loop.jsonl import atomic_write_text, write_json
+from exit_loop.tasks import TASKS
+from exit_loop.verify import verify_rows
+
+TAIL = 160  # characters of a response shown in an example
+
+
+def reverify(rows: list[dict[str, Any]], task: str = "gsm8k", examples: int = 3) -> dict[str, Any]:
+    """The stored verdicts of `rows` against the verifier's now: counts per change of failure
+    class, how many verdicts flipped each way, and up to `examples` rows of each change."""
+    changes: Counter[str] = Counter()
+    shown: dict[str, list[dict[str, Any]]] = {}
+    accepted_now = accepted_before = 0
+    for old, new in zip(rows, verify_rows(({k: v for k, v in r.items() if k != "_where"} for r in rows), task=task)):
+        accepted_before += old.get("is_correct") is True
+        accepted_now += new["is_correct"] is True
+        if (old.get("is_correct") is True) == new["is_correct"] and old.get("failure") == new["failure"]:
+            continue
+        change = f"{old.get('failure')} → {new['failure']}"
+        changes[change] += 1
+        if len(shown.setdefault(change, [])) < examples:
+            shown[change].append({"where": old["_where"], "predicted_before": old.get("predicted"),
+                                  "predicted_now": new["predicted"], "ground_truth": old.get("ground_truth"),
+                                  "response_end": " ".join(str(old.get("response") or "").split())[-TAIL:]})
+    newly = sum(n for c, n in changes.items() if not c.startswith("none →") and c.endswith("→ none"))
+    return {"task": task, "rows": len(rows), "accepted_before": accepted_before, "accepted_now": accepted_now,
+            "changed": sum(changes.values()), "newly_accepted": newly,
+            "no_longer_accepted": sum(n for c, n in changes.items() if c.startswith("none →") and not c.endswith("→ none")),
+            "changes": dict(changes.most_common()), "examples": shown}
+
+
+def render(diff: dict[str, Any], source: str) -> str:
+    lines = [f"# Verifier diff: {source}", "",
+             f"{diff['rows']} stored rows re-labelled with the `{diff['task']}` verifier: {diff['changed']} changed "
+             f"({diff['newly_accepted']} newly accepted, {diff['no_longer_accepted']} no longer accepted); accepted "
+             f"{diff['accepted_before']} → {diff['accepted_now']}.", ""]
+    if diff["changes"]:
+        lines += ["| stored → now | rows |", "| --- | --- |"]
+        lines += [f"| {change} | {n} |" for change, n in diff["changes"].items()]
+    for change, rows in diff["examples"].items():
+        lines += ["", f"## {change}", "", "| row | answer before | answer now | ground truth | end of response |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in rows:
+            cells = [r["where"], r["predicted_before"], r["predicted_now"], r["ground_truth"], r["response_end"]]
+            lines.append("| " + " | ".join(str(c if c is not None else "").replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(path: str | Path, task: str = "gsm8k", examples: int = 3, output_dir: str | Path | None = None) -> Path:
+    """Re-label what `path` holds, write reverify.md and reverify.json; returns reverify.md's path."""
+    path = Path(path)
+    diff = reverify(read_rows(labelled_files(path)), task, examples)
+    out = Path(output_dir) if output_dir else (path.parent if path.is_file() else path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "reverify.json", {"source": str(path), **diff})
+    atomic_write_text(out / "reverify.md", render(diff, str(path)))
+    say(f"reverify: {diff['changed']} of {diff['rows']} verdicts changed ({diff['newly_accepted']} newly accepted, "
+        f"{diff['no_longer_accepted']} no longer) -> {out / 'reverify.md'}")
+    return out / "reverify.md"
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="exit-loop reverify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a verified.jsonl (or an all split), a round directory or a run directory")
+    p.add_argument("--task", choices=list(TASKS), default="gsm8k", help="the verifier to label with (default gsm8k)")
+    p.add_argument("--examples", type=int, default=3, help="rows shown per change of class (default 3)")
+    p.add_argument("--output_dir", help="where reverify.md/json go (default: beside the file, or in the directory)")
+    a = p.parse_args(argv)
+    if a.examples < 0:
+        p.error("--examples must be at least 0")
+    run(a.path, a.task, a.examples, a.output_dir)
+    return 0
