@@ -383,10 +383,10 @@ def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_r
 
     two_cores = sorted(os.sched_getaffinity(0))[:2]  # one for each engine process
     assert len(two_cores) == 2, "this test needs 2 CPU cores"
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    log = tmp_path / "console.txt"  # the rollout's own lines reach the console (console.say), its libraries' stage.log
+    proc = subprocess.Popen(args, env=env(), stdout=log.open("w"), stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
     pids: dict[int, int] = {}
-    log = r0 / "eval" / "stage.log"  # the quiet console: the rollout's own lines go to its stage log
     deadline = time.monotonic() + 300
     while len(pids) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
@@ -401,8 +401,8 @@ def test_data_parallel_rollout_is_the_one_engine_rollout_after_a_kill(straight_r
                for w, pid in pids.items()}
     os.killpg(pids[1], signal.SIGKILL)
     written = {name: len(read_jsonl(p)) if p.exists() else 0 for name, p in shard.items()}
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, log.read_text()[-2000:] + err[-2000:]
     assert "data-parallel worker 1" in err and "killed by signal 9" in err and "other workers were stopped" in err
     assert written["greedy"] > 0 and written["sample"] < 12, f"not killed mid-run: {written}"
     assert sorted(allowed.values()) == [str(c) for c in two_cores], allowed
