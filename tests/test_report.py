@@ -359,3 +359,23 @@ def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
     assert "5/5" in row and row.rstrip(" |").endswith("higher")
     assert next(ln for ln in md.splitlines() if ln.startswith("| gold round 1 − round 0")).rstrip(" |").endswith("not shown")
     assert "AVX512" in md and "torch 2.13.0+cpu" in md
+
+
+def test_accuracy_by_difficulty_from_the_starting_students_pass_rate(tmp_path):
+    run = make_run(tmp_path / "runs" / "exp", "exp", "filtered", [0.25, 0.5])
+    # 4 held-out questions; round 0 drew 2 samples of each: q0 never solved, q1 once, q2 and q3 always
+    samples = [{"problem_id": f"test-{q}", "sample_index": j, "is_correct": ok}
+               for q, oks in enumerate([(False, False), (True, False), (True, True), (True, True)])
+               for j, ok in enumerate(oks)]
+    write_jsonl(run / "round_00" / "eval" / "samples_k.jsonl", samples)
+    for r, right in enumerate([{"test-2"}, {"test-0", "test-2"}]):
+        write_jsonl(run / f"round_{r:02d}" / "eval" / "greedy.jsonl",
+                    [{"problem_id": f"test-{q}", "is_correct": f"test-{q}" in right} for q in range(4)])
+    report = json.loads((compare([run], tmp_path / "out") / "report.json").read_text())
+    by = report["arms"]["filtered"]["by_difficulty"]
+    assert list(by) == ["pass rate 0", "pass rate (0, 0.5]", "pass rate 1"]  # in order; no (0.5, 1) question
+    assert by["pass rate 0"]["accuracy"] == [0.0, 1.0]      # the question the start never solved, solved
+    assert by["pass rate (0, 0.5]"]["accuracy"] == [0.0, 0.0]
+    assert by["pass rate 1"]["accuracy"] == [0.5, 0.5] and by["pass rate 1"]["n"] == [2, 2]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## By difficulty" in md and "| filtered | pass rate 0 | 0.0 [0.0, 79.3] | 100.0 [20.6, 100.0] |" in md

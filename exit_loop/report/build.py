@@ -7,17 +7,34 @@ seeds, how many seeds agree in sign).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from exit_loop.errors import DataError
-from exit_loop.report.read import FoundRun, check_eval_settings, read_outcomes, read_run, run_environment
+from exit_loop.report.read import (FoundRun, check_eval_settings, read_outcomes, read_pass_rates, read_run,
+                                   run_environment)
 from exit_loop.stats import accuracy_interval, paired_difference, pooled_difference, t_interval, wilson
 
 
-def group_accuracy(outcomes: list[dict[str, bool] | None], groups: dict[str, str]) -> dict[str, Any]:
-    """Per group of questions (`data.group_by`), each round's accuracy, its Wilson interval and n."""
+# a question's difficulty: the starting student's (round 0's) pass rate on it over eval.n samples
+DIFFICULTY = ("pass rate 0", "pass rate (0, 0.5]", "pass rate (0.5, 1)", "pass rate 1")
+
+
+def difficulty(rate: float) -> str:
+    """The DIFFICULTY bucket of a pass rate."""
+    return DIFFICULTY[0] if rate == 0 else DIFFICULTY[1] if rate <= 0.5 else DIFFICULTY[2] if rate < 1 else DIFFICULTY[3]
+
+
+def _in_order(names: set[str], order: Sequence[str] | None) -> list[str]:
+    return [g for g in order if g in names] if order else sorted(names)
+
+
+def group_accuracy(outcomes: list[dict[str, bool] | None], groups: dict[str, str],
+                   order: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per group of questions (`data.group_by`, or DIFFICULTY), each round's accuracy, its Wilson
+    interval and n; groups in `order` (default: sorted)."""
     out: dict[str, Any] = {}
-    for g in sorted(set(groups.values())):
+    for g in _in_order(set(groups.values()), order):
         acc, ci, ns = [], [], []
         for q in outcomes:
             xs = [v for pid, v in (q or {}).items() if groups.get(pid) == g]
@@ -152,7 +169,8 @@ def gain_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] |
 
 
 def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]],
-                groups: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                groups: dict[str, dict[str, str]] | None = None, order: Sequence[str] | None = None
+                ) -> dict[str, Any]:
     """Across seeds, per arm and round (and per group of questions, where they have groups): the
     mean accuracy over seeds and its 95% interval from a two-level bootstrap over seeds and
     questions (`accuracy_interval`)."""
@@ -177,7 +195,7 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
         rounds = report["arms"][names[0]]["rounds"]
         out[arm] = {"rounds": rounds, "seeds": [report["arms"][n]["seed"] for n in names],
                     **over_seeds_per_round(names, rounds, lambda n, pid: True), "by_group": {}}
-        for g in sorted({g for n in names for g in groups.get(n, {}).values()}):
+        for g in _in_order({g for n in names for g in groups.get(n, {}).values()}, order):
             out[arm]["by_group"][g] = over_seeds_per_round(names, rounds,
                                                            lambda n, pid, g=g: groups[n].get(pid) == g)
     return out
@@ -185,12 +203,15 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
 
 def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str, Any]:
     check_eval_settings(runs, allow_mismatch)
-    arms, outcomes, groups = {}, {}, {}
+    arms, outcomes, groups, hardness = {}, {}, {}, {}
     envs: list[dict[str, Any]] = []
     for run in runs:
         arm = read_run(run)
         outcomes[run.arm], groups[run.arm] = read_outcomes(run, arm["rounds"])
         arm["by_group"] = group_accuracy(outcomes[run.arm], groups[run.arm])
+        rates = read_pass_rates(run)  # the starting student's, on each held-out question
+        hardness[run.arm] = {pid: difficulty(r) for pid, r in (rates or {}).items()}
+        arm["by_difficulty"] = group_accuracy(outcomes[run.arm], hardness[run.arm], DIFFICULTY)
         env = run_environment(run)
         for e in envs:
             if e["environment"] == env:
@@ -209,6 +230,10 @@ def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str
     report["gains"] = gain_rows(report, outcomes)
     if any(arm["seed"] is not None for arm in arms.values()):
         report["pooled"] = pooled_arms(report, outcomes, groups)
+        if any(hardness.values()):
+            by_difficulty = pooled_arms(report, outcomes, hardness, DIFFICULTY)
+            for name, pooled in report["pooled"].items():
+                pooled["by_difficulty"] = by_difficulty[name]["by_group"]
     return report
 
 

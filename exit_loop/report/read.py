@@ -241,6 +241,31 @@ def read_run(run: FoundRun) -> dict[str, Any]:
     return arm
 
 
+def _labelled_rows(path: Path) -> list[dict[str, Any]]:
+    """An eval file's rows, labelled by the verifier here (with the eval's task) where they carry
+    no verdict."""
+    rows = [row for _, row in iter_jsonl_numbered(path, required=("problem_id",))]
+    if rows and any("is_correct" not in row for row in rows):  # raw generations: label them
+        manifest = _read_json(path.parent / MANIFEST)
+        task = _get(manifest, "config", "data", "task") or "gsm8k"
+        rows = list(verify_rows(rows, task=task))
+    return rows
+
+
+def read_pass_rates(run: FoundRun) -> dict[str, float] | None:
+    """Each held-out question's pass rate among round 0's sampled eval generations
+    (`eval/samples_k.jsonl`, `eval.n` a question): how hard the starting student found it. None
+    where round 0 drew no samples (eval.n and eval.k unset)."""
+    d = round_dirs(run.path).get(0)
+    path = d / "eval" / "samples_k.jsonl" if d is not None else None
+    if path is None or not path.is_file():
+        return None
+    per: dict[str, list[bool]] = {}
+    for row in _labelled_rows(path):
+        per.setdefault(str(row["problem_id"]), []).append(row["is_correct"] is True)
+    return {pid: sum(v) / len(v) for pid, v in per.items()} or None
+
+
 def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool] | None], dict[str, str]]:
     """Per round, each held-out question's greedy verdict (problem_id -> is_correct), from
     `eval/greedy.jsonl` (labelled by the verifier here, with the eval's task, where its rows carry
@@ -254,11 +279,7 @@ def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool
         if not path.is_file():
             out.append(None)
             continue
-        rows = [row for _, row in iter_jsonl_numbered(path, required=("problem_id",))]
-        if rows and any("is_correct" not in row for row in rows):  # raw generations: label them
-            manifest = _read_json(path.parent / MANIFEST)
-            task = _get(manifest, "config", "data", "task") or "gsm8k"
-            rows = list(verify_rows(rows, task=task))
+        rows = _labelled_rows(path)
         out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
         groups.update({str(row["problem_id"]): str(row["group"]) for row in rows if row.get("group") is not None})
     return out, groups

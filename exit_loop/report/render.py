@@ -131,19 +131,28 @@ def over_seeds_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def group_lines(report: dict[str, Any]) -> list[str]:
-    """Accuracy per group of held-out questions (`data.group_by`): pooled over seeds where there are
-    several, else per run."""
+GROUPINGS = {
+    "by_group": ("By group of questions", "per group of questions (the eval data's `group_by` key)", "group"),
+    "by_difficulty": ("By difficulty", "per difficulty of question: the starting student's pass rate on it "
+                      "over round 0's `eval.n` samples (where expert iteration gains: the questions it never "
+                      "solved, or seldom)", "difficulty"),
+}
+
+
+def group_lines(report: dict[str, Any], key: str = "by_group") -> list[str]:
+    """Accuracy per group of held-out questions (`data.group_by`, or difficulty): pooled over seeds
+    where there are several, else per run."""
     source = report.get("pooled") or report["arms"]
-    have = {name: a.get("by_group") for name, a in source.items() if a.get("by_group")}
+    have = {name: a.get(key) for name, a in source.items() if a.get(key)}
     if not have:
         return []
+    title, what, column = GROUPINGS[key]
     rounds = max((a["rounds"] for a in source.values()), key=len)
-    lines = ["", "## By group of questions", "",
-             "Held-out accuracy % per group of questions (the eval data's `group_by` key)"
+    lines = ["", f"## {title}", "",
+             f"Held-out accuracy % {what}"
              + (", mean over seeds with the two-level bootstrap's 95% interval." if report.get("pooled")
                 else ", with its 95% Wilson interval."), "",
-             "| arm | group | " + " | ".join(f"round {r}" for r in rounds) + " |",
+             f"| arm | {column} | " + " | ".join(f"round {r}" for r in rounds) + " |",
              "|---|---|" + "---|" * len(rounds)]
     for name, groups in have.items():
         for g, v in groups.items():
@@ -185,6 +194,7 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                 lines.append(f"| {name} | {', '.join(map(str, pooled['seeds']))} | {r} | {_pct(acc)} | {interval} |")
     lines += over_seeds_lines(report)
     lines += group_lines(report)
+    lines += group_lines(report, "by_difficulty")
     lines += ["", "## Training compute", "",
               "What each round's SFT optimised: arms compared on equal terms train the same steps "
               "(`train.budget`); rows and tokens are one epoch of the round's training data.", "",
