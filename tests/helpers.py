@@ -130,7 +130,9 @@ def report_scalars(arm: dict, k: int) -> dict[str, float]:
     out = {f"eval/{key}": arm[key][k] for key in ("accuracy", "pass@k", "maj@k", "format_error_rate",
                                                   "mean_response_tokens")}
     out.update({"filter/yield": arm["yield"][k], "sample/tokens_generated": arm["tokens_generated"][k],
-                "train/tokens": arm["training_tokens"][k]})
+                "train/tokens": arm["training_tokens"][k], "sample/distinct_answers": arm["distinct_answers"][k],
+                "sample/distinct_traces": arm["distinct_traces"][k],
+                "train/repeated_share": arm["repeated_training_share"][k]})
     out.update({f"time/{stage}_s": v[k] for stage, v in arm["wall_time_s"].items()})
     return {key: v for key, v in out.items() if v is not None}
 

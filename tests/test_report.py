@@ -379,3 +379,26 @@ def test_accuracy_by_difficulty_from_the_starting_students_pass_rate(tmp_path):
     assert by["pass rate 1"]["accuracy"] == [0.5, 0.5] and by["pass rate 1"]["n"] == [2, 2]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## By difficulty" in md and "| filtered | pass rate 0 | 0.0 [0.0, 79.3] | 100.0 [20.6, 100.0] |" in md
+
+
+def test_diversity_across_rounds(tmp_path):
+    run = make_run(tmp_path / "runs" / "exp", "exp", "filtered", [0.2, 0.3, 0.4])
+    # round 0: question a sampled 3 times (answers 7, 7, none; 3 distinct texts), b twice alike
+    v0 = [{"problem_id": "a", "predicted": "7", "response": "x"}, {"problem_id": "a", "predicted": "7", "response": "y"},
+          {"problem_id": "a", "predicted": None, "response": "z"}, {"problem_id": "b", "predicted": "1", "response": "w"},
+          {"problem_id": "b", "predicted": "1", "response": "w"}]
+    write_jsonl(run / "round_00" / "verify" / "verified.jsonl", v0)
+    write_jsonl(run / "round_01" / "verify" / "verified.jsonl", v0[:1] + v0[3:4])
+    splits = [write_jsonl(tmp_path / f"train_{r}.jsonl", rows) for r, rows in enumerate([
+        [{"prompt": "a", "response": "x"}, {"prompt": "b", "response": "w"}],
+        [{"prompt": "a", "response": "x"}, {"prompt": "a", "response": "y"}, {"prompt": "b", "response": "v"},
+         {"prompt": "b", "response": "u"}]])]
+    for r, split in enumerate(splits):  # the train manifests name the files they trained on
+        m = run / f"round_{r:02d}" / "train" / "manifest.json"
+        write_file(m, {**json.loads(m.read_text()), "data": [{"path": str(split), "rows": 2}]})
+    arm = json.loads((compare([run], tmp_path / "out") / "report.json").read_text())["arms"]["filtered"]
+    assert arm["distinct_answers"] == [1.5, 1.0, None]      # (2 + 1) / 2 questions; then 1 and 1
+    assert arm["distinct_traces"] == [2.0, 1.0, None]       # (3 + 1) / 2
+    assert arm["repeated_training_share"] == [0.0, 0.25, None]  # round 1 repeats (a, x) of its 4 rows
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Diversity" in md and "| filtered | 1 | 1.00 | 1.00 | 25.0 |" in md

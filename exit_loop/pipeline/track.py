@@ -61,6 +61,9 @@ def round_scalars(run: Run, arm: str, k: int) -> dict[str, float]:
     out["filter/yield"] = report["yield"][k]
     out["sample/tokens_generated"] = report["tokens_generated"][k]
     out["train/tokens"] = report["training_tokens"][k]
+    out["sample/distinct_answers"] = report["distinct_answers"][k]
+    out["sample/distinct_traces"] = report["distinct_traces"][k]
+    out["train/repeated_share"] = report["repeated_training_share"][k]
     for stage, values in report["wall_time_s"].items():
         out[f"time/{stage}_s"] = values[k]
     summary = run.stage_dir(arm, k, "filter") / SUMMARY

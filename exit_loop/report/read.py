@@ -19,8 +19,8 @@ from typing import Any
 from exit_loop.config import flatten
 from exit_loop.errors import DataError
 from exit_loop.jsonl import iter_jsonl_numbered
-from exit_loop.rundir import (EVAL, GREEDY, MANIFEST, SUMMARY, TIME_COLUMNS, round_dirs, round_name, seed_dirs,
-                              seed_name)
+from exit_loop.rundir import (EVAL, GREEDY, MANIFEST, SUMMARY, TIME_COLUMNS, VERIFIED, round_dirs, round_name,
+                              seed_dirs, seed_name)
 from exit_loop.verify import verify_rows
 
 EVAL_FRACTIONS = ("accuracy", "pass@k", "maj@k", "format_error_rate")
@@ -174,6 +174,44 @@ def _wall_s(manifest: dict[str, Any] | None, path: Path) -> float | None:
     return _number(_get(manifest, "timings", "wall_s"), path, "timings.wall_s")
 
 
+# diversity across rounds (what ReST-EM's over-fitting and RFT's plateau come from): per question
+# the distinct final answers and distinct responses among its samples, and the share of a round's
+# training rows that an earlier round already trained on
+DIVERSITY = ("distinct_answers", "distinct_traces", "repeated_training_share")
+
+
+def sample_diversity(path: Path) -> tuple[float, float] | None:
+    """A round's verified samples: the mean number of distinct final answers (`predicted`, no
+    answer counting as one) and of distinct responses per question; None without the file."""
+    if not path.is_file():
+        return None
+    answers: dict[str, set[Any]] = {}
+    traces: dict[str, set[Any]] = {}
+    for _, row in iter_jsonl_numbered(path, required=("problem_id",)):
+        q = str(row["problem_id"])
+        answers.setdefault(q, set()).add(row.get("predicted"))
+        traces.setdefault(q, set()).add(row.get("response"))
+    if not answers:
+        return None
+    return (round(sum(map(len, answers.values())) / len(answers), 4),
+            round(sum(map(len, traces.values())) / len(traces), 4))
+
+
+def training_rows(manifest: dict[str, Any] | None) -> set[tuple[Any, Any]] | None:
+    """The distinct (prompt, response) rows a round trained on, from the files its train manifest
+    names (`data`); None where it names none or one is gone."""
+    files = _get(manifest, "data")
+    if not isinstance(files, list) or not files:
+        return None
+    out: set[tuple[Any, Any]] = set()
+    for f in files:
+        path = Path(f["path"]) if isinstance(f, dict) and isinstance(f.get("path"), str) else None
+        if path is None or not path.is_file():
+            return None
+        out.update((row.get("prompt"), row.get("response")) for _, row in iter_jsonl_numbered(path))
+    return out
+
+
 def read_run(run: FoundRun) -> dict[str, Any]:
     """One arm's numbers per round: lists indexed by round, null where the run holds nothing."""
     rounds_dirs = round_dirs(run.path)
@@ -186,8 +224,9 @@ def read_run(run: FoundRun) -> dict[str, Any]:
 
     arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
                                                "tokens_generated", "training_tokens", "training_steps",
-                                               "training_rows", "training_epochs")}
+                                               "training_rows", "training_epochs", *DIVERSITY)}
     arm["wall_time_s"] = {stage: [] for stage in TIME_COLUMNS}
+    seen: set[tuple[Any, Any]] = set()  # every earlier round's training rows
     for k in rounds:
         d = rounds_dirs.get(k, run.path / round_name(k))
 
@@ -227,6 +266,13 @@ def read_run(run: FoundRun) -> dict[str, Any]:
                                             integer=True) if _get(manifest, "skipped") is None else 0)
         arm["training_epochs"].append(_number(_get(manifest, "epochs"), path, "epochs"))
         arm["wall_time_s"]["train"].append(_wall_s(manifest, path))
+
+        answers, traces = sample_diversity(d / "verify" / VERIFIED) or (None, None)
+        arm["distinct_answers"].append(answers)
+        arm["distinct_traces"].append(traces)
+        trained = training_rows(manifest)
+        arm["repeated_training_share"].append(round(len(trained & seen) / len(trained), 4) if trained else None)
+        seen |= trained or set()
 
         for stage in ("verify", "filter", "eval"):
             path = d / stage / MANIFEST

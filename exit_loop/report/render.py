@@ -11,6 +11,7 @@ from typing import Any
 
 from exit_loop.environment import describe
 from exit_loop.jsonl import atomic_write_bytes
+from exit_loop.report.read import DIVERSITY
 from exit_loop.rundir import TIME_COLUMNS
 
 
@@ -205,6 +206,17 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
             epochs = arm["training_epochs"][i]
             lines.append(f"| {name} | {r} | {_int(arm['training_steps'][i])} | {_int(arm['training_rows'][i])} | "
                          f"{_int(arm['training_tokens'][i])} | {'—' if epochs is None else f'{epochs:.2f}'} |")
+    if any(v is not None for arm in report["arms"].values() for key in DIVERSITY for v in arm.get(key) or []):
+        lines += ["", "## Diversity", "",
+                  "Per question, the distinct final answers and the distinct responses among the round's samples; and "
+                  "the share of the round's training rows that an earlier round already trained on.", "",
+                  "| arm | round | distinct answers / question | distinct responses / question | "
+                  "training rows seen before % |", "|---|---|---:|---:|---:|"]
+        for name, arm in report["arms"].items():
+            for i, r in enumerate(arm["rounds"][:-1]):
+                a, tr, rep = (arm[key][i] for key in DIVERSITY)
+                lines.append(f"| {name} | {r} | {'—' if a is None else f'{a:.2f}'} | "
+                             f"{'—' if tr is None else f'{tr:.2f}'} | {_pct(rep)} |")
     lines += ["", "## Summary", ""]
     lines += [f"- {summary_line(name, arm)}" for name, arm in report["arms"].items()]
     if report.get("paired"):
