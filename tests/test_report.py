@@ -294,7 +294,8 @@ def test_training_compute_table(two_runs, tmp_path):
     md = (compare(list(two_runs), tmp_path / "report") / "report.md").read_text()
     assert "## Training compute" in md
     assert "| filtered | 0 | 10 | 190 | 50,000 | 1.60 |" in md and "| filtered | 1 | 10 | 240 | 50,001 | 1.60 |" in md
-    assert "| filtered | 2 |" not in md.split("## Training compute")[1]  # the last round only evaluates
+    section = md.split("## Training compute")[1].split("\n## ")[0]
+    assert "| filtered | 2 |" not in section  # the last round only evaluates
 
 
 def test_compare_refuses_arms_evaluated_under_different_settings(tmp_path, capsys):
@@ -384,7 +385,8 @@ def test_accuracy_by_difficulty_from_the_starting_students_pass_rate(tmp_path):
 def test_diversity_across_rounds(tmp_path):
     run = make_run(tmp_path / "runs" / "exp", "exp", "filtered", [0.2, 0.3, 0.4])
     # round 0: question a sampled 3 times (answers 7, 7, none; 3 distinct texts), b twice alike
-    v0 = [{"problem_id": "a", "predicted": "7", "response": "x"}, {"problem_id": "a", "predicted": "7", "response": "y"},
+    v0 = [{"problem_id": "a", "predicted": "7", "response": "x", "is_correct": True},
+          {"problem_id": "a", "predicted": "7", "response": "y"},
           {"problem_id": "a", "predicted": None, "response": "z"}, {"problem_id": "b", "predicted": "1", "response": "w"},
           {"problem_id": "b", "predicted": "1", "response": "w"}]
     write_jsonl(run / "round_00" / "verify" / "verified.jsonl", v0)
@@ -400,5 +402,22 @@ def test_diversity_across_rounds(tmp_path):
     assert arm["distinct_answers"] == [1.5, 1.0, None]      # (2 + 1) / 2 questions; then 1 and 1
     assert arm["distinct_traces"] == [2.0, 1.0, None]       # (3 + 1) / 2
     assert arm["repeated_training_share"] == [0.0, 0.25, None]  # round 1 repeats (a, x) of its 4 rows
+    assert arm["newly_solved"] == [1, 0, None]  # a, first solved in round 0 (solved again in round 1)
+    assert arm["cost"]["newly_solved"] == [1, 1]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Diversity" in md and "| filtered | 1 | 1.00 | 1.00 | 25.0 |" in md
+
+
+def test_the_cost_of_the_gain(two_runs, tmp_path):
+    report = json.loads((compare(list(two_runs), tmp_path / "report") / "report.json").read_text())
+    name = next(n for n in report["arms"] if n.endswith("filtered") and "unfiltered" not in n)
+    arm = report["arms"][name]
+    cost = arm["cost"]
+    # round 1 measures what round 0 made: 100,000 tokens generated, 50,000 trained on, 102.5 s of stages
+    gain = round(100 * (arm["accuracy"][1] - arm["accuracy"][0]), 2)
+    assert cost["points"][0] == gain > 0
+    assert (cost["tokens_generated"][0], cost["training_tokens"][0], cost["seconds"][0]) == (100_000, 50_000, 102.5)
+    assert cost["tokens_per_point"][0] == round(100_000 / gain, 1)
+    assert cost["newly_solved"] == [None, None]  # no verified samples in these runs: never estimated
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Cost of the gain" in md

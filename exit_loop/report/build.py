@@ -201,6 +201,36 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     return out
 
 
+def cost_rows(arm: dict[str, Any]) -> dict[str, list]:
+    """What each round's gain cost, counted from round 0 through the round before the eval that
+    measures it: generated tokens, training tokens and stage seconds (wall; GPU-seconds where one
+    GPU ran each stage), each per held-out point gained over round 0 and per training question
+    first solved by a sample; None where a count or the gain is missing or not positive."""
+    def total(values: list, upto: int) -> float | None:
+        xs = values[:upto]
+        return None if not xs or any(v is None for v in xs) else float(sum(xs))
+
+    def per(x: float | None, y: float | None) -> float | None:
+        return None if x is None or not y or y <= 0 else round(x / y, 1)
+
+    out: dict[str, list] = {key: [] for key in ("points", "newly_solved", "tokens_generated", "training_tokens",
+                                                "seconds", "tokens_per_point", "seconds_per_point",
+                                                "tokens_per_solved", "seconds_per_solved")}
+    acc = arm["accuracy"]
+    seconds = [sum(v for v in vals if v is not None) if any(v is not None for v in vals) else None
+               for vals in zip(*(arm["wall_time_s"][s] for s in arm["wall_time_s"]))]
+    for r in range(1, len(arm["rounds"])):
+        points = None if acc[0] is None or acc[r] is None else round(100 * (acc[r] - acc[0]), 2)
+        solved = total(arm["newly_solved"], r)
+        gen, train, secs = total(arm["tokens_generated"], r), total(arm["training_tokens"], r), total(seconds, r)
+        for key, value in (("points", points), ("newly_solved", solved), ("tokens_generated", gen),
+                           ("training_tokens", train), ("seconds", secs), ("tokens_per_point", per(gen, points)),
+                           ("seconds_per_point", per(secs, points)), ("tokens_per_solved", per(gen, solved)),
+                           ("seconds_per_solved", per(secs, solved))):
+            out[key].append(value)
+    return out
+
+
 def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str, Any]:
     check_eval_settings(runs, allow_mismatch)
     arms, outcomes, groups, hardness = {}, {}, {}, {}
@@ -224,6 +254,7 @@ def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str
         arm["accuracy_ci95"] = [_interval(q, acc, n) for q, acc, n in zip(outcomes[run.arm], arm["accuracy"], ns)]
         arm["n_questions"] = [len(q) if q else n for q, n in zip(outcomes[run.arm], ns)]
         arm["arm"], arm["seed"] = run.base_arm or run.arm, run.seed
+        arm["cost"] = cost_rows(arm)
         arms[run.arm] = arm
     report: dict[str, Any] = {"arms": arms, "generated_by": "exit-loop compare", "environments": envs}
     report["paired"] = paired_rows(report, outcomes, allow_mismatch)

@@ -180,21 +180,25 @@ def _wall_s(manifest: dict[str, Any] | None, path: Path) -> float | None:
 DIVERSITY = ("distinct_answers", "distinct_traces", "repeated_training_share")
 
 
-def sample_diversity(path: Path) -> tuple[float, float] | None:
+def sample_diversity(path: Path) -> tuple[float, float, set[str]] | None:
     """A round's verified samples: the mean number of distinct final answers (`predicted`, no
-    answer counting as one) and of distinct responses per question; None without the file."""
+    answer counting as one) and of distinct responses per question, and the questions solved (a
+    sample verified correct); None without the file."""
     if not path.is_file():
         return None
     answers: dict[str, set[Any]] = {}
     traces: dict[str, set[Any]] = {}
+    solved: set[str] = set()
     for _, row in iter_jsonl_numbered(path, required=("problem_id",)):
         q = str(row["problem_id"])
         answers.setdefault(q, set()).add(row.get("predicted"))
         traces.setdefault(q, set()).add(row.get("response"))
+        if row.get("is_correct") is True:
+            solved.add(q)
     if not answers:
         return None
     return (round(sum(map(len, answers.values())) / len(answers), 4),
-            round(sum(map(len, traces.values())) / len(traces), 4))
+            round(sum(map(len, traces.values())) / len(traces), 4), solved)
 
 
 def training_rows(manifest: dict[str, Any] | None) -> set[tuple[Any, Any]] | None:
@@ -224,9 +228,11 @@ def read_run(run: FoundRun) -> dict[str, Any]:
 
     arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
                                                "tokens_generated", "training_tokens", "training_steps",
-                                               "training_rows", "training_epochs", *DIVERSITY)}
+                                               "training_rows", "training_epochs", *DIVERSITY,
+                                               "newly_solved")}
     arm["wall_time_s"] = {stage: [] for stage in TIME_COLUMNS}
     seen: set[tuple[Any, Any]] = set()  # every earlier round's training rows
+    ever_solved: set[str] = set()       # training questions an earlier round's samples solved
     for k in rounds:
         d = rounds_dirs.get(k, run.path / round_name(k))
 
@@ -267,9 +273,11 @@ def read_run(run: FoundRun) -> dict[str, Any]:
         arm["training_epochs"].append(_number(_get(manifest, "epochs"), path, "epochs"))
         arm["wall_time_s"]["train"].append(_wall_s(manifest, path))
 
-        answers, traces = sample_diversity(d / "verify" / VERIFIED) or (None, None)
+        answers, traces, solved = sample_diversity(d / "verify" / VERIFIED) or (None, None, None)
         arm["distinct_answers"].append(answers)
         arm["distinct_traces"].append(traces)
+        arm["newly_solved"].append(None if solved is None else len(solved - ever_solved))
+        ever_solved |= solved or set()
         trained = training_rows(manifest)
         arm["repeated_training_share"].append(round(len(trained & seen) / len(trained), 4) if trained else None)
         seen |= trained or set()

@@ -206,6 +206,23 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
             epochs = arm["training_epochs"][i]
             lines.append(f"| {name} | {r} | {_int(arm['training_steps'][i])} | {_int(arm['training_rows'][i])} | "
                          f"{_int(arm['training_tokens'][i])} | {'—' if epochs is None else f'{epochs:.2f}'} |")
+    if any(v is not None for arm in report["arms"].values() for v in (arm.get("cost") or {}).get("points", [])):
+        lines += ["", "## Cost of the gain", "",
+                  "Counted from round 0 up to the round whose eval is shown: tokens generated, training tokens and "
+                  "stage seconds (wall), per held-out point gained over round 0 and per training question first "
+                  "solved by a sample. — where the gain is not positive or a count is missing.", "",
+                  "| arm | round | points over round 0 | tokens generated | training tokens | seconds | "
+                  "tokens generated / point | seconds / point | training questions first solved | "
+                  "tokens generated / question solved | seconds / question solved |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, arm in report["arms"].items():
+            c = arm["cost"]
+            for i, r in enumerate(arm["rounds"][1:]):
+                pts = c["points"][i]
+                lines.append(f"| {name} | {r} | {'—' if pts is None else f'{pts:+.1f}'} | {_int(c['tokens_generated'][i])} | "
+                             f"{_int(c['training_tokens'][i])} | {_secs(c['seconds'][i])} | {_int(c['tokens_per_point'][i])} | "
+                             f"{_secs(c['seconds_per_point'][i])} | {_int(c['newly_solved'][i])} | "
+                             f"{_int(c['tokens_per_solved'][i])} | {_secs(c['seconds_per_solved'][i])} |")
     if any(v is not None for arm in report["arms"].values() for key in DIVERSITY for v in arm.get(key) or []):
         lines += ["", "## Diversity", "",
                   "Per question, the distinct final answers and the distinct responses among the round's samples; and "
