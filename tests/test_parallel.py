@@ -15,7 +15,8 @@ import pytest
 from exit_loop.config import ConfigError, dump_yaml, load_config
 from exit_loop.errors import StageFailed
 from exit_loop.pipeline.generate import GenerateConfig, parse_args
-from exit_loop.pipeline.parallel import Draw, data_parallel, drawn_pairs, missing, run_workers, slots, visible_gpus
+from exit_loop.pipeline.parallel import data_parallel, run_workers, slots, visible_gpus
+from exit_loop.pipeline.rollout import Draw, drawn_pairs, missing
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change
 from exit_loop.sample import SampleConfig
 from exit_loop.tasks import Problem
