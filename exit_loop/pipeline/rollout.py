@@ -1,9 +1,9 @@
 """Who draws what: a rollout's plan, one list of draws per engine (`Draw`: one `sample` call: a
-shard's config, which problems, which file), and `run_draws`, which runs one engine's plan in this
-process. `exit_loop.pipeline.parallel.run_plan` runs a plan here or, with several engines, one
-list in each engine process (whose loop is `run_draws` too).
+shard's config, which problems, which file), and `run_draws`, the runner of one engine's list, in
+this process or in each engine process of `exit_loop.pipeline.parallel` (whose `run_plan` picks).
 
-    plans = plan([greedy_shards, sample_shards], engines=2)   # engine w: greedy shard w, then its sample shards
+    plans = plan([greedy_shards, sample_shards], engines=2)   # engine w: greedy shard w, then sample shards w, w+2, ...
+    finished = run_plan(plans, {"eval": held_out, "sample": questions}, cfg, work_dir)
 """
 
 from __future__ import annotations
