@@ -142,10 +142,10 @@ MERGE_HINT = "run the unfinished shards (exit-loop stage rollout --shard I)"
 
 
 def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
-    """eval and sample of round k; one engine serves both when they use the same model. The
-    engine's start and stop count in the stage that uses it first and last. With shards, every
-    shard is drawn and then merged; `shard` draws only that one (shard 0 also evaluates) and
-    leaves the merge to `merge_stage`."""
+    """eval and sample of round k; one engine serves both when they use the same model and backend
+    (`exit_loop.pipeline.rollout.same_engine`). The engine's start and stop count in the stage that
+    uses it first and last. With shards, every shard is drawn and then merged; `shard` draws only
+    that one (shard 0 also evaluates) and leaves the merge to `merge_stage`."""
     cfg = run.cfg
     n = cfg.sample.num_shards
     if shard is not None and not 0 <= shard < n:
@@ -168,8 +168,8 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
             t0 = time.monotonic()
             d = run.real_dir(arm, k, "sample")
             problems = round_questions(run, arm, k)
-            if backend is None and problems and n == 1:  # unsharded: one engine here, whatever the sampler's
-                backend = start_backend(scfg)            # data_parallel says (a teacher's may differ)
+            if backend is None and problems and n == 1:  # one engine here: draw would ask the sampler's
+                backend = start_backend(scfg)            # own data_parallel (a teacher's may differ)
             sampled = draw(scfg, problems, d / SAMPLES, d / "shards", shard, backend, MERGE_HINT)
             if backend is not None:  # the engine's stop counts in the sample stage's wall time
                 backend.close()
@@ -196,9 +196,10 @@ def eval_config(run: Run, arm: str, k: int) -> EvalConfig:
 def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: bool, dp: int) -> None:
     """`rollout_stage` on `dp` engine processes at once (`exit_loop.pipeline.parallel`): process w
     evaluates shard w of `dp` of the held-out questions (`eval/shards/`) and samples its share of
-    the sample shards, on one engine where eval and sample use the same model; then both are merged
-    as `merge_stage` merges a SLURM array's shards. Eval's wall time runs until the last process
-    finished its eval draws, the sample stage's from there."""
+    the sample shards, on one engine where eval and sample use the same model and backend (the plan:
+    `exit_loop.pipeline.rollout`); then both are merged as `merge_stage` merges a SLURM array's
+    shards. Eval's wall time runs until the last process finished its eval draws, the sample
+    stage's from there."""
     t0, started = time.monotonic(), time.time()
     sets: dict[str, list[Problem]] = {}
     ecfg = eval_config(run, arm, k)
