@@ -15,7 +15,8 @@ import pytest
 from exit_loop.config import ConfigError, dump_yaml, load_config
 from exit_loop.errors import StageFailed
 from exit_loop.pipeline.generate import GenerateConfig, parse_args
-from exit_loop.pipeline.parallel import Draw, data_parallel, drawn_pairs, missing, run_workers, slots, visible_gpus
+from exit_loop.pipeline.parallel import data_parallel, run_workers, slots, visible_gpus
+from exit_loop.pipeline.rollout import Draw, drawn_pairs, missing, plan, shard_draws
 from exit_loop.pipeline.run import ExperimentConfig, Run, check_config_change
 from exit_loop.sample import SampleConfig
 from exit_loop.tasks import Problem
@@ -96,6 +97,16 @@ def test_missing_pairs_ignore_a_torn_line(tmp_path: Path):
     assert drawn_pairs(path) == {("train-1", 0)}
     assert missing(d, problems) == 3  # of train-1 x 2 and train-3 x 2
 
+
+
+def test_a_plan_deals_each_group_over_the_engines_eval_first(tmp_path: Path):
+    greedy = shard_draws(SampleConfig(num_samples=1), 2, tmp_path / "greedy", "eval")  # one shard per engine
+    samples = shard_draws(SampleConfig(num_samples=2, num_shards=4), 2, tmp_path / "shards")
+    plans = plan([greedy, samples], 2)
+    assert [[(d.problems, d.cfg.shard_id, d.cfg.num_shards) for d in p] for p in plans] == [
+        [("eval", 0, 2), ("sample", 0, 4), ("sample", 2, 4)], [("eval", 1, 2), ("sample", 1, 4), ("sample", 3, 4)]]
+    assert plans[1][0].path == tmp_path / "greedy" / "shard-00001-of-00002.jsonl"
+    assert plans[1][2].path == tmp_path / "shards" / "shard-00003-of-00004.jsonl"
 
 @pytest.mark.engine
 def test_a_failing_worker_stops_the_others(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture):

@@ -1,6 +1,8 @@
-"""All the GPUs of one node: `sample.data_parallel` engine processes at once, each pinned to its own
-GPUs, each drawing its share of the shards into the same shard files a SLURM array writes; the
-caller then merges them as SLURM's merge job does (`exit_loop.pipeline.stages`).
+"""Running a rollout's plan (`exit_loop.pipeline.rollout`): `run_plan` runs one engine's plan in
+this process and several on all the GPUs of one node: `sample.data_parallel` engine processes at
+once, each pinned to its own GPUs, each drawing its share of the shards into the same shard files a
+SLURM array writes; the caller then merges them as SLURM's merge job does
+(`exit_loop.pipeline.stages`).
 
     exit-loop generate --config configs/generate_gsm8k_qwen2.5-32b.yaml       # 8 GPUs, TP 2: 4 engines
     exit-loop run configs/exit_gsm8k_qwen2.5-math-1.5b.yaml sample.data_parallel=4
@@ -13,9 +15,10 @@ VLLM_CPU_OMP_THREADS_BIND, one list per tensor-parallel rank), and without tenso
 runs its engine in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in a second
 one that would compete for the same cores (and import torch and vLLM once more).
 
-Which work: a list of draws per process (`Draw`: one `sample` call: a shard's config, which problems,
-which file). Process w runs its draws in order on one engine, starting another only where the model
-changes. Draws already complete on disk are left out, and a process with none left is not started.
+Which work: a plan, one list of draws per process (`exit_loop.pipeline.rollout.Draw`). Process w
+runs its draws in order on one engine (`rollout.run_draws`), starting another only where the model
+or backend changes. Draws already complete on disk are left out, and a process with none left is
+not started.
 
 Failure: the first process to fail stops the others (SIGTERM, on which a worker SIGKILLs its process
 group, engine included) and the stage raises StageFailed with its exit status and the end of its log
@@ -44,20 +47,12 @@ from exit_loop.config import to_dict
 from exit_loop.console import say
 from exit_loop.errors import ConfigError, StageFailed
 from exit_loop.jsonl import write_json
-from exit_loop.sample import SampleConfig, check_model_path, sample, select_shard, start_backend
+from exit_loop.pipeline.rollout import Draw, missing, run_draws
+from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path
 from exit_loop.tasks import Problem
 
 STOP_GRACE_S = 10.0  # how long a stopped worker gets to end before its group is SIGKILLed
 LOG_TAIL = 3000      # characters of a failed worker's log quoted in the error
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One `sample` call of a worker: `cfg` (its num_shards/shard_id pick the problems),
-    `problems` (a key into the problem sets handed to `run_workers`), `path` (its file)."""
-    cfg: SampleConfig
-    problems: str
-    path: Path
 
 
 @dataclass
@@ -142,30 +137,17 @@ def machine_slots(n: int, cfg: SampleConfig) -> list[Slot]:
     return slots(n, cfg.tensor_parallel_size, visible_gpus(), sorted(os.sched_getaffinity(0)))
 
 
-# --------------------------------------------------------------------------- what is left
+# --------------------------------------------------------------------------- a plan, here or in workers
 
 
-def drawn_pairs(path: Path) -> set[tuple[str, int]]:
-    """(problem, sample) pairs in a samples file; a line torn by a kill is not a pair."""
-    pairs = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                pairs.add((row["problem_id"], row["sample_index"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return pairs
-
-
-def missing(d: Draw, problems: Sequence[Problem]) -> int:
-    """How many of the draw's (problem, sample) pairs its file still lacks."""
-    mine = select_shard(problems, d.cfg.num_shards, d.cfg.shard_id)
-    want = {(p.id, j) for p in mine for j in range(d.cfg.num_samples)}
-    return len(want - drawn_pairs(d.path))
-
-
-# --------------------------------------------------------------------------- the parent
+def run_plan(plans: list[list[Draw]], problem_sets: dict[str, list[Problem]], cfg: SampleConfig,
+             work_dir: Path, backend: SamplerBackend | None = None) -> dict[str, float]:
+    """Run a plan: one engine's draws in this process (`run_draws`, on `backend` where given, left
+    open), several engines' in engine processes at once (`run_workers`, their logs and specs in
+    `work_dir`). Returns, for each draw's file, when (time.time()) it was finished."""
+    if len(plans) == 1:
+        return run_draws(plans[0], problem_sets, backend)
+    return run_workers(plans, problem_sets, cfg, work_dir)
 
 
 def run_workers(plans: list[list[Draw]], problem_sets: dict[str, list[Problem]], cfg: SampleConfig,
@@ -282,7 +264,7 @@ def _die_with_parent() -> None:
 
 
 def worker_main(spec_path: str) -> None:
-    """Run one worker's draws (the spec `start_worker` wrote), one engine per run of one model."""
+    """Run one worker's draws (the spec `start_worker` wrote) on its engine (`run_draws`)."""
     _die_with_parent()
     spec: dict[str, Any] = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec.get("cores"):
@@ -291,20 +273,7 @@ def worker_main(spec_path: str) -> None:
     draws = [Draw(SampleConfig(**d["cfg"]), d["problems"], Path(d["path"])) for d in spec["draws"]]
     for d in draws:  # a missing checkpoint fails now, not after another model's draws
         check_model_path(d.cfg.model_name)
-    finished: dict[str, float] = {}
-    backend, model = None, None
-    try:
-        for d in draws:
-            if backend is not None and model != d.cfg.model_name:
-                backend.close()
-                backend = None
-            if backend is None:
-                backend, model = start_backend(d.cfg), d.cfg.model_name
-            sample(d.cfg, sets[d.problems], d.path, backend)
-            finished[str(d.path)] = time.time()
-    finally:
-        if backend is not None:
-            backend.close()
+    finished = run_draws(draws, sets)
     write_json(Path(spec_path).with_name(f"worker-{spec['worker']}.done.json"), {"finished": finished})
 
 

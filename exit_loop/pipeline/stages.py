@@ -26,8 +26,9 @@ from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_jsonl, write_manifest
 from exit_loop.rundir import SAMPLES, STAGES, VERIFIED, round_name
-from exit_loop.pipeline.parallel import Draw, data_parallel, run_workers
-from exit_loop.pipeline.run import ExperimentConfig, Run, shard_path
+from exit_loop.pipeline.parallel import data_parallel, run_plan
+from exit_loop.pipeline.rollout import Draw, plan, same_engine, shard_draws
+from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import SampleConfig, SamplerBackend, Sampled, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
@@ -47,37 +48,22 @@ def draw(cfg: SampleConfig, problems: list[Problem], samples_file: Path, shard_d
          shard: int | None = None, backend: SamplerBackend | None = None,
          hint: str = "") -> Sampled | None:
     """Sample every problem `cfg.num_samples` times. Unsharded: into `samples_file`. With
-    `cfg.num_shards` > 1: into the shard files in `shard_dir`, either every shard with one engine
-    and then merged into `samples_file` (`shard` None), or only `shard` (None returned: the merge
-    comes later). `backend` is used where given (and left open); else one is started only if there
-    is work. With `shard` and `backend` None and `cfg.data_parallel` > 1 (or unset on a node with
+    `cfg.num_shards` > 1: into the shard files in `shard_dir`, either every shard on one engine and
+    then merged into `samples_file` (`shard` None), or only `shard` (None returned: the merge comes
+    later). `backend` is used where given (and left open); else one is started only if there is
+    work. With `shard` and `backend` None and `cfg.data_parallel` > 1 (or unset on a node with
     several GPUs), the shards (num_shards, or one per engine) are drawn by that many engine
     processes at once (`exit_loop.pipeline.parallel`) and merged."""
-    n = cfg.num_shards
-    if shard is None and backend is None and problems and (dp := data_parallel(cfg)) > 1:
-        draws = shard_draws(cfg, dp, shard_dir)
-        run_workers([draws[w::dp] for w in range(dp)], {"sample": problems}, cfg, shard_dir.parent / "workers")
-        return merge_shards([d.path for d in draws], problems, cfg.num_samples, samples_file, hint)
-    if n == 1:
+    engines = data_parallel(cfg) if shard is None and backend is None and problems else 1
+    if cfg.num_shards == 1 and engines == 1:
         return sample(cfg, problems, samples_file, backend)
-    owned = backend is None and shard is None and bool(problems)
-    backend = start_backend(cfg) if owned else backend
-    try:
-        for i in (range(n) if shard is None else [shard]) if problems else []:
-            sample(replace(cfg, shard_id=i), problems, shard_path(shard_dir, i, n), backend)
-    finally:
-        if owned:
-            backend.close()  # type: ignore[union-attr]
+    draws = shard_draws(cfg, engines, shard_dir)
+    if problems:
+        run_plan(plan([draws if shard is None else [draws[shard]]], engines), {"sample": problems}, cfg,
+                 shard_dir.parent / "workers", backend)
     if shard is not None:
         return None
-    return merge_shards([shard_path(shard_dir, i, n) for i in range(n)], problems, cfg.num_samples, samples_file, hint)
-
-
-def shard_draws(cfg: SampleConfig, dp: int, shard_dir: Path) -> list[Draw]:
-    """The shards that `dp` engine processes draw: `cfg.num_shards` of them, or one per process
-    where that is 1 (process w draws shards w, w + dp, ...)."""
-    n = cfg.num_shards if cfg.num_shards > 1 else dp
-    return [Draw(replace(cfg, num_shards=n, shard_id=i), "sample", shard_path(shard_dir, i, n)) for i in range(n)]
+    return merge_shards([d.path for d in draws], problems, cfg.num_samples, samples_file, hint)
 
 
 def merge_shards(paths: list[Path], problems: list[Problem], num_samples: int, out: Path,
@@ -156,10 +142,10 @@ MERGE_HINT = "run the unfinished shards (exit-loop stage rollout --shard I)"
 
 
 def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
-    """eval and sample of round k; one engine serves both when they use the same model. The
-    engine's start and stop count in the stage that uses it first and last. With shards, every
-    shard is drawn and then merged; `shard` draws only that one (shard 0 also evaluates) and
-    leaves the merge to `merge_stage`."""
+    """eval and sample of round k; one engine serves both when they use the same model and backend
+    (`exit_loop.pipeline.rollout.same_engine`). The engine's start and stop count in the stage that
+    uses it first and last. With shards, every shard is drawn and then merged; `shard` draws only
+    that one (shard 0 also evaluates) and leaves the merge to `merge_stage`."""
     cfg = run.cfg
     n = cfg.sample.num_shards
     if shard is not None and not 0 <= shard < n:
@@ -175,15 +161,15 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
         if need_eval:
             ecfg = eval_config(run, arm, k)
             t0 = time.monotonic()
-            if need_sample and scfg.model_name == ecfg.sample.model_name and scfg.backend == ecfg.sample.backend:
+            if need_sample and same_engine(scfg, ecfg.sample):
                 backend = start_backend(ecfg.sample)  # one engine for both (never a teacher's server)
             evaluate(ecfg, backend, started_at=t0)
         if need_sample:
             t0 = time.monotonic()
             d = run.real_dir(arm, k, "sample")
             problems = round_questions(run, arm, k)
-            if backend is None and problems and n == 1:
-                backend = start_backend(scfg)
+            if backend is None and problems and n == 1:  # one engine here: draw would ask the sampler's
+                backend = start_backend(scfg)            # own data_parallel (a teacher's may differ)
             sampled = draw(scfg, problems, d / SAMPLES, d / "shards", shard, backend, MERGE_HINT)
             if backend is not None:  # the engine's stop counts in the sample stage's wall time
                 backend.close()
@@ -210,35 +196,29 @@ def eval_config(run: Run, arm: str, k: int) -> EvalConfig:
 def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: bool, dp: int) -> None:
     """`rollout_stage` on `dp` engine processes at once (`exit_loop.pipeline.parallel`): process w
     evaluates shard w of `dp` of the held-out questions (`eval/shards/`) and samples its share of
-    the sample shards, on one engine where eval and sample use the same model; then both are merged
-    as `merge_stage` merges a SLURM array's shards. Eval's wall time runs until the last process
-    finished its eval draws, the sample stage's from there."""
-    cfg = run.cfg
+    the sample shards, on one engine where eval and sample use the same model and backend (the plan:
+    `exit_loop.pipeline.rollout`); then both are merged as `merge_stage` merges a SLURM array's
+    shards. Eval's wall time runs until the last process finished its eval draws, the sample
+    stage's from there."""
     t0, started = time.monotonic(), time.time()
-    plans: list[list[Draw]] = [[] for _ in range(dp)]
     sets: dict[str, list[Problem]] = {}
     ecfg = eval_config(run, arm, k)
-    eval_files: list[tuple[list[Path], SampleConfig, Path]] = []
+    evals: list[tuple[SampleConfig, Path, list[Draw]]] = []  # each eval draw's config, file and shards
     if need_eval:
         sets["eval"] = load_problems(ecfg.data)
-        for name, dcfg, out in eval_draws(ecfg):
-            shards = [Draw(replace(dcfg, num_shards=dp, shard_id=w), "eval",
-                           shard_path(Path(ecfg.output_dir) / "shards" / name, w, dp)) for w in range(dp)]
-            eval_files.append(([d.path for d in shards], dcfg, out))
-            for w in range(dp):
-                plans[w].append(shards[w])
+        evals = [(dcfg, out, shard_draws(dcfg, dp, Path(ecfg.output_dir) / "shards" / name, "eval"))
+                 for name, dcfg, out in eval_draws(ecfg)]
     d = run.real_dir(arm, k, "sample")
     scfg = run.sampler_config(arm, k)
     draws = shard_draws(scfg, dp, d / "shards") if need_sample else []
     if need_sample:
         sets["sample"] = round_questions(run, arm, k)
-        for w in range(dp):
-            plans[w] += draws[w::dp]
-    finished = run_workers(plans, sets, scfg, (d if need_sample else Path(ecfg.output_dir)) / "workers")
-    eval_end = max([finished[str(p)] for paths, _, _ in eval_files for p in paths], default=started)
+    finished = run_plan(plan([*(shards for _, _, shards in evals), draws], dp), sets, scfg,
+                        (d if need_sample else Path(ecfg.output_dir)) / "workers")
+    eval_end = max([finished[str(x.path)] for _, _, shards in evals for x in shards], default=started)
     if need_eval:
-        for paths, dcfg, out in eval_files:
-            merge_shards(paths, sets["eval"], dcfg.num_samples, out, "run the same stage again")
+        for dcfg, out, shards in evals:
+            merge_shards([x.path for x in shards], sets["eval"], dcfg.num_samples, out, "run the same stage again")
         score(ecfg, eval_end - started)
     if need_sample:
         t1 = time.monotonic()

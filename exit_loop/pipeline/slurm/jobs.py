@@ -16,7 +16,7 @@ from pathlib import Path
 
 from exit_loop.rundir import MANIFEST, SHARED
 from exit_loop.pipeline.generate import GenerateConfig, shard_file
-from exit_loop.pipeline.parallel import drawn_pairs
+from exit_loop.pipeline.rollout import drawn_pairs
 from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.stages import round_questions
 from exit_loop.sample import LaunchConfig, launch_address, select_shard
