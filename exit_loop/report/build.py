@@ -168,13 +168,16 @@ def gain_rows(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] |
     return out
 
 
+# per question: its group under one grouping (a run's name -> problem_id -> group), and the groups' order
+Grouping = tuple[dict[str, dict[str, str]], Sequence[str] | None]
+
+
 def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool] | None]],
-                groups: dict[str, dict[str, str]] | None = None, order: Sequence[str] | None = None
-                ) -> dict[str, Any]:
-    """Across seeds, per arm and round (and per group of questions, where they have groups): the
-    mean accuracy over seeds and its 95% interval from a two-level bootstrap over seeds and
-    questions (`accuracy_interval`)."""
-    groups = groups or {}
+                groupings: dict[str, Grouping] | None = None) -> dict[str, Any]:
+    """Across seeds, per arm and round (and per group of questions under each grouping, e.g.
+    `by_group`: the data's `group_by`, `by_difficulty`): the mean accuracy over seeds and its 95%
+    interval from a two-level bootstrap over seeds and questions (`accuracy_interval`)."""
+    groupings = groupings or {"by_group": ({}, None)}
     by_arm: dict[str, list[str]] = {}
     for name, arm in report["arms"].items():
         if arm.get("seed") is not None:
@@ -194,18 +197,19 @@ def pooled_arms(report: dict[str, Any], outcomes: dict[str, list[dict[str, bool]
     for arm, names in by_arm.items():
         rounds = report["arms"][names[0]]["rounds"]
         out[arm] = {"rounds": rounds, "seeds": [report["arms"][n]["seed"] for n in names],
-                    **over_seeds_per_round(names, rounds, lambda n, pid: True), "by_group": {}}
-        for g in _in_order({g for n in names for g in groups.get(n, {}).values()}, order):
-            out[arm]["by_group"][g] = over_seeds_per_round(names, rounds,
-                                                           lambda n, pid, g=g: groups[n].get(pid) == g)
+                    **over_seeds_per_round(names, rounds, lambda n, pid: True)}
+        for key, (groups, order) in groupings.items():
+            out[arm][key] = {g: over_seeds_per_round(names, rounds, lambda n, pid, g=g, groups=groups:
+                                                     groups.get(n, {}).get(pid) == g)
+                             for g in _in_order({g for n in names for g in groups.get(n, {}).values()}, order)}
     return out
 
 
 def cost_rows(arm: dict[str, Any]) -> dict[str, list]:
     """What each round's gain cost, counted from round 0 through the round before the eval that
-    measures it: generated tokens, training tokens and stage seconds (wall; GPU-seconds where one
-    GPU ran each stage), each per held-out point gained over round 0 and per training question
-    first solved by a sample; None where a count or the gain is missing or not positive."""
+    measures it: generated tokens, training tokens and stage seconds (wall clock), each per held-out
+    point gained over round 0 and per training question first solved by a sample; None where a
+    count or the gain is missing or not positive."""
     def total(values: list, upto: int) -> float | None:
         xs = values[:upto]
         return None if not xs or any(v is None for v in xs) else float(sum(xs))
@@ -260,11 +264,10 @@ def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str
     report["paired"] = paired_rows(report, outcomes, allow_mismatch)
     report["gains"] = gain_rows(report, outcomes)
     if any(arm["seed"] is not None for arm in arms.values()):
-        report["pooled"] = pooled_arms(report, outcomes, groups)
+        groupings: dict[str, Grouping] = {"by_group": (groups, None)}
         if any(hardness.values()):
-            by_difficulty = pooled_arms(report, outcomes, hardness, DIFFICULTY)
-            for name, pooled in report["pooled"].items():
-                pooled["by_difficulty"] = by_difficulty[name]["by_group"]
+            groupings["by_difficulty"] = (hardness, DIFFICULTY)
+        report["pooled"] = pooled_arms(report, outcomes, groupings)
     return report
 
 
