@@ -37,11 +37,14 @@ def reverify(rows: list[dict[str, Any]], task: str = "gsm8k", examples: int = 3)
     class, how many verdicts flipped each way, and up to `examples` rows of each change."""
     changes: Counter[str] = Counter()
     shown: dict[str, list[dict[str, Any]]] = {}
-    accepted_now = accepted_before = 0
+    accepted_now = accepted_before = newly = no_longer = 0
     for old, new in zip(rows, verify_rows(({k: v for k, v in r.items() if k != "_where"} for r in rows), task=task)):
-        accepted_before += old.get("is_correct") is True
-        accepted_now += new["is_correct"] is True
-        if (old.get("is_correct") is True) == new["is_correct"] and old.get("failure") == new["failure"]:
+        was, now = old.get("is_correct") is True, new["is_correct"] is True
+        accepted_before += was
+        accepted_now += now
+        newly += now and not was
+        no_longer += was and not now
+        if was == now and old.get("failure") == new["failure"]:
             continue
         change = f"{old.get('failure')} → {new['failure']}"
         changes[change] += 1
@@ -49,10 +52,8 @@ def reverify(rows: list[dict[str, Any]], task: str = "gsm8k", examples: int = 3)
             shown[change].append({"where": old["_where"], "predicted_before": old.get("predicted"),
                                   "predicted_now": new["predicted"], "ground_truth": old.get("ground_truth"),
                                   "response_end": " ".join(str(old.get("response") or "").split())[-TAIL:]})
-    newly = sum(n for c, n in changes.items() if not c.startswith("none →") and c.endswith("→ none"))
     return {"task": task, "rows": len(rows), "accepted_before": accepted_before, "accepted_now": accepted_now,
-            "changed": sum(changes.values()), "newly_accepted": newly,
-            "no_longer_accepted": sum(n for c, n in changes.items() if c.startswith("none →") and not c.endswith("→ none")),
+            "changed": sum(changes.values()), "newly_accepted": newly, "no_longer_accepted": no_longer,
             "changes": dict(changes.most_common()), "examples": shown}
 
 
