@@ -6,7 +6,9 @@ dotted keys), each with its default and the comment its dataclass field carries 
     p = config_parser("exit-loop run", __doc__, ExperimentConfig, epilog=EXAMPLES)
 
 A field's comment is its metadata's `comment`, else the one at the end of its line, else the
-comment lines just above it.
+comment lines just above it, else (a class made by dataclasses.make_dataclass, which has no source)
+that of the same field in the class its `COMMENTS_FROM` names. The key list is made when the help
+is printed, not each time a command starts.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ WIDTH = 30  # the key column
 
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field of dataclass `cls` and its comment: its metadata's `comment` (a class made by
-    dataclasses.make_dataclass has no source), else the one its source gives it."""
+    """Each field of dataclass `cls` and its comment: its metadata's `comment`, else the one its
+    source gives it, else the one `cls.COMMENTS_FROM` gives the same field."""
     out = {f.name: f.metadata["comment"] for f in dataclasses.fields(cls) if f.metadata.get("comment")}
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source (a frozen build, a class made at run time)
-        return out
+        lines = []
+    if (source := getattr(cls, "COMMENTS_FROM", None)) is not None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        out.update({k: v for k, v in field_comments(source).items() if k in names and k not in out})
     names = {f.name for f in dataclasses.fields(cls)}
     above: list[str] = []
     for line in lines[1:]:
@@ -96,9 +101,25 @@ def keys_help(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
     return out
 
 
+class _ConfigParser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog ends with its config's keys, listed when the help is printed."""
+
+    def __init__(self, *args: Any, config_cls: type, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_cls = config_cls
+
+    def format_help(self) -> str:
+        keys = ("config keys (key=value after the command, or in the YAML; default shown):\n"
+                + "\n".join(keys_help(self.config_cls)))
+        own, self.epilog = self.epilog, f"{self.epilog.rstrip()}\n\n{keys}" if self.epilog else keys
+        try:
+            return super().format_help()
+        finally:
+            self.epilog = own
+
+
 def config_parser(prog: str, doc: str | None, cls: type, epilog: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser for a command that reads a `cls` config: `doc` as its description, then
     `epilog`, then the config keys (`keys_help`)."""
-    keys = "config keys (key=value after the command, or in the YAML; default shown):\n" + "\n".join(keys_help(cls))
-    return argparse.ArgumentParser(prog=prog, description=doc, epilog=f"{epilog.rstrip()}\n\n{keys}" if epilog else keys,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _ConfigParser(prog=prog, description=doc, epilog=epilog, config_cls=cls,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from exit_loop.command import field_comments
 from exit_loop.config import check_unchanged
 from exit_loop.errors import ConfigError
 from exit_loop.filter import FilterConfig
@@ -141,11 +140,9 @@ def _teacher_sample_config(self, student: SampleConfig, student_model: str) -> S
 def _teacher_config() -> type:
     """TeacherConfig: the model, its prompt style, and SampleConfig's TEACHER_SAMPLE_KEYS as
     optional overrides (their types and comments SampleConfig's own, so the one loader checks them
-    and `--help` explains them as it does the student's)."""
+    and `--help` explains them as it does the student's: `COMMENTS_FROM`)."""
     hints = typing.get_type_hints(SampleConfig)
-    comments = field_comments(SampleConfig)
-    overrides = [(k, hints[k] | None, field(default=None, metadata={"comment": comments.get(k, "")}))
-                 for k in TEACHER_SAMPLE_KEYS]
+    overrides = [(k, hints[k] | None, field(default=None)) for k in TEACHER_SAMPLE_KEYS]
     at = TEACHER_SAMPLE_KEYS.index("sampling")  # trust_remote_code where config.yaml has always had it
     cls = dataclasses.make_dataclass("TeacherConfig", [
         ("model", str, field(default="", metadata={"comment": "the teacher's hub id or path"})),
@@ -154,7 +151,7 @@ def _teacher_config() -> type:
         *overrides[:at],
         ("trust_remote_code", bool, field(default=False)),  # never the student's: off unless asked
         *overrides[at:],
-    ], namespace={"SHORTHAND": "model", "__post_init__": _teacher_post_init, "sample_config": _teacher_sample_config,
+    ], namespace={"SHORTHAND": "model", "COMMENTS_FROM": SampleConfig, "__post_init__": _teacher_post_init, "sample_config": _teacher_sample_config,
                   "__doc__": "Who samples round 0 when it is not the student, and how: its own model, prompt style "
                              "and sampler settings; a key left unset (null) takes the student's `sample:` value. "
                              "In YAML, `teacher: MODEL` is short for `teacher: {model: MODEL}`."})
