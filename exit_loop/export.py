@@ -48,13 +48,18 @@ def to_trl_rows(rows: list[dict[str, str]], chat: bool) -> list[dict[str, Any]]:
         return [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
     return [{
         "prompt": _chat_prompt(r),
-        "completion": [{"role": "assistant", "content": f"<think> {r['response']}"}],
+        "completion": _chat_answer(r),
     } for r in rows]
 
 
 def _chat_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
             {"role": "user", "content": row.get("question") or question_of(row["prompt"])}]
+
+
+def _chat_answer(row: dict[str, Any]) -> list[dict[str, str]]:
+    """A trace as the assistant's message: "<think> " + the response (the chat template's answer)."""
+    return [{"role": "assistant", "content": f"<think> {row['response']}"}]
 
 
 def preference_pairs(path: str | Path, per_question: int = 1, seed: int = 0, chat: bool = False
@@ -76,8 +81,7 @@ def preference_pairs(path: str | Path, per_question: int = 1, seed: int = 0, cha
         for c, r in list(zip(right, wrong))[:per_question]:
             if chat:
                 out.append({"prompt": _chat_prompt(c),
-                            "chosen": [{"role": "assistant", "content": f"<think> {c['response']}"}],
-                            "rejected": [{"role": "assistant", "content": f"<think> {r['response']}"}]})
+                            "chosen": _chat_answer(c), "rejected": _chat_answer(r)})
             else:
                 out.append({"prompt": prompt, "chosen": c["response"], "rejected": r["response"]})
     return out
