@@ -32,13 +32,14 @@ from exit_loop.console import say
 from exit_loop.errors import DataError
 from exit_loop.hub import check_hub, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_json, write_jsonl
+from exit_loop.prompts import HINTED_CONTEXT
 from exit_loop.rundir import SUMMARY
 from exit_loop.rules import per_question
 from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
 PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "teacher_num_tokens", "prompt_tokens", "finish_reason",
-                   "failure", "format_ok", "backend", "prompt_style", "question", "raw_output")
+                   "failure", "format_ok", "backend", "prompt_style", "question", "raw_output", "hinted")
 
 
 @dataclass
@@ -91,15 +92,20 @@ def short_enough(row: dict[str, Any], cap: int | None, dropped: Counter) -> bool
     return True
 
 
-def pick(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> tuple[list[dict[str, str]], Counter]:
-    """The `{prompt, response}` pairs a split keeps of `rows`, in order: the response-token cap,
-    exact duplicates per question dropped (`dedup`), at most K per question
-    (`exit_loop.rules.per_question`); and what each rule dropped."""
+def pick(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> tuple[list[dict[str, Any]], Counter]:
+    """The rows a split keeps of `rows`, in order: the response-token cap, exact duplicates per
+    question dropped (`dedup`), at most K per question (`exit_loop.rules.per_question`); and what
+    each rule dropped."""
     dropped: Counter = Counter()
     fits = (row for row in rows if short_enough(row, cfg.max_response_tokens, dropped))
     kept = per_question(fits, lambda row: (question_id(row), row["response"]), cfg.dedup,
                         cfg.max_correct_per_question, dropped)
-    return [{"prompt": row["prompt"], "response": row["response"]} for row in kept], dropped
+    return list(kept), dropped
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A split's `{prompt, response}` rows."""
+    return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
 
 
 class Splits(NamedTuple):
@@ -117,9 +123,13 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Splits:
     solved: set[str] = set()
     tokens_ok: list[int] = []
     tokens_bad: list[int] = []
+    hinted: list[dict[str, Any]] = []  # STaR rationalization's rows: counted apart from the student's own
     for row in rows:
         a = all_row(row)
         all_rows.append(a)
+        if row.get("hinted"):
+            hinted.append(a)
+            continue
         qid = question_id(row)
         questions.add(qid)
         failures[str(row.get("failure", "none" if row.get("is_correct") else "wrong"))] += 1
@@ -132,8 +142,9 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Splits:
             tokens_bad.append(ntok)
     correct, dropped = pick((r for r in all_rows if r.get("is_correct")), cfg)
     formatted, dropped_formatted = pick((r for r in all_rows if well_formed(r)), cfg)
-    n = len(all_rows)
-    n_correct = sum(1 for r in all_rows if r.get("is_correct"))
+    own = [r for r in all_rows if not r.get("hinted")]
+    n = len(own)
+    n_correct = sum(1 for r in own if r.get("is_correct"))
     summary = {
         "traces": n,
         "correct_traces": n_correct,
@@ -149,7 +160,16 @@ def filter_rows(rows: Iterable[dict[str, Any]], cfg: FilterConfig) -> Splits:
         "formatted_split_rows": len(formatted),
         "dropped_from_formatted": dict(dropped_formatted),
     }
-    return Splits(all_rows, correct, formatted, summary)
+    if hinted:
+        summary["hinted"] = {
+            "traces": len(hinted),
+            "correct_traces": sum(1 for r in hinted if r.get("is_correct")),
+            "questions": len({question_id(r) for r in hinted}),
+            "questions_solved": len({question_id(r) for r in hinted if r.get("is_correct")}),
+            "correct_split_rows": sum(1 for r in correct if r.get("hinted")),
+            "context": HINTED_CONTEXT,
+        }
+    return Splits(all_rows, pairs(correct), pairs(formatted), summary)
 
 
 def write_splits(rows: Iterable[dict[str, Any]], cfg: FilterConfig, allow_empty: bool = False) -> dict[str, Any]:

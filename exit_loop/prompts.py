@@ -45,6 +45,21 @@ def student_prompt(question: str) -> str:
     return R1_ZERO_PROMPT.format(question=question.strip())
 
 
+HINT = "{question}\nHint: the answer is {answer}."
+
+
+def hinted_question(question: str, answer: str) -> str:
+    """STaR's rationalization (Zelikman et al. 2022, 3.2): the question with its ground-truth answer
+    given as a hint, what a hinted draw asks (`sample.hint`); the stored row keeps the plain
+    question's prompt."""
+    return HINT.format(question=question.strip(), answer=answer.strip())
+
+
+# what a hinted row's manifests say of it: the student trains in a context it did not sample in
+HINTED_CONTEXT = ("drawn with the ground truth as a hint in the prompt, stored and trained with the plain prompt: "
+                  "not sampled in the context it trains in")
+
+
 _R1_HEAD, _R1_TAIL = R1_ZERO_PROMPT.split("{question}")
 
 

@@ -32,6 +32,10 @@ SHARED = "shared"
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"      # sample/
 VERIFIED = "verified.jsonl"    # verify/
+# STaR rationalization (policy.rationalize): the hinted draws of the questions no sample solved, and
+# their labels, beside (never in) the student's own samples, so no pass rate counts them
+SAMPLES_HINTED = "samples_hinted.jsonl"    # sample/
+VERIFIED_HINTED = "verified_hinted.jsonl"  # verify/
 SUMMARY = "summary.json"       # filter/
 EVAL = "eval.json"             # eval/
 GREEDY = "greedy.jsonl"        # eval/

@@ -58,11 +58,14 @@ class ArmConfig:
     # an `original` arm: whose solutions it trains on (default: the run's `data`), e.g. the warm
     # start's own gold solutions, for a control that keeps training on them
     data: DataConfig | None = None
+    rationalize: bool | None = None  # this arm's policy.rationalize (unset: the policy's)
 
     def __post_init__(self) -> None:
         if self.data is not None and self.split != "original":
             raise ValueError(f"arm data: only an arm with split: original trains on a data set's own "
                              f"solutions; this arm's split is {self.split!r}")
+        if self.rationalize and self.split == "original":
+            raise ValueError("arm rationalize: an arm with split: original samples nothing to rationalize")
 
 
 @dataclass
@@ -71,10 +74,17 @@ class PolicyConfig:
     data_window: Literal["round", "all"] = "round"      # this round's data only, or every round's
     questions: Literal["all", "unsolved", "band"] = "all"
     band: list[float] = field(default_factory=lambda: [0.0, 0.75])  # pass-rate band [lo, hi]
+    # STaR rationalization: questions none of a round's samples solved are sampled again with the
+    # answer as a hint; the traces the verifier accepts train with the hint removed (an arm's
+    # `rationalize` overrides this); rationalize_samples per such question (unset: sample.num_samples)
+    rationalize: bool = False
+    rationalize_samples: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.band) != 2 or not 0.0 <= self.band[0] <= self.band[1] <= 1.0:
             raise ValueError(f"policy.band must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.band}")
+        if self.rationalize_samples is not None and self.rationalize_samples < 1:
+            raise ValueError(f"policy.rationalize_samples must be at least 1, got {self.rationalize_samples}")
 
 
 @dataclass
@@ -196,6 +206,9 @@ class ExperimentConfig:
                 raise ValueError(f"arms: {name!r} is not a usable arm name")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds: give distinct seeds (or leave it unset for `seed` alone), got {self.seeds}")
+        if self.sample.hint:
+            raise ValueError("sample.hint: a run would evaluate and sample with the answers in the prompt; "
+                             "policy.rationalize (or an arm's rationalize) draws hinted samples where they belong")
 
     @property
     def all_seeds(self) -> list[int]:
@@ -303,6 +316,15 @@ class Run:
             os.symlink(os.path.relpath(self.real_dir(arm, k, stage), d.parent), d)
         except FileExistsError:  # another process (a SLURM array task) made it first
             pass
+
+    def rationalizes(self, arm: str, k: int, stage: str) -> bool:
+        """Whether round k's `stage` of `arm` works with hinted samples (STaR rationalization;
+        policy.rationalize, an arm's own `rationalize` over it): a shared round 0's sample stage
+        draws them where any arm rationalizes, and each arm's filter takes them only where that arm
+        does."""
+        arms = self.cfg.arms if self.shared(arm, k, stage) else {arm: self.cfg.arms[arm]}
+        return any(self.cfg.policy.rationalize if a.rationalize is None else a.rationalize for a in arms.values()
+                   if a.split != "original")
 
     def policy(self, arm: str, k: int) -> str:
         """The model that round k evaluates and samples with: the base student, then each ckpt."""

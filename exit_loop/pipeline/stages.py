@@ -10,6 +10,7 @@ so a generation's one round (`exit_loop.pipeline.generate`) goes through the sam
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import defaultdict
@@ -25,7 +26,8 @@ from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_jsonl, write_manifest
-from exit_loop.rundir import SAMPLES, STAGES, VERIFIED, round_name
+from exit_loop.prompts import HINTED_CONTEXT
+from exit_loop.rundir import SAMPLES, SAMPLES_HINTED, STAGES, VERIFIED, VERIFIED_HINTED, round_name
 from exit_loop.pipeline.parallel import data_parallel, run_plan
 from exit_loop.pipeline.rollout import Draw, plan, same_engine, shard_draws
 from exit_loop.pipeline.run import ExperimentConfig, Run
@@ -95,10 +97,32 @@ def label(samples_file: Path, task: str) -> Iterator[dict[str, Any]]:
     return verify_rows(read_samples(samples_file, task), task=task)
 
 
-def sample_manifest(directory: Path, t0: float, model: str, problems: list[Problem], sampled: Sampled,
-                    **extra: Any) -> None:
-    write_manifest(directory, "sample", wall(t0), model=model, questions=len(problems), **extra,
-                   counts={"samples": sampled.samples, "tokens_generated": sampled.tokens})
+def rationalize(cfg: SampleConfig, problems: list[Problem], samples_file: Path, task: str, num_samples: int,
+                backend: SamplerBackend | None = None) -> tuple[int, Sampled]:
+    """STaR's rationalization (Zelikman et al. 2022, 3.2): the problems that none of
+    `samples_file`'s samples solved (labelled here by `task`'s verifier), drawn again `num_samples`
+    times with the ground truth as a hint in the prompt (`sample.hint`), into SAMPLES_HINTED beside
+    it; their rows keep the plain prompt and say `hinted: true`. Returns how many problems that was
+    and what was drawn (resumes like any draw)."""
+    solved = {row["problem_id"] for row in label(samples_file, task) if row["is_correct"]}
+    unsolved = [p for p in problems if p.id not in solved]
+    hcfg = replace(cfg, hint=True, num_samples=num_samples, num_shards=1, shard_id=0)
+    d = samples_file.parent
+    hinted = draw(hcfg, unsolved, d / SAMPLES_HINTED, d / "hinted_shards", None, backend, "run the same stage again")
+    assert hinted is not None  # shard None: drawn and merged
+    return len(unsolved), hinted
+
+
+def sample_manifest(directory: Path, timings: dict[str, float], model: str, questions: int, sampled: Sampled,
+                    hinted: tuple[int, Sampled] | None = None, **extra: Any) -> None:
+    """The sample stage's manifest; `hinted`: a rationalization's questions and draw (counted
+    apart: the arms that do not rationalize never see them)."""
+    counts = {"samples": sampled.samples, "tokens_generated": sampled.tokens}
+    if hinted is not None:
+        extra["hinted"] = {"questions": hinted[0], "samples": hinted[1].samples,
+                           "tokens_generated": hinted[1].tokens, "file": str(hinted[1].path),
+                           "context": HINTED_CONTEXT}
+    write_manifest(directory, "sample", timings, model=model, questions=questions, **extra, counts=counts)
 
 
 # --------------------------------------------------------------------------- a run's stages
@@ -171,15 +195,27 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
             if backend is None and problems and n == 1:  # one engine here: draw would ask the sampler's
                 backend = start_backend(scfg)            # own data_parallel (a teacher's may differ)
             sampled = draw(scfg, problems, d / SAMPLES, d / "shards", shard, backend, MERGE_HINT)
+            hinted = hinted_draw(run, arm, k, scfg, problems, d, backend) if sampled is not None else None
             if backend is not None:  # the engine's stop counts in the sample stage's wall time
                 backend.close()
                 backend = None
             if sampled is not None:
-                sample_manifest(d, t0, scfg.model_name, problems, sampled,
+                sample_manifest(d, wall(t0), scfg.model_name, len(problems), sampled, hinted,
                                 **({"shards": n} if n > 1 else {}))
     finally:
         if backend is not None:
             backend.close()
+
+
+def hinted_draw(run: Run, arm: str, k: int, scfg: SampleConfig, problems: list[Problem], d: Path,
+                backend: SamplerBackend | None = None) -> tuple[int, Sampled] | None:
+    """Round k's rationalization where it has one (`Run.rationalizes`), once its samples are all
+    drawn: with the sampler of the round, `policy.rationalize_samples` per unsolved question."""
+    if not run.rationalizes(arm, k, "sample"):
+        return None
+    pol = run.cfg.policy
+    return rationalize(scfg, problems, d / SAMPLES, run.cfg.data.task,
+                       pol.rationalize_samples or scfg.num_samples, backend)
 
 
 def eval_config(run: Run, arm: str, k: int) -> EvalConfig:
@@ -224,10 +260,11 @@ def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: b
         t1 = time.monotonic()
         sampled = merge_shards([x.path for x in draws], sets["sample"], scfg.num_samples, d / SAMPLES,
                                "run the same stage again")
+        merge_s = round(time.monotonic() - t1, 3)
+        hinted = hinted_draw(run, arm, k, scfg, sets["sample"], d)  # its own engines, where it has any work
         wall_s = time.time() - eval_end if need_eval else time.monotonic() - t0
-        write_manifest(d, "sample", {"wall_s": round(wall_s, 3), "merge_s": round(time.monotonic() - t1, 3)},
-                       model=scfg.model_name, questions=len(sets["sample"]), shards=len(draws), data_parallel=dp,
-                       counts={"samples": sampled.samples, "tokens_generated": sampled.tokens})
+        sample_manifest(d, {"wall_s": round(wall_s, 3), "merge_s": merge_s}, scfg.model_name, len(sets["sample"]),
+                        sampled, hinted, shards=len(draws), data_parallel=dp)
 
 
 def merge_stage(run: Run, arm: str, k: int) -> None:
@@ -240,7 +277,8 @@ def merge_stage(run: Run, arm: str, k: int) -> None:
     d = run.real_dir(arm, k, "sample")
     sampled = merge_shards([run.sample_shard(arm, k, i) for i in range(n)], problems, run.cfg.sample.num_samples,
                            d / SAMPLES, MERGE_HINT)
-    sample_manifest(d, t0, run.sampler_model(arm, k), problems, sampled, shards=n)
+    hinted = hinted_draw(run, arm, k, run.sampler_config(arm, k), problems, d)
+    sample_manifest(d, wall(t0), run.sampler_model(arm, k), len(problems), sampled, hinted, shards=n)
 
 
 def verify_stage(run: Run, arm: str, k: int) -> None:
@@ -248,7 +286,10 @@ def verify_stage(run: Run, arm: str, k: int) -> None:
     d = run.real_dir(arm, k, "verify")
     src = run.real_dir(arm, k, "sample") / SAMPLES
     out = write_jsonl(d / VERIFIED, with_progress(label(src, run.cfg.data.task), count_lines(src), d / VERIFIED))
-    write_manifest(d, "verify", wall(t0), input=str(src), output=str(out))
+    extra = {}
+    if (hinted := src.parent / SAMPLES_HINTED).exists():  # a rationalization's draws: labelled apart
+        extra["hinted"] = {"input": str(hinted), "output": str(write_jsonl(d / VERIFIED_HINTED, label(hinted, run.cfg.data.task)))}
+    write_manifest(d, "verify", wall(t0), input=str(src), output=str(out), **extra)
 
 
 def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
@@ -264,7 +305,11 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
         write_manifest(d, "filter", wall(t0), split="original", rows=len(problems), dataset=data.dataset)
         return None
     src = run.real_dir(arm, k, "verify") / VERIFIED
-    summary = write_splits(iter_jsonl(src), replace(cfg.filter, input=str(src), output_dir=str(d)),
+    rows = iter_jsonl(src)
+    hinted = src.parent / VERIFIED_HINTED
+    if run.rationalizes(arm, k, "filter") and hinted.exists():  # after the student's own, counted apart
+        rows = itertools.chain(rows, iter_jsonl(hinted))
+    summary = write_splits(rows, replace(cfg.filter, input=str(src), output_dir=str(d)),
                            allow_empty=True)  # empty: every question already solved
     if cfg.filter.push_to_hub:  # before the manifest: a failed upload is tried again on resume
         repo = cfg.filter.push_to_hub

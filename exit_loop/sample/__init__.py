@@ -29,7 +29,7 @@ from typing import Any
 
 from exit_loop.console import say, stream
 from exit_loop.jsonl import AppendLog
-from exit_loop.prompts import normalise_response, student_prompt, teacher_messages, teacher_prompt
+from exit_loop.prompts import hinted_question, normalise_response, student_prompt, teacher_messages, teacher_prompt
 from exit_loop.sample.hf import HFBackend
 from exit_loop.sample.request import (Completion, LaunchConfig, Request, SampleConfig, ServerConfig,
                                       check_model_path, check_sampling_keys, launch_address, pending_requests,
@@ -86,13 +86,20 @@ def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: 
     }
     if req.problem.group is not None:
         row["group"] = req.problem.group  # the data set's group of the question (data.group_by)
+    if cfg.hint:
+        row["hinted"] = True  # drawn with the answer in the prompt: not sampled in this row's context
     if cfg.student is not None:
         row["teacher_num_tokens"] = c.num_tokens
-    elif c.prompt_tokens is not None and cfg.prompt_style == "r1_zero":
+    elif c.prompt_tokens is not None and cfg.prompt_style == "r1_zero" and not cfg.hint:
         row["prompt_tokens"] = c.prompt_tokens  # the student's own context: SFT checks it is the same
     if cfg.prompt_style != "r1_zero":
         row["raw_output"] = c.text
     return row
+
+
+def asked(problem: Problem, cfg: SampleConfig) -> str:
+    """The question as the sampler puts it: with its answer as a hint under `cfg.hint`."""
+    return hinted_question(problem.question, problem.ground_truth) if cfg.hint else problem.question
 
 
 def generated_tokens(row: dict[str, Any]) -> int:
@@ -142,9 +149,9 @@ def sample(cfg: SampleConfig, problems: Sequence[Problem], out_path: str | Path,
         tok = backend.tokenizer() if style != "r1_zero" and not chat_turns else None
         student_tok = backend.tokenizer() if cfg.student is None else load_tokenizer(cfg.student, cfg)
         requests = pending_requests(todo_problems, done, cfg.num_samples,
-                                    lambda p: "" if chat_turns else teacher_prompt(p.question, style, tok, system))
+                                    lambda p: "" if chat_turns else teacher_prompt(asked(p, cfg), style, tok, system))
         for r in requests if chat_turns else []:
-            r.messages = teacher_messages(r.problem.question, style, system)
+            r.messages = teacher_messages(asked(r.problem, cfg), style, system)
         bar = tqdm(total=total, initial=len(done), desc=f"sample ({backend.name})", unit="sample",
                    dynamic_ncols=True, mininterval=1.0, file=stream())
         last_sync = time.monotonic()

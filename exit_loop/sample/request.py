@@ -116,6 +116,9 @@ class SampleConfig:
     data_parallel: int | None = None
     server: ServerConfig = field(default_factory=ServerConfig)  # backend: server (an OpenAI-compatible API)
     round: int = 0                         # provenance, set by the loop
+    # STaR rationalization: each prompt also gives the ground-truth answer (prompts.hinted_question);
+    # rows keep the plain prompt and say `hinted: true`. A run sets it for policy.rationalize only
+    hint: bool = False
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
