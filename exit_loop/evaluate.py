@@ -23,7 +23,7 @@ from typing import Any
 from exit_loop.command import config_parser
 from exit_loop.config import load_config, to_dict
 from exit_loop.console import say
-from exit_loop.errors import DataError
+from exit_loop.errors import ConfigError, DataError
 from exit_loop.jsonl import iter_jsonl, write_json, write_manifest
 from exit_loop.rundir import EVAL, GREEDY, MANIFEST
 from exit_loop.sample import SampleConfig, SamplerBackend, check_model_path, sample, start_backend
@@ -149,6 +149,9 @@ def evaluate(cfg: EvalConfig, backend: SamplerBackend | None = None,
     out = Path(cfg.output_dir)
     if (out / MANIFEST).exists():
         return out
+    if cfg.sample.hint:
+        raise ConfigError("eval: sample.hint would give every held-out question its answer in the prompt; "
+                          "hints are for STaR rationalization's training samples only")
     check_model_path(cfg.sample.model_name)
     t0 = time.monotonic() if started_at is None else started_at
     problems = load_problems(cfg.data)

@@ -229,7 +229,7 @@ def read_run(run: FoundRun) -> dict[str, Any]:
     arm: dict[str, Any] = {key: [] for key in (*EVAL_FRACTIONS, "n", "mean_response_tokens", "k", "yield",
                                                "tokens_generated", "training_tokens", "training_steps",
                                                "training_rows", "training_epochs", *DIVERSITY,
-                                               "newly_solved")}
+                                               "newly_solved", "rationalized")}
     arm["wall_time_s"] = {stage: [] for stage in TIME_COLUMNS}
     seen: set[tuple[Any, Any]] = set()  # every earlier round's training rows
     ever_solved: set[str] = set()       # training questions an earlier round's samples solved
@@ -258,10 +258,16 @@ def read_run(run: FoundRun) -> dict[str, Any]:
         else:
             arm["yield"].append(_number(_get(summary, "trace_accuracy"), path, "trace_accuracy", fraction=True))
 
+        hinted = _get(summary, "hinted")  # this arm trained on a rationalization's rows
+        arm["rationalized"].append(None if hinted is None else _number(
+            _get(hinted, "correct_split_rows"), path, "hinted.correct_split_rows", integer=True))
         path = d / "sample" / MANIFEST
         manifest = _read_json(path)
-        arm["tokens_generated"].append(_number(_get(manifest, "counts", "tokens_generated"), path,
-                                               "counts.tokens_generated", integer=True))
+        generated = _number(_get(manifest, "counts", "tokens_generated"), path, "counts.tokens_generated", integer=True)
+        if hinted is not None and generated is not None:  # its hinted draws are its cost too
+            generated += _number(_get(manifest, "hinted", "tokens_generated"), path, "hinted.tokens_generated",
+                                 integer=True) or 0
+        arm["tokens_generated"].append(generated)
         arm["wall_time_s"]["sample"].append(_wall_s(manifest, path))
 
         path = d / "train" / MANIFEST

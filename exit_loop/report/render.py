@@ -196,16 +196,21 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
     lines += over_seeds_lines(report)
     lines += group_lines(report)
     lines += group_lines(report, "by_difficulty")
+    hinted = any(v is not None for arm in report["arms"].values() for v in arm.get("rationalized") or [])
     lines += ["", "## Training compute", "",
               "What each round's SFT optimised: arms compared on equal terms train the same steps "
-              "(`train.budget`); rows and tokens are one epoch of the round's training data.", "",
-              "| arm | round | optimizer steps | training rows | training tokens | epochs |",
-              "|---|---|---:|---:|---:|---:|"]
+              "(`train.budget`); rows and tokens are one epoch of the round's training data."
+              + (" Hinted rows: STaR rationalization's traces, drawn with the answer as a hint and trained "
+                 "with the plain prompt; their tokens count in the tokens generated." if hinted else ""), "",
+              "| arm | round | optimizer steps | training rows | training tokens | epochs |"
+              + (" hinted rows in the correct split |" if hinted else ""),
+              "|---|---|---:|---:|---:|---:|" + ("---:|" if hinted else "")]
     for name, arm in report["arms"].items():
         for i, r in enumerate(arm["rounds"][:-1]):  # the last round only evaluates
             epochs = arm["training_epochs"][i]
             lines.append(f"| {name} | {r} | {_int(arm['training_steps'][i])} | {_int(arm['training_rows'][i])} | "
-                         f"{_int(arm['training_tokens'][i])} | {'—' if epochs is None else f'{epochs:.2f}'} |")
+                         f"{_int(arm['training_tokens'][i])} | {'—' if epochs is None else f'{epochs:.2f}'} |"
+                         + (f" {_int((arm.get('rationalized') or [None] * len(arm['rounds']))[i])} |" if hinted else ""))
     if any(v is not None for arm in report["arms"].values() for v in (arm.get("cost") or {}).get("points", [])):
         lines += ["", "## Cost of the gain", "",
                   "Counted from round 0 up to the round whose eval is shown: tokens generated, training tokens and "

@@ -142,10 +142,13 @@ def rollout_jobs(run: Run, arm: str, k: int, after: list[Job], owner: str) -> li
         return [stage_job(run, arm, k, "rollout", after, owner, partial(rollout_done, run, arm, k, sampling))]
     key, name = job_id(run, arm, k, "rollout", owner)
     merge_key, merge_name = job_id(run, arm, k, "merge", owner)
-    return sharded_sampling(key, name, stage_argv(run, arm, k, "rollout", shard=True), merge_key, merge_name,
+    jobs = sharded_sampling(key, name, stage_argv(run, arm, k, "rollout", shard=True), merge_key, merge_name,
                             stage_argv(run, arm, k, "merge"), [after[-1].key] if after else [],
                             partial(rollout_shards, run, arm, k), partial(run.done, arm, k, "sample"),
                             cfg.sample.tensor_parallel_size)
+    if run.rationalizes(arm, k, "sample"):  # the merge then draws the hinted samples: a rollout's resources
+        jobs[-1].section, jobs[-1].gpus = "rollout", cfg.sample.tensor_parallel_size
+    return jobs
 
 
 def shared_jobs(run: Run) -> list[Job]:
