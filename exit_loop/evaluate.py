@@ -149,13 +149,20 @@ def evaluate(cfg: EvalConfig, backend: SamplerBackend | None = None,
     out = Path(cfg.output_dir)
     if (out / MANIFEST).exists():
         return out
+    t0 = time.monotonic() if started_at is None else started_at
+    draw_eval(cfg, backend)
+    return score(cfg, time.monotonic() - t0)
+
+
+def draw_eval(cfg: EvalConfig, backend: SamplerBackend | None = None, which: tuple[str, ...] | None = None) -> None:
+    """Draw the files of `eval_draws` (those named in `which`; None: all) on `backend` (else on an
+    engine of its own, started only where a draw has work), resuming what is on disk."""
     if cfg.sample.hint:
         raise ConfigError("eval: sample.hint would give every held-out question its answer in the prompt; "
                           "hints are for STaR rationalization's training samples only")
     check_model_path(cfg.sample.model_name)
-    t0 = time.monotonic() if started_at is None else started_at
     problems = load_problems(cfg.data)
-    draws = eval_draws(cfg)
+    draws = [d for d in eval_draws(cfg) if which is None or d[0] in which]
     owned = backend is None
     backend = backend or start_backend(draws[0][1])  # one engine for the greedy and the k samples
     try:
@@ -164,7 +171,6 @@ def evaluate(cfg: EvalConfig, backend: SamplerBackend | None = None,
     finally:
         if owned:
             backend.close()
-    return score(cfg, time.monotonic() - t0)
 
 
 def score(cfg: EvalConfig, drawn_s: float) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 from exit_loop.baseline import baseline_row
 from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError, DataError, NothingToTrain
-from exit_loop.evaluate import EvalConfig, eval_draws, evaluate, score
+from exit_loop.evaluate import EvalConfig, draw_eval, eval_draws, evaluate, score
 from exit_loop.filter import write_splits
 from exit_loop.hub import route_push, stage_checkpoint, stage_splits, upload
 from exit_loop.jsonl import iter_jsonl, write_jsonl, write_manifest
@@ -167,8 +167,9 @@ MERGE_HINT = "run the unfinished shards (exit-loop stage rollout --shard I)"
 
 def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     """eval and sample of round k; one engine serves both when they use the same model and backend
-    (`exit_loop.pipeline.rollout.same_engine`). The engine's start and stop count in the stage that
-    uses it first and last. With shards, every shard is drawn and then merged; `shard` draws only
+    (`exit_loop.pipeline.rollout.same_engine`): the greedy eval, the round's samples (and hinted
+    samples), then the eval's sampled draws (`eval.n`), so that measuring more never changes what a
+    round trains on. The engine's start and stop count in the stage that uses it first and last. With shards, every shard is drawn and then merged; `shard` draws only
     that one (shard 0 also evaluates) and leaves the merge to `merge_stage`."""
     cfg = run.cfg
     n = cfg.sample.num_shards
@@ -181,13 +182,20 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
         return parallel_rollout(run, arm, k, need_eval, need_sample, dp)
     backend = None
     scfg = run.sampler_config(arm, k)
+    ecfg = eval_config(run, arm, k)
+    deferred = 0.0  # with one engine for both: the eval's seconds so far, its sampled draws still to come
     try:
         if need_eval:
-            ecfg = eval_config(run, arm, k)
             t0 = time.monotonic()
             if need_sample and same_engine(scfg, ecfg.sample):
                 backend = start_backend(ecfg.sample)  # one engine for both (never a teacher's server)
-            evaluate(ecfg, backend, started_at=t0)
+            if backend is not None and ecfg.samples:
+                # greedy now, the sampled metrics after the round's samples: they draw from the engine's
+                # random stream, and what is measured must not change what the round trains on
+                draw_eval(ecfg, backend, ("greedy",))
+                deferred = time.monotonic() - t0
+            else:
+                evaluate(ecfg, backend, started_at=t0)
         if need_sample:
             t0 = time.monotonic()
             d = run.real_dir(arm, k, "sample")
@@ -196,12 +204,18 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
                 backend = start_backend(scfg)            # own data_parallel (a teacher's may differ)
             sampled = draw(scfg, problems, d / SAMPLES, d / "shards", shard, backend, MERGE_HINT)
             hinted = hinted_draw(run, arm, k, scfg, problems, d, backend) if sampled is not None else None
-            if backend is not None:  # the engine's stop counts in the sample stage's wall time
+            if backend is not None and not deferred:  # the engine's stop counts in the stage that used it last
                 backend.close()
                 backend = None
             if sampled is not None:
                 sample_manifest(d, wall(t0), scfg.model_name, len(problems), sampled, hinted,
                                 **({"shards": n} if n > 1 else {}))
+        if deferred:
+            t0 = time.monotonic()
+            draw_eval(ecfg, backend)  # the sampled draws (the greedy one is complete)
+            backend.close()
+            backend = None
+            score(ecfg, deferred + time.monotonic() - t0)
     finally:
         if backend is not None:
             backend.close()
@@ -234,8 +248,9 @@ def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: b
     evaluates shard w of `dp` of the held-out questions (`eval/shards/`) and samples its share of
     the sample shards, on one engine where eval and sample use the same model and backend (the plan:
     `exit_loop.pipeline.rollout`); then both are merged as `merge_stage` merges a SLURM array's
-    shards. Eval's wall time runs until the last process finished its eval draws, the sample
-    stage's from there."""
+    shards. Each process draws the greedy eval, its sample shards, then the eval's sampled draws
+    (as `rollout_stage`); eval's wall time is until the last greedy shard finished plus the sampled
+    draws', the sample stage's the time between (and its merge and hinted draws)."""
     t0, started = time.monotonic(), time.time()
     sets: dict[str, list[Problem]] = {}
     ecfg = eval_config(run, arm, k)
@@ -249,20 +264,28 @@ def parallel_rollout(run: Run, arm: str, k: int, need_eval: bool, need_sample: b
     draws = shard_draws(scfg, dp, d / "shards") if need_sample else []
     if need_sample:
         sets["sample"] = round_questions(run, arm, k)
-    finished = run_plan(plan([*(shards for _, _, shards in evals), draws], dp), sets, scfg,
+    greedy, later = (evals[0][2], [x for _, _, shards in evals[1:] for x in shards]) if evals else ([], [])
+    # the greedy eval, the round's samples, then the eval's sampled draws (as rollout_stage draws them)
+    finished = run_plan(plan([greedy, draws, later], dp), sets, scfg,
                         (d if need_sample else Path(ecfg.output_dir)) / "workers")
-    eval_end = max([finished[str(x.path)] for _, _, shards in evals for x in shards], default=started)
+
+    def end(ds: list[Draw], default: float) -> float:
+        return max([finished[str(x.path)] for x in ds], default=default)
+
+    eval_end = end(greedy, started)
+    sample_end = end(draws, eval_end)
     if need_eval:
         for dcfg, out, shards in evals:
             merge_shards([x.path for x in shards], sets["eval"], dcfg.num_samples, out, "run the same stage again")
-        score(ecfg, eval_end - started)
+        score(ecfg, eval_end - started + time.time() - sample_end)  # the greedy draws, then the sampled and the merges
+    resumed = time.time()  # the sample stage's merge and hinted draws from here
     if need_sample:
         t1 = time.monotonic()
         sampled = merge_shards([x.path for x in draws], sets["sample"], scfg.num_samples, d / SAMPLES,
                                "run the same stage again")
         merge_s = round(time.monotonic() - t1, 3)
         hinted = hinted_draw(run, arm, k, scfg, sets["sample"], d)  # its own engines, where it has any work
-        wall_s = time.time() - eval_end if need_eval else time.monotonic() - t0
+        wall_s = sample_end - eval_end + time.time() - resumed if need_eval else time.monotonic() - t0
         sample_manifest(d, {"wall_s": round(wall_s, 3), "merge_s": merge_s}, scfg.model_name, len(sets["sample"]),
                         sampled, hinted, shards=len(draws), data_parallel=dp)
 
