@@ -96,7 +96,7 @@ def run_seed(run: Run) -> None:
         for k in range(cfg.rounds + 1):
             last = k == cfg.rounds
             todo_rollout = not run.done(arm, k, "eval") or (
-                not last and cfg.arms[arm].split != "original" and not run.done(arm, k, "sample"))
+                not last and cfg.arms[arm].samples and not run.done(arm, k, "sample"))
             if todo_rollout:
                 before = {s: run.done(arm, k, s) for s in ("eval", "sample")}
                 t0 = time.monotonic()
@@ -111,7 +111,7 @@ def run_seed(run: Run) -> None:
                 if tracker is not None:
                     tracker.log_round(k)
                 break
-            if cfg.arms[arm].split != "original" and not run.done(arm, k, "verify"):
+            if cfg.arms[arm].samples and not run.done(arm, k, "verify"):
                 t0 = time.monotonic()
                 run_stage(run, "verify", arm, k)
                 timer.add("verify_s", time.monotonic() - t0)

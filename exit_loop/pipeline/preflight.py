@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 
+from exit_loop.errors import ConfigError
 from exit_loop.hub import check_hub
 from exit_loop.pipeline.run import (ExperimentConfig, Run, check_config_change, policy_warnings, resolve_styles,
                                     seed_students, training_problems)
 from exit_loop.pipeline.stages import hub_settings
 from exit_loop.sample import check_model_path
 from exit_loop.tasks import check_overlap, load_problems
+from exit_loop.train.grpo import check_grpo_keys
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ def preflight(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ov
     the run was made with (unless `allow_config_change`). Returns the run (its first seed;
     `Run.every_seed` gives them all)."""
     resolve_styles(cfg)
+    if any(a.kind == "grpo" for a in cfg.arms.values()):
+        if cfg.train.use_chat_template:
+            raise ConfigError("a grpo arm samples with the r1_zero prompt; train.use_chat_template is for sft arms only")
+        check_grpo_keys(cfg.train.grpo)  # before any stage: unknown train.grpo keys
     for warning in policy_warnings(cfg):
         log.warning("run: %s", warning)
     if hub:

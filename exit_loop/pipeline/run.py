@@ -39,19 +39,23 @@ class Budget:
     the `sft` epochs decide, and an arm with more rows trains more."""
     steps: int | None = None
     tokens: int | None = None
+    generated_tokens: int | None = None  # a grpo arm: completion tokens GRPO generates a round
 
     def __post_init__(self) -> None:
-        if self.steps is not None and self.tokens is not None:
-            raise ValueError("budget: give steps or tokens, not both")
-        for key in ("steps", "tokens"):
+        if sum(v is not None for v in (self.steps, self.tokens, self.generated_tokens)) > 1:
+            raise ValueError("budget: give one of steps, tokens and generated_tokens")
+        for key in ("steps", "tokens", "generated_tokens"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"budget.{key}: must be at least 1, got {getattr(self, key)}")
 
 
 @dataclass
 class ArmConfig:
+    # sft: expert iteration (sample, verify, filter, then TRL's SFTTrainer on `split`); grpo: TRL's
+    # GRPOTrainer on the round's questions, the verifier as its reward (exit_loop.train.grpo)
+    kind: Literal["sft", "grpo"] = "sft"
     # what the student trains on: correct traces; every trace; well-formed traces whatever their
-    # answer; or the data set's own solutions
+    # answer; or the data set's own solutions (a grpo arm: none, it generates while it trains)
     split: Literal["correct", "all", "formatted", "original"] = "correct"
     num_examples: int | None = None  # training rows per round (data-size arms), seeded subset
     budget: Budget | None = None     # this arm's own training compute (default: train.budget)
@@ -64,8 +68,17 @@ class ArmConfig:
         if self.data is not None and self.split != "original":
             raise ValueError(f"arm data: only an arm with split: original trains on a data set's own "
                              f"solutions; this arm's split is {self.split!r}")
-        if self.rationalize and self.split == "original":
-            raise ValueError("arm rationalize: an arm with split: original samples nothing to rationalize")
+        if self.rationalize and not self.samples:
+            raise ValueError("arm rationalize: only an arm with a sample stage (kind sft, a split other than "
+                             "original) has samples to rationalize")
+        if self.kind == "grpo" and (self.data is not None or self.num_examples is not None):
+            raise ValueError("a grpo arm trains on the round's questions: arm data and num_examples are for sft arms")
+
+    @property
+    def samples(self) -> bool:
+        """Whether the arm has a sample stage (and verify, filter): not a grpo arm, which generates
+        while it trains, nor an `original` arm, which trains on a data set's solutions."""
+        return self.kind == "sft" and self.split != "original"
 
 
 @dataclass
@@ -122,6 +135,7 @@ class TrainSection:
     budget: Budget = field(default_factory=Budget)  # training compute per round (compute-matched arms)
     launcher: str = ""   # e.g. "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8"
     hub_model_id: str | None = None  # ORG/NAME: each round's merged ckpt/ to this model repo (exit_loop.hub)
+    grpo: dict[str, Any] = field(default_factory=dict)  # trl.GRPOConfig fields, for grpo arms (exit_loop.train.grpo)
 
 
 # What a teacher may set of the sampler's settings, each unset (None) by default: the student's
@@ -206,6 +220,15 @@ class ExperimentConfig:
                 raise ValueError(f"arms: {name!r} is not a usable arm name")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds: give distinct seeds (or leave it unset for `seed` alone), got {self.seeds}")
+        for name, arm in self.arms.items():
+            budget = arm.budget or self.train.budget
+            if arm.kind == "sft" and budget.generated_tokens is not None:
+                raise ValueError(f"arms.{name}: budget.generated_tokens is a grpo arm's budget (an sft arm generates "
+                                 "in its sample stage: sample.num_samples x the round's questions); give the grpo "
+                                 "arm its own budget")
+            if arm.kind == "grpo" and budget.tokens is not None:
+                raise ValueError(f"arms.{name}: a grpo arm's budget is steps or generated_tokens (tokens are an sft "
+                                 "arm's training tokens)")
         if self.sample.hint:
             raise ValueError("sample.hint: a run would evaluate and sample with the answers in the prompt; "
                              "policy.rationalize (or an arm's rationalize) draws hinted samples where they belong")
@@ -290,8 +313,9 @@ class Run:
         return self.round_dir(arm, k) / stage
 
     def shared(self, arm: str, k: int, stage: str) -> bool:
-        """Round 0's eval, sample and verify are the same for every arm: made once."""
-        return self.multi and k == 0 and stage in SHARED_STAGES
+        """Round 0's eval, sample and verify are the same for every arm: made once (its samples and
+        labels shared by the arms that have a sample stage: not a grpo or an `original` arm)."""
+        return self.multi and k == 0 and stage in SHARED_STAGES and (stage == "eval" or self.cfg.arms[arm].samples)
 
     def real_dir(self, arm: str, k: int, stage: str) -> Path:
         if self.shared(arm, k, stage):
@@ -324,7 +348,7 @@ class Run:
         does."""
         arms = self.cfg.arms if self.shared(arm, k, stage) else {arm: self.cfg.arms[arm]}
         return any(self.cfg.policy.rationalize if a.rationalize is None else a.rationalize for a in arms.values()
-                   if a.split != "original")
+                   if a.samples)
 
     def policy(self, arm: str, k: int) -> str:
         """The model that round k evaluates and samples with: the base student, then each ckpt."""

@@ -35,6 +35,7 @@ from exit_loop.pipeline.track import sft_tracking
 from exit_loop.sample import SampleConfig, SamplerBackend, Sampled, generated_tokens, sample, start_backend
 from exit_loop.tasks import Problem, load_problems
 from exit_loop.train import TrainConfig, train
+from exit_loop.train.grpo import GRPORound, train_grpo
 from exit_loop.verify import count_lines, read_samples, verify_rows, with_progress
 
 
@@ -176,7 +177,7 @@ def rollout_stage(run: Run, arm: str, k: int, shard: int | None = None) -> None:
     if shard is not None and not 0 <= shard < n:
         raise ConfigError(f"--shard {shard}: sample.num_shards is {n}; expected 0 to {n - 1}")
     need_eval = not run.done(arm, k, "eval") and shard in (None, 0)
-    need_sample = k < cfg.rounds and not run.done(arm, k, "sample") and cfg.arms[arm].split != "original"
+    need_sample = k < cfg.rounds and not run.done(arm, k, "sample") and cfg.arms[arm].samples
     base = replace(cfg.sample, seed=cfg.seed + k, round=k)
     if shard is None and (need_eval or need_sample) and (dp := data_parallel(base)) > 1:
         return parallel_rollout(run, arm, k, need_eval, need_sample, dp)
@@ -321,6 +322,9 @@ def filter_stage(run: Run, arm: str, k: int) -> dict[str, Any] | None:
     t0 = time.monotonic()
     cfg = run.cfg
     d = run.stage_dir(arm, k, "filter")
+    if cfg.arms[arm].kind == "grpo":  # nothing to split: the arm generates while it trains
+        write_manifest(d, "filter", wall(t0), kind="grpo")
+        return None
     if cfg.arms[arm].split == "original":
         data = cfg.arms[arm].data or cfg.data
         problems = load_problems(data)
@@ -400,21 +404,39 @@ def carry_over(run: Run, arm: str, k: int, reason: str) -> None:
     say(f"train: {reason} in round {k}; the policy carries over")
 
 
+def grpo_round(run: Run, arm: str, k: int) -> GRPORound:
+    """A grpo arm's round k: TRL's GRPO on the round's questions from the arm's policy (or the base
+    student, `policy.retrain_from`), G = sample.num_samples completions a question under the
+    student's sampling settings, the run's task's verifier as the reward."""
+    cfg = run.cfg
+    s = cfg.sample
+    budget = cfg.arms[arm].budget or cfg.train.budget
+    return GRPORound(model=cfg.student if cfg.policy.retrain_from == "base" else run.policy(arm, k),
+                     output_dir=str(run.stage_dir(arm, k, "train")), problems=round_questions(run, arm, k),
+                     task=cfg.data.task, num_generations=s.num_samples, max_completion_length=s.max_tokens,
+                     temperature=s.temperature, top_p=s.top_p, stop=s.stop_strings, seed=cfg.seed + k,
+                     budget_steps=budget.steps, budget_generated_tokens=budget.generated_tokens, grpo=cfg.train.grpo,
+                     peft=cfg.train.peft, trust_remote_code=s.trust_remote_code)
+
+
 def train_stage(run: Run, arm: str, k: int) -> None:
-    tcfg = train_config(run, arm, k)
-    if all(Path(p).stat().st_size == 0 for p in tcfg.data):
-        carry_over(run, arm, k, "no training rows")
-        return
-    os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
-    try:
-        train(tcfg, callbacks=[train_progress()])
-    except NothingToTrain as e:
-        carry_over(run, arm, k, f"no training rows left ({e})")
-        return
+    if run.cfg.arms[arm].kind == "grpo":
+        out = train_grpo(grpo_round(run, arm, k), callbacks=[train_progress()])
+    else:
+        tcfg = train_config(run, arm, k)
+        if all(Path(p).stat().st_size == 0 for p in tcfg.data):
+            carry_over(run, arm, k, "no training rows")
+            return
+        os.environ.update(sft_tracking(run, arm, k)[1])  # where transformers' tracker callbacks write
+        try:
+            out = train(tcfg, callbacks=[train_progress()])
+        except NothingToTrain as e:
+            carry_over(run, arm, k, f"no training rows left ({e})")
+            return
     repo = hub_settings(run.cfg)["train.hub_model_id"]
     if repo:
         staged = stage_checkpoint(run.root / "hub" / repo.split("/")[1] / hub_name(run, arm, k, "-"),
-                                  Path(tcfg.output_dir) / "ckpt", run.cfg.student, hub_name(run, arm, k, "-"))
+                                  Path(out) / "ckpt", run.cfg.student, hub_name(run, arm, k, "-"))
         url = upload(staged, repo, "model", f"{arm} round {k}", revision=hub_name(run, arm, k, "-"))
         say(f"train: pushed the checkpoint to {url}")
 

@@ -267,11 +267,14 @@ def read_run(run: FoundRun) -> dict[str, Any]:
         if hinted is not None and generated is not None:  # its hinted draws are its cost too
             generated += _number(_get(manifest, "hinted", "tokens_generated"), path, "hinted.tokens_generated",
                                  integer=True) or 0
-        arm["tokens_generated"].append(generated)
         arm["wall_time_s"]["sample"].append(_wall_s(manifest, path))
 
         path = d / "train" / MANIFEST
         manifest = _read_json(path)
+        if generated is None and _get(manifest, "kind") == "grpo":  # it generates while it trains
+            generated = _number(_get(manifest, "counts", "tokens_generated"), path, "counts.tokens_generated",
+                                integer=True)
+        arm["tokens_generated"].append(generated)
         arm["training_tokens"].append(_number(_get(manifest, "tokens"), path, "tokens", integer=True))
         arm["training_steps"].append(_number(_get(manifest, "steps"), path, "steps", integer=True))
         arm["training_rows"].append(_number(_get(manifest, "trained_examples"), path, "trained_examples",

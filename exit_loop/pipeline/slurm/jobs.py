@@ -73,7 +73,7 @@ def sharded_sampling(key: str, name: str, argv: list[str], merge_key: str, merge
 
 def samples(run: Run, arm: str) -> bool:
     """Whether the arm samples traces (an `original` arm trains on the data set's own solutions)."""
-    return run.cfg.arms[arm].split != "original"
+    return run.cfg.arms[arm].samples
 
 
 def job_id(run: Run, arm: str, k: int, stage: str, owner: str) -> tuple[str, str]:
