@@ -26,7 +26,7 @@ from exit_loop.tokens import encode_prompt
 from exit_loop.train import TrainConfig
 from exit_loop.train.data import read_splits, tokenize_rows
 
-from helpers import tiny_run, write_yaml
+from helpers import cli, env, tiny_run, write_yaml
 
 
 def load(path: Path) -> dict:
@@ -53,7 +53,7 @@ def test_rationalize_is_checked_and_resolved_per_arm_and_shared_round(tmp_path: 
         config(tmp_path, "policy.rationalize_samples=0")
     run = Run(config(tmp_path, "arms={plain: {split: correct}, star: {split: correct, rationalize: true}, "
                                "gold: {split: original}}"))
-    assert run.rationalizes("plain", 0, "sample") and run.rationalizes("gold", 0, "sample")  # shared: drawn once
+    assert run.rationalizes("plain", 0, "sample") and not run.rationalizes("gold", 0, "sample")  # gold never samples
     assert not run.rationalizes("plain", 0, "filter") and run.rationalizes("star", 0, "filter")
     assert not run.rationalizes("plain", 1, "sample") and run.rationalizes("star", 1, "sample")
     everyone = Run(config(tmp_path, "policy.rationalize=true", "arms={a: {split: correct}, b: {rationalize: false}}"))
@@ -160,3 +160,27 @@ def test_a_shared_round_zero_draws_hinted_samples_for_the_arm_that_rationalizes(
     for row, ids in zip(rows, tokenize_rows(rows, tcfg, tok, tok.eos_token_id, None)[0]):
         pid = next(r["problem_id"] for r in star_all if r["prompt"] == row["prompt"])
         assert ids["completion_mask"].count(0) == len(encode_prompt(tok, row["prompt"])) == fed[pid]
+
+
+
+@pytest.mark.engine
+def test_the_evals_sampled_draws_never_change_what_a_round_samples(tmp_path: Path, tiny_model_dir: Path,
+                                                                    gsm8k_dir: Path):
+    """eval.n draws from the engine's random stream: they come after the round's own samples on a
+    shared engine, so a run with them samples exactly what it samples without them. Each run in its
+    own process with the engine in it (vLLM's engine-core subprocess does not sample reproducibly
+    across runs on CPU; the quickstart runs in-process too). Fails when the sampled eval draws first."""
+    drawn, measured = {}, {}
+    for n in (None, 3):
+        cfg = tiny_run(tmp_path, f"n{n}", tiny_model_dir, gsm8k_dir, rounds=1, questions=4, max_tokens=12, sft={})
+        cfg["sample"]["temperature"] = 1.0
+        cfg["eval"]["n"] = n
+        run = Run(load_config(ExperimentConfig, write_yaml(tmp_path / f"n{n}.yaml", cfg)))
+        write_yaml(run.top / "config.yaml", cfg)  # what `exit-loop run` writes before its stages
+        res = cli("stage", "rollout", str(run.top), "--arm", "main", "--round", "0", timeout=300,
+                  environ=env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        drawn[n] = [r["response"] for r in read_jsonl(run.real_dir("main", 0, "sample") / "samples.jsonl")]
+        measured[n] = (run.real_dir("main", 0, "eval") / "samples_k.jsonl").exists()
+    assert measured == {None: False, 3: True}
+    assert drawn[None] == drawn[3] and len(set(drawn[3])) > 1  # sampled (not greedy), and the same
