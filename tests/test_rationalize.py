@@ -162,7 +162,6 @@ def test_a_shared_round_zero_draws_hinted_samples_for_the_arm_that_rationalizes(
         assert ids["completion_mask"].count(0) == len(encode_prompt(tok, row["prompt"])) == fed[pid]
 
 
-
 @pytest.mark.engine
 def test_the_evals_sampled_draws_never_change_what_a_round_samples(tmp_path: Path, tiny_model_dir: Path,
                                                                     gsm8k_dir: Path):
