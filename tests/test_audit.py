@@ -156,3 +156,41 @@ def test_reverify_counts_and_shows_what_a_verifier_change_moves(tmp_path, capsys
     assert "| wrong → none | 1 |" in text and "17 or 18" in text
     assert "2 of 5 verdicts changed" in capsys.readouterr().out
     assert f.read_bytes() == stored  # the stored rows are only read
+
+
+def test_reverify_rewrite_writes_a_generations_splits_again_and_keeps_the_old_ones(tmp_path, capsys):
+    import json
+
+    from exit_loop.jsonl import read_jsonl, sha256_file
+    from exit_loop.pipeline.generate import GenerateConfig, finish
+
+    out = tmp_path / "gen"
+    rows = [{**r, "prompt": f"q{i}", "sample_index": 0} for i, r in enumerate(_verified(["18", "$18", "17 or 18", "17"]))]
+    samples = write_jsonl(out / "samples.jsonl", [{k: r[k] for k in ("problem_id", "prompt", "response", "ground_truth",
+                                                                     "sample_index")} for r in rows])
+    cfg = GenerateConfig(output_dir=str(out))
+    finish(cfg, samples, {})  # a generation as `exit-loop generate` leaves it
+    all_split = read_jsonl(out / "sft_r1_all.jsonl")
+    all_split[1].update(is_correct=False, failure="wrong")  # the labels an older verifier stored
+    all_split[2].update(is_correct=True, failure="none")
+    write_jsonl(out / "sft_r1_all.jsonl", all_split)
+    write_jsonl(out / "sft_r1_correct.jsonl", [{"prompt": "q0", "response": rows[0]["response"]},
+                                               {"prompt": "q2", "response": rows[2]["response"]}])
+    old_correct = (out / "sft_r1_correct.jsonl").read_bytes()
+
+    assert main(["reverify", str(out), "--rewrite"]) == 0
+    assert [r["prompt"] for r in read_jsonl(out / "sft_r1_correct.jsonl")] == ["q0", "q1"]  # the hedge out, "$18" in
+    assert [r["is_correct"] for r in read_jsonl(out / "sft_r1_all.jsonl")] == [True, True, False, False]
+    assert (out / "sft_r1_correct.before_reverify_00.jsonl").read_bytes() == old_correct
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["sft_r1_correct.jsonl"] == sha256_file(out / "sft_r1_correct.jsonl")
+    assert manifest["counts"]["correct_split_rows"] == 2
+    assert manifest["reverified"][0]["changes"] == {"wrong → none": 1, "none → ambiguous": 1}
+    assert json.loads((out / "summary.json").read_text())["failures"]["ambiguous"] == 1
+
+    assert main(["reverify", str(out), "--rewrite"]) == 0  # again: nothing changes, the first backup stays
+    assert (out / "sft_r1_correct.before_reverify_01.jsonl").exists()
+    assert (out / "sft_r1_correct.before_reverify_00.jsonl").read_bytes() == old_correct
+    assert json.loads((out / "reverify.json").read_text())["changed"] == 0
+    assert main(["reverify", str(tmp_path / "nowhere"), "--rewrite"]) != 0
+    assert "--rewrite takes a generation's output directory" in capsys.readouterr().err
