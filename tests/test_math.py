@@ -391,3 +391,16 @@ def test_math_group_by_level(tmp_path):
     path = _write(tmp_path / "m.jsonl", rows)
     ps = load_problems(DataConfig(dataset=str(path), split="test", task="math", group_by="level"))
     assert [p.group for p in ps] == ["Level 1", "Level 5"]
+
+
+def test_group_by_several_keys_the_first_is_the_group_the_rest_ride_along(tmp_path):
+    rows = [{"problem": "p", "solution": r"$\boxed{1}$", "level": "Level 1", "type": "Algebra"},
+            {"problem": "q", "solution": r"$\boxed{2}$", "level": "Level 5", "type": "Geometry"}]
+    path = _write(tmp_path / "m.jsonl", rows)
+    ps = load_problems(DataConfig(dataset=str(path), split="test", task="math", group_by=["level", "type"]))
+    assert [(p.group, p.groups) for p in ps] == [("Level 1", (("type", "Algebra"),)), ("Level 5", (("type", "Geometry"),))]
+    with pytest.raises(DataError, match=r"m.jsonl.*no key 'subject' \(data.group_by\)"):
+        load_problems(DataConfig(dataset=str(path), split="test", task="math", group_by=["level", "subject"]))
+    for bad in ([], ["level", "level"], ["level", "difficulty"]):
+        with pytest.raises(ValueError, match="group_by"):
+            DataConfig(dataset=str(path), task="math", group_by=bad)

@@ -16,8 +16,8 @@ import pytest
 from exit_loop.tasks.arith import ArithTaskConfig, generate, make_problem, write_task
 from exit_loop.baseline import baseline_row
 from exit_loop.config import ConfigError, load_config
-from exit_loop.pipeline.quickstart import (DEFAULT_CONFIG, GPU_CONFIG, GROUP_KEY, Paths, QuickstartConfig, command,
-                                           resolve, split_overrides, split_task, verb_group)
+from exit_loop.pipeline.quickstart import (DEFAULT_CONFIG, GPU_CONFIG, GROUP_KEY, STEPS_KEY, Paths, QuickstartConfig,
+                                           command, resolve, split_overrides, split_task, verb_group)
 from exit_loop.pipeline.run import ExperimentConfig
 from exit_loop.tasks import DataConfig, load_problems
 from exit_loop.verify import verify_rows
@@ -96,7 +96,7 @@ def test_overrides_split_and_paths_come_from_the_experiment():
     assert set(cfg.arms) == {"filtered", "unfiltered", "gold", "rationalized"}
     assert cfg.arms["filtered"].split == "correct" and cfg.arms["unfiltered"].split == "all"
     assert cfg.arms["gold"].split == "original" and cfg.arms["gold"].data.dataset == "data/quickstart/gold.jsonl"
-    assert cfg.eval.data.group_by == GROUP_KEY
+    assert cfg.eval.data.group_by == [GROUP_KEY, STEPS_KEY]
     paths = Paths.of(cfg)
     assert paths.data_dir == Path("data/quickstart") and paths.gold == Path("data/quickstart/gold.jsonl")
     assert paths.student_dir(3) == Path("data/quickstart/seed_3/student")
@@ -124,6 +124,9 @@ def test_gold_questions_never_use_a_held_out_verb_and_nothing_is_shared():
     groups = {r[GROUP_KEY] for r in test}
     assert groups == {"held-out verb", "gold verbs"}
     assert all(r[GROUP_KEY] == verb_group(r["question"], held) for r in test)
+    # the number of operations: one `a+b=c` line each in the solution, one verb each in the question
+    assert all(int(r[STEPS_KEY]) == len(re.findall(r"\d+[+-]\d+=\d+", r["answer"])) for r in test)
+    assert {r[STEPS_KEY] for r in test} == {"1", "2", "3"}
     qs = [{r["question"] for r in rows} for rows in (pool, gold, test)]
     assert not (qs[0] & qs[1] or qs[0] & qs[2] or qs[1] & qs[2])
     assert verb_group("Ava has two. She sells one.", held) == "held-out verb"
@@ -151,7 +154,7 @@ def test_gpu_configuration_validates(monkeypatch):
     assert Paths.of(exp).data_dir != Paths.of(cpu).data_dir and exp.experiment != cpu.experiment
     # the same design as the CPU quickstart: seeds, a student per seed, the gold control, groups;
     # the same recipe but for the learning rate and the budget (a bigger student, more questions)
-    assert len(exp.all_seeds) >= 3 and "{seed}" in exp.student and exp.eval.data.group_by == GROUP_KEY
+    assert len(exp.all_seeds) >= 3 and "{seed}" in exp.student and exp.eval.data.group_by == [GROUP_KEY, STEPS_KEY]
     assert exp.arms["gold"].split == "original" and exp.arms["gold"].data.dataset == "data/quickstart_gpu/gold.jsonl"
     assert {k: v for k, v in exp.train.sft.items() if k != "learning_rate"} == \
         {k: v for k, v in cpu.train.sft.items() if k != "learning_rate"}
@@ -258,6 +261,7 @@ def test_reduced_quickstart_learns_compares_with_its_controls_and_resumes(tmp_pa
             for x, (lo, hi) in zip(acc, a["accuracy_ci95"]):   # every accuracy with its interval
                 assert lo <= x <= hi and hi - lo < 0.25
             assert set(a["by_group"]) == {"held-out verb", "gold verbs"}
+            assert set(a["by_steps"]) <= {"1", "2", "3"} and len(a["by_steps"]) >= 2
     pooled = {(p["a"], p["b"]) for p in report["paired"] if p.get("seeds") == 2 and p["round"] == 1}
     assert pooled == {("filtered", "unfiltered"), ("filtered", "gold"), ("gold", "unfiltered")}
     for p in report["paired"]:
@@ -279,3 +283,18 @@ def test_reduced_quickstart_learns_compares_with_its_controls_and_resumes(tmp_pa
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "(already there)" in res.stdout and "optimizer steps" not in res.stdout
+
+
+def test_a_task_made_before_the_steps_grouping_gets_each_test_questions_steps_and_nothing_else_changes(tmp_path):
+    from exit_loop.jsonl import read_jsonl, write_jsonl
+    from exit_loop.pipeline.quickstart import make_task
+
+    cfg = load_config(QuickstartConfig, None, ["task.num_train=600", "task.num_test=50", "warmup.num_examples=100"])
+    paths = Paths(tmp_path / "data", "x/seed_{seed}/student/ckpt")
+    make_task(cfg, paths)
+    test = read_jsonl(paths.data_dir / "test.jsonl")
+    write_jsonl(paths.data_dir / "test.jsonl", [{k: v for k, v in r.items() if k != STEPS_KEY} for r in test])
+    train = (paths.data_dir / "train.jsonl").read_bytes()
+    make_task(cfg, paths)  # the data is there: only the missing key is added
+    assert read_jsonl(paths.data_dir / "test.jsonl") == test
+    assert (paths.data_dir / "train.jsonl").read_bytes() == train

@@ -331,8 +331,8 @@ def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
             for r, a in enumerate(acc):
                 right = round(a * 50)
                 write_jsonl(run / f"round_{r:02d}" / "eval" / "greedy.jsonl",
-                            [{"problem_id": q, "is_correct": i < right, "group": "easy" if i < 25 else "hard"}
-                             for i, q in enumerate(ids)])
+                            [{"problem_id": q, "is_correct": i < right, "group": "easy" if i < 25 else "hard",
+                              "groups": {"steps": str(1 + i % 2)}} for i, q in enumerate(ids)])
                 write_file(run / f"round_{r:02d}" / "eval" / "manifest.json",
                        {"stage": "eval", "timings": {"wall_s": 1.0}, "environment": env})
     report = json.loads((compare([exp]) / "report.json").read_text())
@@ -352,10 +352,14 @@ def test_claims_over_seeds_gains_groups_and_environment(tmp_path):
     assert by_group["easy"]["accuracy"] == [1.0, 1.0] and by_group["hard"]["accuracy"] == [0.0, 0.2]
     assert by_group["hard"]["n"] == [25, 25]
     assert report["pooled"]["filtered"]["by_group"]["hard"]["accuracy"][1] == round(sum(2 * g for g in gains) / 5, 4)
+    # a further key of group_by (the rows' `groups`): its own table, per run and pooled
+    by_steps = report["arms"]["filtered/seed_1"]["by_steps"]   # seed 1: 30 of 50 right, q0..q29
+    assert by_steps["1"]["accuracy"] == [0.52, 0.6] and by_steps["2"]["n"] == [25, 25]
+    assert report["pooled"]["gold"]["by_steps"]["1"]["accuracy"] == [0.52, 0.52]  # 13 of 25 odd-numbered
     [e] = report["environments"]
     assert e["environment"]["cpu_isa"] == "AVX512" and len(e["runs"]) == 10
     md = (exp / "report.md").read_text()
-    assert "## Over seeds: the claims" in md and "## By group of questions" in md
+    assert "## Over seeds: the claims" in md and "## By group of questions" in md and "## By steps" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| filtered − gold, round 1"))
     assert "5/5" in row and row.rstrip(" |").endswith("higher")
     assert next(ln for ln in md.splitlines() if ln.startswith("| gold round 1 − round 0")).rstrip(" |").endswith("not shown")

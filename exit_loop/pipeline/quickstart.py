@@ -21,7 +21,7 @@ From the repository root, in one process, each step skipped when its output is a
    questions without a held-out verb, with their solutions; `gold_sft.jsonl` the same as SFT
    rows), `train.jsonl` (the other 1,024: expert iteration's, no solution used) and `test.jsonl`,
    each test row grouped by whether it uses a held-out verb (`verbs`: report.md's accuracy by
-   group).
+   group) and by its number of operations (`steps`: report.md's accuracy by steps).
 2. students, one per seed: a byte-level BPE tokenizer and a random two-layer Qwen2 initialised
    with the seed (`exit_loop.tiny_model`, `data/quickstart/seed_N/tiny_init/`), warm-started by
    SFT (`exit_loop.train`, TRL's SFTTrainer) on the gold solutions for `warmup.steps` (500)
@@ -65,7 +65,7 @@ from exit_loop.report import compare
 from exit_loop.config import changed_keys, load_config, to_dict
 from exit_loop.console import say, stage_log, train_progress
 from exit_loop.errors import ConfigError
-from exit_loop.jsonl import write_json, write_jsonl
+from exit_loop.jsonl import read_jsonl, write_json, write_jsonl
 from exit_loop.pipeline.loop import run_loop
 from exit_loop.pipeline.run import SEED_FIELD, ExperimentConfig, seed_student
 from exit_loop.rundir import MANIFEST
@@ -202,6 +202,12 @@ class Paths:
 
 
 GROUP_KEY = "verbs"  # the test rows' group: whether a held-out verb is in the question
+STEPS_KEY = "steps"  # and their second grouping: how many operations the question chains
+
+
+def steps_of(row: dict[str, str]) -> str:
+    """How many operations a task row's question chains: its solution's lines before `#### N`."""
+    return str(row["answer"].count("\n"))
 
 
 def verb_group(question: str, held_out: list[str]) -> str:
@@ -223,7 +229,7 @@ def split_task(cfg: QuickstartConfig) -> tuple[list[dict[str, str]], list[dict[s
         raise ConfigError(f"warmup.num_examples ({w.num_examples}): the task has only {len(usable)} training "
                           f"questions without a held-out verb ({', '.join(w.held_out_verbs)}); raise task.num_train")
     gold = set(usable[:w.num_examples])
-    test = [{**row, GROUP_KEY: verb_group(row["question"], w.held_out_verbs)} for row in test]
+    test = [{**row, GROUP_KEY: verb_group(row["question"], w.held_out_verbs), STEPS_KEY: steps_of(row)} for row in test]
     return [r for i, r in enumerate(train) if i not in gold], [train[i] for i in sorted(gold)], test
 
 
@@ -237,6 +243,11 @@ def make_task(cfg: QuickstartConfig, paths: Paths) -> None:
             raise ConfigError(f"{paths.data_dir} holds a task made with other settings ({', '.join(diff)}); "
                               "remove the directory (its students too) or point data.dataset elsewhere")
         say(f"quickstart: task data in {paths.data_dir} (already there)")
+        test_file = paths.data_dir / "test.jsonl"
+        test = read_jsonl(test_file)
+        if any(STEPS_KEY not in row for row in test):  # made before the test rows had their steps
+            write_jsonl(test_file, [{**row, STEPS_KEY: steps_of(row)} for row in test])
+            say(f"quickstart: added each test question's `{STEPS_KEY}` to {test_file}")
         return
     train, gold, test = split_task(cfg)
     write_jsonl(paths.data_dir / "train.jsonl", train)

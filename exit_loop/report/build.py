@@ -238,11 +238,15 @@ def cost_rows(arm: dict[str, Any]) -> dict[str, list]:
 def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str, Any]:
     check_eval_settings(runs, allow_mismatch)
     arms, outcomes, groups, hardness = {}, {}, {}, {}
+    further: dict[str, dict[str, dict[str, str]]] = {}  # group_by's further key -> run -> problem_id -> value
     envs: list[dict[str, Any]] = []
     for run in runs:
         arm = read_run(run)
-        outcomes[run.arm], groups[run.arm] = read_outcomes(run, arm["rounds"])
+        outcomes[run.arm], groups[run.arm], more = read_outcomes(run, arm["rounds"])
         arm["by_group"] = group_accuracy(outcomes[run.arm], groups[run.arm])
+        for key, values in more.items():
+            arm[f"by_{key}"] = group_accuracy(outcomes[run.arm], values)
+            further.setdefault(key, {})[run.arm] = values
         rates = read_pass_rates(run)  # the starting student's, on each held-out question
         hardness[run.arm] = {pid: difficulty(r) for pid, r in (rates or {}).items()}
         arm["by_difficulty"] = group_accuracy(outcomes[run.arm], hardness[run.arm], DIFFICULTY)
@@ -265,6 +269,7 @@ def build_report(runs: list[FoundRun], allow_mismatch: bool = False) -> dict[str
     report["gains"] = gain_rows(report, outcomes)
     if any(arm["seed"] is not None for arm in arms.values()):
         groupings: dict[str, Grouping] = {"by_group": (groups, None)}
+        groupings.update({f"by_{key}": (values, None) for key, values in further.items()})
         if any(hardness.values()):
             groupings["by_difficulty"] = (hardness, DIFFICULTY)
         report["pooled"] = pooled_arms(report, outcomes, groupings)

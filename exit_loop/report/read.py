@@ -329,14 +329,17 @@ def read_pass_rates(run: FoundRun) -> dict[str, float] | None:
     return {pid: sum(v) / len(v) for pid, v in per.items()} or None
 
 
-def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool] | None], dict[str, str]]:
+def read_outcomes(run: FoundRun, rounds: list[int]
+                  ) -> tuple[list[dict[str, bool] | None], dict[str, str], dict[str, dict[str, str]]]:
     """Per round, each held-out question's greedy verdict (problem_id -> is_correct), from
     `eval/greedy.jsonl` (labelled by the verifier here, with the eval's task, where its rows carry
     no verdict); None where the round holds no generations. And each question's group, where
-    the rows carry one (`data.group_by`)."""
+    the rows carry one (`data.group_by`), and per further key of group_by (the rows' `groups`)
+    each question's value."""
     rounds_dirs = round_dirs(run.path)
     out: list[dict[str, bool] | None] = []
     groups: dict[str, str] = {}
+    further: dict[str, dict[str, str]] = {}
     for k in rounds:
         path = rounds_dirs.get(k, run.path / round_name(k)) / "eval" / GREEDY
         if not path.is_file():
@@ -345,7 +348,10 @@ def read_outcomes(run: FoundRun, rounds: list[int]) -> tuple[list[dict[str, bool
         rows = _labelled_rows(path)
         out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
         groups.update({str(row["problem_id"]): str(row["group"]) for row in rows if row.get("group") is not None})
-    return out, groups
+        for row in rows:
+            for key, value in (row.get("groups") or {}).items():
+                further.setdefault(str(key), {})[str(row["problem_id"])] = str(value)
+    return out, groups, further
 
 
 def run_environment(run: FoundRun) -> dict[str, Any] | None:

@@ -140,6 +140,14 @@ GROUPINGS = {
 }
 
 
+def further_groupings(report: dict[str, Any]) -> list[str]:
+    """The `by_<key>` groupings of group_by's further keys, in the order the arms first have them."""
+    keys: dict[str, None] = {}
+    for arm in report["arms"].values():
+        keys.update({k: None for k in arm if k.startswith("by_") and k not in GROUPINGS})
+    return list(keys)
+
+
 def group_lines(report: dict[str, Any], key: str = "by_group") -> list[str]:
     """Accuracy per group of held-out questions (`data.group_by`, or difficulty): pooled over seeds
     where there are several, else per run."""
@@ -147,7 +155,9 @@ def group_lines(report: dict[str, Any], key: str = "by_group") -> list[str]:
     have = {name: a.get(key) for name, a in source.items() if a.get(key)}
     if not have:
         return []
-    title, what, column = GROUPINGS[key]
+    field = key.removeprefix("by_")  # group_by's further keys: `by_<key>`
+    title, what, column = GROUPINGS.get(key, (f"By {field}", f"per value of the eval data's `{field}` key "
+                                              "(one of `data.group_by`'s keys)", field))
     rounds = max((a["rounds"] for a in source.values()), key=len)
     lines = ["", f"## {title}", "",
              f"Held-out accuracy % {what}"
@@ -195,6 +205,8 @@ def render_markdown(report: dict[str, Any], plots: list[str], note: str | None =
                 lines.append(f"| {name} | {', '.join(map(str, pooled['seeds']))} | {r} | {_pct(acc)} | {interval} |")
     lines += over_seeds_lines(report)
     lines += group_lines(report)
+    for key in further_groupings(report):
+        lines += group_lines(report, key)
     lines += group_lines(report, "by_difficulty")
     hinted = any(v is not None for arm in report["arms"].values() for v in arm.get("rationalized") or [])
     lines += ["", "## Training compute", "",

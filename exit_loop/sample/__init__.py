@@ -86,6 +86,8 @@ def sample_row(cfg: SampleConfig, req: Request, k: int, c: Completion, backend: 
     }
     if req.problem.group is not None:
         row["group"] = req.problem.group  # the data set's group of the question (data.group_by)
+    if req.problem.groups:
+        row["groups"] = dict(req.problem.groups)  # and its further groupings (group_by's other keys)
     if cfg.hint:
         row["hinted"] = True  # drawn with the answer in the prompt: not sampled in this row's context
     if cfg.student is not None:

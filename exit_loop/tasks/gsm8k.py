@@ -67,7 +67,7 @@ def load(cfg: DataConfig) -> list[Problem]:
         if parse_number(gt) is None:
             raise DataError(f"{where(i)}: key 'answer': the final answer after '####' is not a number: {gt!r}")
         problems.append(Problem(f"{split}-{i}", str(row["question"]), gt, str(row["answer"]),
-                                row_group(row, cfg, where(i))))
+                                **row_group(row, cfg, where(i))))
     return problems
 
 

@@ -56,7 +56,7 @@ def load(cfg: DataConfig) -> list[Problem]:
             truth = last_boxed(solution)
         if not truth:
             raise DataError(f"{where(i)}: key 'solution': no \\boxed{{...}} answer in it (and no 'answer' key)")
-        problems.append(Problem(f"{split}-{i}", str(row["problem"]), truth, solution, row_group(row, cfg, where(i))))
+        problems.append(Problem(f"{split}-{i}", str(row["problem"]), truth, solution, **row_group(row, cfg, where(i))))
     return problems
 
 

@@ -40,11 +40,21 @@ class DataConfig:
     shuffle: bool = False            # take a seeded random subset instead of the first N
     seed: int = 0
     task: Literal["gsm8k", "math"] = "gsm8k"  # row format and answer checker: GSM8K or MATH
-    group_by: str | None = None      # a row key naming each question's group (MATH: level); reports split by it
+    # a row key naming each question's group (MATH: level), or several: reports split by each
+    group_by: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples < 1:
             raise ValueError(f"num_examples must be at least 1, got {self.num_examples}")
+        if isinstance(self.group_by, list) and (not self.group_by or len(set(self.group_by)) < len(self.group_by)):
+            raise ValueError(f"group_by: give one key or a list of distinct keys, got {self.group_by}")
+        if any(k in ("group", "difficulty") for k in self.group_keys[1:]):
+            raise ValueError(f"group_by: a further key may not be 'group' or 'difficulty' (the report's own "
+                             f"groupings), got {self.group_by}")
+
+    @property
+    def group_keys(self) -> list[str]:
+        return [] if self.group_by is None else [self.group_by] if isinstance(self.group_by, str) else self.group_by
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,8 @@ class Problem:
     question: str
     ground_truth: str
     solution: str  # the data set's own worked solution (for baseline data)
-    group: str | None = None  # the row's `DataConfig.group_by` value: rows carry it, reports split by it
+    group: str | None = None  # the row's value of `DataConfig.group_by` (its first key): rows carry it, reports split by it
+    groups: tuple[tuple[str, str], ...] = ()  # (key, value) of group_by's further keys: rows carry them as `groups`
 
 
 @dataclass(frozen=True)
@@ -94,15 +105,16 @@ def source_rows(cfg: DataConfig, required: tuple[str, ...] = ()
     return rows_from_hub(cfg), lambda i: f"{cfg.dataset}[{cfg.split}][{i}]", cfg.split
 
 
-def row_group(row: dict[str, Any], cfg: DataConfig, where: str) -> str | None:
-    """A source row's group under `cfg.group_by` (None where that is unset); DataError naming the
-    row where the key is missing."""
-    if cfg.group_by is None:
-        return None
-    if row.get(cfg.group_by) is None:
-        raise DataError(f"{where}: no key {cfg.group_by!r} (data.group_by); every row needs its group, "
-                        f"found keys {sorted(row)}")
-    return str(row[cfg.group_by])
+def row_group(row: dict[str, Any], cfg: DataConfig, where: str) -> dict[str, Any]:
+    """A source row's groups under `cfg.group_by` as Problem's `group` (the first key's value,
+    None where group_by is unset) and `groups` (the further keys'); DataError naming the row and
+    key where one is missing."""
+    for key in cfg.group_keys:
+        if row.get(key) is None:
+            raise DataError(f"{where}: no key {key!r} (data.group_by); every row needs its group, "
+                            f"found keys {sorted(row)}")
+    keys = cfg.group_keys
+    return {"group": str(row[keys[0]]) if keys else None, "groups": tuple((k, str(row[k])) for k in keys[1:])}
 
 
 def problem_index(problem_id: str) -> int:
