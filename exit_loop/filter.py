@@ -38,6 +38,8 @@ from exit_loop.rules import per_question
 from exit_loop.tasks import count_failures
 
 ALL_KEYS = ("prompt", "response", "ground_truth", "predicted", "is_correct")
+# the summary's counts a generation's manifest records (exit-loop generate; reverify --rewrite)
+MANIFEST_COUNTS = ("traces", "correct_traces", "questions", "questions_solved", "correct_split_rows")
 PROVENANCE_KEYS = ("problem_id", "sample_index", "model", "round", "num_tokens", "teacher_num_tokens", "prompt_tokens", "finish_reason",
                    "failure", "format_ok", "backend", "prompt_style", "question", "raw_output", "hinted")
 

@@ -38,7 +38,7 @@ from exit_loop.audit import labelled_files, read_rows
 from exit_loop.config import load_config
 from exit_loop.console import say
 from exit_loop.errors import DataError
-from exit_loop.filter import FilterConfig, write_splits
+from exit_loop.filter import MANIFEST_COUNTS, FilterConfig, write_splits
 from exit_loop.jsonl import atomic_write_text, sha256_file, write_json
 from exit_loop.rundir import MANIFEST, SUMMARY
 from exit_loop.tasks import TASKS
@@ -113,9 +113,10 @@ def generation(path: Path) -> tuple[dict[str, Any], FilterConfig]:
 
 
 def rewrite(path: Path, manifest: dict[str, Any], fcfg: FilterConfig, rows: list[dict[str, Any]],
-            diff: dict[str, Any]) -> dict[str, Any]:
+            diff: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Keep the generation's splits and summary beside them, write them again from the relabelled
-    `rows`, then its manifest (last: counts, hashes, a `reverified` entry). Returns the summary."""
+    `rows`, then its manifest (last: counts, hashes, a `reverified` entry). Returns the summary
+    and where each replaced file was kept."""
     names = (fcfg.all_name, fcfg.correct_name, fcfg.formatted_name, SUMMARY)
     n = 0
     while any((path / kept_name(name, n)).exists() for name in names):
@@ -126,15 +127,14 @@ def rewrite(path: Path, manifest: dict[str, Any], fcfg: FilterConfig, rows: list
             shutil.copy2(path / name, path / kept_name(name, n))
             kept[name] = kept_name(name, n)
     summary = write_splits(rows, fcfg)
-    manifest["counts"] = {k: summary[k] for k in ("traces", "correct_traces", "questions", "questions_solved",
-                                                  "correct_split_rows")}
+    manifest["counts"] = {k: summary[k] for k in MANIFEST_COUNTS}
     manifest.setdefault("files", {}).update({name: sha256_file(path / name) for name in (fcfg.all_name, fcfg.correct_name)})
     manifest.setdefault("reverified", []).append({
         "task": diff["task"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changed": diff["changed"],
         "newly_accepted": diff["newly_accepted"], "no_longer_accepted": diff["no_longer_accepted"],
         "changes": diff["changes"], "kept": kept})
     write_json(path / MANIFEST, manifest)
-    return summary
+    return summary, kept
 
 
 def kept_name(name: str, n: int) -> str:
@@ -157,9 +157,8 @@ def run(path: str | Path, task: str = "gsm8k", examples: int = 3, output_dir: st
     out = Path(output_dir) if output_dir else (path.parent if path.is_file() else path)
     out.mkdir(parents=True, exist_ok=True)
     if relabelled is not None:
-        summary = rewrite(path, manifest, fcfg, relabelled, diff)
-        diff["rewritten"] = {"correct_split_rows": summary["correct_split_rows"],
-                             "kept": manifest["reverified"][-1]["kept"]}
+        summary, kept = rewrite(path, manifest, fcfg, relabelled, diff)
+        diff["rewritten"] = {"correct_split_rows": summary["correct_split_rows"], "kept": kept}
     write_json(out / "reverify.json", {"source": str(path), **diff})
     atomic_write_text(out / "reverify.md", render(diff, str(path)))
     say(f"reverify: {diff['changed']} of {diff['rows']} verdicts changed ({diff['newly_accepted']} newly accepted, "

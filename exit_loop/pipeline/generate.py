@@ -39,7 +39,7 @@ from exit_loop.command import config_parser
 from exit_loop.config import changed_keys, dump_yaml, flatten, load_config, read_yaml, to_dict
 from exit_loop.console import say, stage_log
 from exit_loop.errors import ConfigError, DataError
-from exit_loop.filter import FilterConfig, write_splits
+from exit_loop.filter import MANIFEST_COUNTS, FilterConfig, write_splits
 from exit_loop.jsonl import AppendLog, atomic_write_text, iter_jsonl_numbered, sha256_file, write_manifest
 from exit_loop.rundir import SAMPLES
 from exit_loop.pipeline.resources import SlurmConfig
@@ -87,8 +87,7 @@ def finish(cfg: GenerateConfig, samples_file: Path, timings: dict[str, float]) -
         out, "generate", timings,
         inputs={"dataset": cfg.data.dataset, "split": cfg.data.split, "model": cfg.sample.model_name},
         config=to_dict(cfg),
-        counts={k: summary[k] for k in ("traces", "correct_traces", "questions", "questions_solved",
-                                        "correct_split_rows")},
+        counts={k: summary[k] for k in MANIFEST_COUNTS},
         files={p.name: sha256_file(p) for p in (samples_file, out / fcfg.all_name, out / fcfg.correct_name)})
     say(f"generate: wrote {out / fcfg.all_name} and {out / fcfg.correct_name}")
     return out

@@ -347,10 +347,12 @@ def read_outcomes(run: FoundRun, rounds: list[int]
             continue
         rows = _labelled_rows(path)
         out.append({str(row["problem_id"]): row["is_correct"] is True for row in rows})
-        groups.update({str(row["problem_id"]): str(row["group"]) for row in rows if row.get("group") is not None})
         for row in rows:
+            pid = str(row["problem_id"])
+            if row.get("group") is not None:
+                groups[pid] = str(row["group"])
             for key, value in (row.get("groups") or {}).items():
-                further.setdefault(str(key), {})[str(row["problem_id"])] = str(value)
+                further.setdefault(str(key), {})[pid] = str(value)
     return out, groups, further
 
 

@@ -109,11 +109,11 @@ def row_group(row: dict[str, Any], cfg: DataConfig, where: str) -> dict[str, Any
     """A source row's groups under `cfg.group_by` as Problem's `group` (the first key's value,
     None where group_by is unset) and `groups` (the further keys'); DataError naming the row and
     key where one is missing."""
-    for key in cfg.group_keys:
+    keys = cfg.group_keys
+    for key in keys:
         if row.get(key) is None:
             raise DataError(f"{where}: no key {key!r} (data.group_by); every row needs its group, "
                             f"found keys {sorted(row)}")
-    keys = cfg.group_keys
     return {"group": str(row[keys[0]]) if keys else None, "groups": tuple((k, str(row[k])) for k in keys[1:])}
 
 
